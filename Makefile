@@ -1,0 +1,39 @@
+# EcoServe. `make demo` sets up and runs the main job; `make test` sets up and runs the tests.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+STAMP := .make/installed
+DATA_DIR ?= ../shared/data
+
+.PHONY: install test lint format demo bench-sim bench-sim-quick clean
+
+$(STAMP): pyproject.toml
+	$(PIP) install -q -e '.[dev]'
+	@mkdir -p .make && touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PYTHON) -m pytest
+
+lint: $(STAMP)
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+format: $(STAMP)
+	$(PYTHON) -m ruff format .
+	$(PYTHON) -m ruff check --fix .
+
+# Main job: simulated EcoServe vs vLLM policy on ShareGPT (synthetic ShareGPT-like lengths if
+# $(DATA_DIR) is absent; the output says which), Llama-2-7B / A100-80GB cost model.
+demo: $(STAMP)
+	ECOSERVE_DATA_DIR=$(DATA_DIR) ecoserve compare --trace sharegpt --policies ecoserve,vllm \
+		--rates 2 4 6 --n 600 --max-rate
+
+bench-sim: $(STAMP)
+	ECOSERVE_DATA_DIR=$(DATA_DIR) $(PYTHON) bench/sim.py --out results/sim
+
+bench-sim-quick: $(STAMP)
+	ECOSERVE_DATA_DIR=$(DATA_DIR) $(PYTHON) bench/sim.py --quick --out results/sim-quick
+
+clean:
+	rm -rf .make build *.egg-info .pytest_cache .ruff_cache

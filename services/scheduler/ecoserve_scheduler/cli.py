@@ -1,0 +1,131 @@
+"""`ecoserve` command line: simulated policy comparisons and cost-model profiles."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from .core import POLICIES
+from .sim.cost_model import fit_profile, list_profiles, load_profile, load_timings, save_profile
+from .sim.sweep import Scenario, max_rate_at_slo, run, workload
+
+COLUMNS = [
+    ("policy", None),
+    ("rate", None),
+    ("SLO att.", "slo_attainment"),
+    ("goodput r/s", "goodput_rps"),
+    ("tput r/s", "throughput_rps"),
+    ("out tok/s", "output_tok_s"),
+    ("mean JCT s", "mean_jct_s"),
+    ("p99 JCT s", "p99_jct_s"),
+    ("p99 TTFT s", "p99_ttft_s"),
+    ("KV resv", "kv_reserved_share"),
+    ("KV used", "kv_written_share"),
+    ("preempt", "preemptions"),
+    ("sched p99 us", "sched_us_per_iter_p99"),
+]
+
+
+def _scenario(a: argparse.Namespace) -> Scenario:
+    return Scenario(
+        trace=a.trace,
+        n=a.n,
+        seed=a.seed,
+        profile=a.profile,
+        rl_model=a.rl_model,
+        slo_k=a.slo_k,
+        data_dir=a.data_dir,
+        num_workers=a.workers,
+    )
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 100 else f"{v:.0f}"
+    return str(v)
+
+
+def cmd_compare(a: argparse.Namespace) -> int:
+    console = Console()
+    sc = _scenario(a)
+    policies = a.policies.split(",")
+    for p in policies:
+        if p not in POLICIES:
+            console.print(f"[red]unknown policy {p!r}; known: {', '.join(POLICIES)}")
+            return 2
+    _, source = workload(sc, a.rates[0])
+    console.print(f"workload: {source}; {sc.n} requests; profile {sc.profile}")
+    console.print(f"SLO: JCT <= {sc.slo_k} x unloaded JCT on the profile; RL model: {sc.rl_model}")
+    table = Table(*[c for c, _ in COLUMNS])
+    results: dict = {"workload": source, "scenario": sc.__dict__, "runs": []}
+    for rate in a.rates:
+        for p in policies:
+            m = run(sc, p, rate)
+            table.add_row(p, _fmt(rate), *[_fmt(getattr(m, k)) for _, k in COLUMNS[2:]])
+            results["runs"].append({"policy": p, "rate": rate, **m.as_dict()})
+    console.print(table)
+    if a.max_rate:
+        best = Table("policy", "max rate at SLO90 (req/s)")
+        for p in policies:
+            rate, _ = max_rate_at_slo(sc, p)
+            best.add_row(p, f"{rate:.2f}")
+            results.setdefault("max_rate_at_slo90", {})[p] = rate
+        console.print(best)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=2, default=str)
+    return 0
+
+
+def cmd_profiles(a: argparse.Namespace) -> int:
+    for name in list_profiles():
+        p = load_profile(name)
+        print(f"{name}: {p.num_blocks()} blocks of {p.block_size} tokens")
+    return 0
+
+
+def cmd_fit(a: argparse.Namespace) -> int:
+    fitted = fit_profile(load_profile(a.base), load_timings(a.timings))
+    save_profile(fitted, a.out)
+    print(f"wrote {a.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="ecoserve", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("compare", help="simulate policies on a trace and print a table")
+    c.add_argument("--trace", default="sharegpt", help="sharegpt | azure_conv | alpaca | synthetic")
+    c.add_argument("--policies", default="ecoserve,vllm", help="comma-separated policy names")
+    c.add_argument("--rates", type=float, nargs="+", default=[2.0, 4.0, 8.0], help="req/s")
+    c.add_argument("--n", type=int, default=1000, help="requests per run")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--profile", default="llama-2-7b_a100-80gb")
+    c.add_argument("--rl-model", default="noisy", help="oracle | noisy | alpaca")
+    c.add_argument("--slo-k", type=float, default=5.0, help="JCT SLO = k x unloaded JCT")
+    c.add_argument("--workers", type=int, default=1)
+    c.add_argument("--data-dir", default=None, help="default: $ECOSERVE_DATA_DIR or ../shared/data")
+    c.add_argument("--max-rate", action="store_true", help="also search max rate at 90%% SLO")
+    c.add_argument("--json", default=None, help="write results to this file")
+    c.set_defaults(fn=cmd_compare)
+    p = sub.add_parser("profiles", help="list shipped cost-model profiles")
+    p.set_defaults(fn=cmd_profiles)
+    f = sub.add_parser("fit-profile", help="fit a cost-model profile from measured step timings")
+    f.add_argument("--base", default="llama-2-7b_a100-80gb")
+    f.add_argument("--timings", required=True, help="JSONL/CSV of step timings")
+    f.add_argument("--out", required=True)
+    f.set_defaults(fn=cmd_fit)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    return a.fn(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

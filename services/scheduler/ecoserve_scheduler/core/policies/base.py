@@ -1,0 +1,167 @@
+"""The iteration skeleton every policy shares, and the hooks where policies differ.
+
+One iteration (vLLM v1 shape):
+  1. `before(step)`             policy housekeeping (EcoServe: move guests away from hosts);
+  2. running requests, in `running_order`: each gets its chunk (1 token when decoding), after
+     `make_room` made its block table long enough (grow, else preempt a `victim`);
+  3. waiting requests, in queue order, while budget, sequence slots and KV `reserve` allow.
+
+A policy is a small subclass: a queue, what to reserve at admission, how to grow, whom to evict.
+"""
+
+from __future__ import annotations
+
+from ..core import Step
+from ..queues import FifoQueue
+from ..request import Request, Status
+
+
+class Policy:
+    name = "base"
+    chunked = True  # chunked prefill within the token budget
+    decode_first = False  # run every decode before any prefill chunk (stall-free batching)
+    headroom_share = 0.0  # admissions leave this share of blocks free (vLLM's watermark)
+    use_reserve = False  # extensions may take the reserve pool
+    reserve_share = 0.0  # share of blocks held back as that reserve pool
+    wants_oracle_rl = False
+
+    def __init__(self) -> None:
+        self.queue = self.make_queue()
+
+    # ---- queue ----------------------------------------------------------------------------
+
+    def make_queue(self):
+        return FifoQueue()
+
+    def push(self, r: Request, now: float, core) -> None:
+        self.queue.push(r, now)
+
+    def requeue(self, r: Request, now: float, core) -> None:
+        self.queue.requeue(r, now)
+
+    def on_finish(self, r: Request, now: float) -> None:
+        pass
+
+    # ---- hooks ----------------------------------------------------------------------------
+
+    def before(self, step: Step) -> None:
+        pass
+
+    def running_order(self, step: Step) -> list[Request]:
+        running = list(step.running.values())
+        if self.decode_first:
+            running.sort(key=lambda r: r.pending > 1)  # stable: decodes first, in admission order
+        return running
+
+    def admission_tokens(self, r: Request, n: int) -> int:
+        """Tokens to reserve when r is admitted with a first chunk of n (default: on demand)."""
+        return r.num_computed + n
+
+    def growth_tokens(self, r: Request, need: int) -> int:
+        """Tokens r's table should cover when it must hold `need` (default: exactly that)."""
+        return need
+
+    def victim(self, step: Step, r: Request) -> Request | None:
+        """Whom to preempt so r can grow (default: the most recently admitted other request)."""
+        for other in reversed(step.running.values()):
+            if other is not r:
+                return other
+        return None
+
+    def lend(self, step: Step, r: Request, blocks: int) -> bool:
+        """Admit r into borrowed blocks when fresh ones are short (only EcoServe lends)."""
+        return False
+
+    # ---- skeleton -------------------------------------------------------------------------
+
+    def schedule(self, step: Step) -> None:
+        self.before(step)
+        writable, running = step.ledger.writable, Status.RUNNING
+        for r in self.running_order(step):
+            if r.status is not running or step.scheduled(r):
+                continue  # preempted as a victim earlier in this loop
+            n = step.chunk(r, self.chunked)
+            if not n:
+                continue
+            end = r.num_computed + n
+            if end <= writable(r.request_id) or self.make_room(step, r, end):
+                step.run(r, n)
+        self.admit_waiting(step)
+
+    def make_room(self, step: Step, r: Request, tokens: int) -> bool:
+        """Make r's writable region hold `tokens`; False if r itself had to be preempted."""
+        ledger, rid = step.ledger, r.request_id
+        while ledger.writable(rid) < tokens:
+            guests = ledger.guests_of(rid)
+            if guests:
+                self.evict_guest(step, step.core.requests[guests[0]])
+                continue
+            want = ledger.blocks_for(self.growth_tokens(r, tokens))
+            if ledger.is_guest(rid):
+                copies = ledger.move_guest(rid, want, use_reserve=self.use_reserve)
+                if copies is not None:
+                    step.copies.extend(copies)
+                    step.core.counters.guest_moves += 1
+                    continue
+            else:
+                extra = want - len(ledger.table(rid))
+                if ledger.extend(rid, extra) or (
+                    self.use_reserve and ledger.extend(rid, extra, use_reserve=True)
+                ):
+                    step.core.counters.extensions += 1
+                    r.extensions += 1
+                    continue
+            victim = self.victim(step, r)
+            if victim is None:
+                step.preempt(r, "out of KV cache")
+                return False
+            step.preempt(victim, f"KV cache needed by {rid}")
+        return True
+
+    def evict_guest(self, step: Step, guest: Request) -> None:
+        """Move a guest off its host's blocks (fresh blocks, then reserve), else preempt it."""
+        ledger = step.ledger
+        want = ledger.blocks_for(self.admission_tokens(guest, 0))
+        copies = ledger.move_guest(guest.request_id, want, use_reserve=True)
+        if copies is None:
+            step.core.counters.guest_preemptions += 1
+            step.preempt(guest, "KVCPipe collision: no free blocks to move to")
+        else:
+            step.copies.extend(copies)
+            step.core.counters.guest_moves += 1
+
+    def peek_waiting(self, now: float) -> Request | None:
+        return self.queue.peek(now)
+
+    def pop_waiting(self, r: Request) -> None:
+        """Remove r, the request `peek_waiting` returned, from the queue."""
+        self.queue.pop(r)
+
+    def admit_waiting(self, step: Step) -> None:
+        while not step.full:
+            r = self.peek_waiting(step.now)
+            if r is None:
+                return
+            n = step.chunk(r, self.chunked)
+            if n == 0:
+                return
+            if not self.reserve(step, r, n):
+                return  # head of line waits: later requests must not overtake it
+
+    def reserve(self, step: Step, r: Request, n: int) -> bool:
+        """Admit r into this worker if its admission reservation fits; False to stop admitting."""
+        ledger = step.ledger
+        blocks = ledger.blocks_for(max(self.admission_tokens(r, n), r.num_computed + n))
+        if blocks > ledger.num_blocks - ledger.reserve_blocks:
+            self.pop_waiting(r)
+            step.fail_waiting(r, "failed: needs more KV cache than the worker has")
+            return True
+        headroom = int(self.headroom_share * ledger.num_blocks)
+        if ledger.can_allocate(blocks + headroom):
+            ledger.allocate(r.request_id, blocks)
+        elif not self.lend(step, r, blocks):
+            return False
+        self.pop_waiting(r)
+        step.admit(r)
+        step.run(r, n)
+        return True

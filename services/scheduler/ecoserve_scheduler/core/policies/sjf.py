@@ -1,0 +1,26 @@
+"""Shortest predicted response first, on vLLM-style on-demand paging.
+
+The waiting queue is ordered by predicted response length (the same predictor EcoServe uses),
+FCFS among equals; under memory pressure the running request with the longest predicted
+remaining output is preempted (recompute). No reservation, no aging: starvation of long
+requests is this baseline's known weakness.
+"""
+
+from __future__ import annotations
+
+from ..core import Step
+from ..queues import KeyedQueue
+from ..request import Request
+from .base import Policy
+
+
+class SJFPolicy(Policy):
+    name = "sjf"
+    headroom_share = 0.01
+
+    def make_queue(self):
+        return KeyedQueue(lambda r: (r.predicted_rl, r.arrival_s))
+
+    def victim(self, step: Step, r: Request) -> Request | None:
+        others = [o for o in step.running.values() if o is not r]
+        return max(others, key=lambda o: o.predicted_rl - o.num_output, default=None)
