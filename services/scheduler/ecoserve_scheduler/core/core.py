@@ -19,7 +19,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .ledger import KVLedger, Usage
-from .plan import BatchPlan, Event, FinishEvent, PreemptEvent, ScheduledSeq, StepResult, TokenEvent
+from .plan import (
+    BatchPlan,
+    DecodeBatch,
+    Event,
+    FinishEvent,
+    PreemptEvent,
+    ScheduledSeq,
+    StepResult,
+    TokenEvent,
+)
 from .request import Request, Status
 
 MAX_STEP_FAILURES = 3  # a request in this many failed steps fails instead of being retried
@@ -40,7 +49,9 @@ class WorkerState:
     spec: WorkerSpec
     ledger: KVLedger
     running: dict[str, Request] = field(default_factory=dict)  # admission order
+    decoding: dict[str, Request] = field(default_factory=dict)  # of running: prefill done
     in_flight: BatchPlan | None = None
+    in_flight_reqs: list[Request] = field(default_factory=list)  # aligned with its decodes
     sent_s: float = 0.0
 
 
@@ -133,11 +144,13 @@ class SchedulerCore:
             )
         step = Step(self, w, now)
         self.policy.schedule(step)
-        if not step.seqs:
+        if not step.prefills and not step.decode_ids:
             return None
         self._step_ids += 1
-        plan = BatchPlan(self._step_ids, worker_id, tuple(step.seqs), tuple(step.copies))
-        w.in_flight, w.sent_s = plan, now
+        plan = BatchPlan(
+            self._step_ids, worker_id, step.decode_batch(), tuple(step.prefills), tuple(step.copies)
+        )
+        w.in_flight, w.in_flight_reqs, w.sent_s = plan, step.decode_reqs, now
         return plan
 
     def apply(self, result: StepResult, now: float) -> list[Event]:
@@ -153,28 +166,46 @@ class SchedulerCore:
         events = self.take_events()
         if result.error:
             return events + self._step_failed(w, plan, now, result.error)
-        sampled = result.sampled
-        requests, wid, running = self.requests, w.spec.worker_id, Status.RUNNING
-        for s in plan.seqs:
-            r = requests.get(s.request_id)
-            if r is None or r.status is not running or r.worker_id != wid:
+        tokens = result.tokens
+        n_dec = len(plan.decodes)
+        if len(tokens) != n_dec + sum(1 for p in plan.prefills if p.sample):
+            return events + self._step_failed(w, plan, now, "result has the wrong token count")
+        wid, running, append = w.spec.worker_id, Status.RUNNING, events.append
+        # Decodes: the hot loop. `w.in_flight_reqs` is aligned with plan.decodes.
+        for r, token in zip(w.in_flight_reqs, tokens, strict=False):
+            if r.status is not running or r.worker_id != wid:
                 continue  # aborted or preempted while in flight
-            r.num_computed = s.start_pos + s.num_tokens
-            if not s.sample:
-                continue
-            token = sampled.get(s.request_id)
-            if token is None:
-                events.append(self._preempt(w, r, now, "worker returned no token"))
-                continue
+            r.num_computed += 1
             out = r.output_token_ids
             out.append(token)
+            n = len(out)
+            append(TokenEvent(r.request_id, token, n - 1))
+            if token == r.eos_token_id or n >= r.output_cap or r.sampling.stop_token_ids:
+                self._maybe_stop(w, r, token, now, events)
+        # Prefill chunks; the last chunk of a prompt samples the first token.
+        sampled = iter(tokens[n_dec:])
+        for s in plan.prefills:
+            r = self.requests.get(s.request_id)
+            token = next(sampled) if s.sample else None
+            if r is None or r.status is not running or r.worker_id != wid:
+                continue
+            r.num_computed = s.start_pos + s.num_tokens
+            if token is None:
+                continue
+            r.output_token_ids.append(token)
+            w.decoding[r.request_id] = r
             if r.first_token_s is None:
                 r.first_token_s = now
-            events.append(TokenEvent(r.request_id, token, len(out) - 1))
-            reason = self._stop_reason(r, token, w.spec.max_model_len)
-            if reason:
-                events.append(self._finish(w, r, now, reason))
+            append(TokenEvent(r.request_id, token, r.num_output - 1))
+            self._maybe_stop(w, r, token, now, events)
         return events
+
+    def _maybe_stop(self, w: WorkerState, r: Request, token: int, now: float, events) -> None:
+        sp = r.sampling
+        if token == r.eos_token_id and not sp.ignore_eos or token in sp.stop_token_ids:
+            events.append(self._finish(w, r, now, "stop"))
+        elif r.num_output >= r.output_cap:
+            events.append(self._finish(w, r, now, "length"))
 
     def take_events(self) -> list[Event]:
         """Events raised while scheduling (preemptions, failures), oldest first."""
@@ -193,18 +224,9 @@ class SchedulerCore:
             return "failed: prompt larger than any worker's KV cache"
         return None
 
-    @staticmethod
-    def _stop_reason(r: Request, token: int, max_model_len: int) -> str | None:
-        sp = r.sampling
-        if token == r.eos_token_id and not sp.ignore_eos or token in sp.stop_token_ids:
-            return "stop"
-        n = len(r.output_token_ids)
-        if n >= sp.max_tokens or r.prompt_len + n >= max_model_len:
-            return "length"
-        return None
-
     def _admit(self, w: WorkerState, r: Request, now: float) -> None:
         r.status, r.worker_id = Status.RUNNING, w.spec.worker_id
+        r.output_cap = min(r.sampling.max_tokens, w.spec.max_model_len - r.prompt_len)
         if r.admitted_s is None:
             r.admitted_s = now
         w.running[r.request_id] = r
@@ -215,6 +237,7 @@ class SchedulerCore:
         w = self.workers.get(r.worker_id) if r.worker_id else None
         if w is not None:
             w.running.pop(r.request_id, None)
+            w.decoding.pop(r.request_id, None)
             if w.ledger.has(r.request_id):
                 w.ledger.free(r.request_id)
         r.worker_id = None
@@ -246,8 +269,8 @@ class SchedulerCore:
     def _step_failed(self, w: WorkerState, plan: BatchPlan, now: float, error: str) -> list[Event]:
         self.counters.step_errors += 1
         events: list[Event] = []
-        for s in plan.seqs:
-            r = self.requests.get(s.request_id)
+        for rid in list(plan.decodes.request_ids) + [s.request_id for s in plan.prefills]:
+            r = self.requests.get(rid)
             if r is None or r.status is not Status.RUNNING:
                 continue
             n = self._step_failures[r.request_id] = self._step_failures.get(r.request_id, 0) + 1
@@ -286,8 +309,8 @@ class SchedulerCore:
 class Step:
     """The iteration being built for one worker: token budget, chosen chunks, block moves.
 
-    Policies call `run` for each sequence they schedule and `make_room` before it; these keep the
-    ledger, the budget and the plan consistent."""
+    Policies call `run_decodes` and `run` (after `make_room`) for what they schedule; these keep
+    the ledger, the budget and the plan consistent."""
 
     def __init__(self, core: SchedulerCore, w: WorkerState, now: float) -> None:
         self.core = core
@@ -295,20 +318,27 @@ class Step:
         self.ledger = w.ledger
         self.now = now
         self.budget = w.spec.token_budget
-        self.seqs: list[ScheduledSeq] = []
+        self.prefills: list[ScheduledSeq] = []
+        self.decode_ids: list[str] = []
+        self.decode_reqs: list[Request] = []
         self.copies: list[tuple[int, int]] = []
-        self._index: dict[str, int] = {}  # request id -> position in seqs
+        self._scheduled: set[str] = set()  # prefill chunks only; decodes are in decode_ids
+        self._dropped = False  # a scheduled request was preempted: filter the columns
 
     @property
     def running(self) -> dict[str, Request]:
         return self.w.running
 
     @property
+    def num_seqs(self) -> int:
+        return len(self.decode_ids) + len(self.prefills)
+
+    @property
     def full(self) -> bool:
-        return self.budget <= 0 or len(self.seqs) >= self.w.spec.max_num_seqs
+        return self.budget <= 0 or self.num_seqs >= self.w.spec.max_num_seqs
 
     def scheduled(self, r: Request) -> bool:
-        return r.request_id in self._index
+        return r.request_id in self._scheduled
 
     def chunk(self, r: Request, chunked: bool = True) -> int:
         """Tokens of r this step can take: all pending ones, or a budget-sized chunk. Without
@@ -318,28 +348,71 @@ class Step:
             return n
         return self.budget
 
+    def run_decodes(self, decodes: list[Request]) -> list[Request]:
+        """Schedule one token for each decoding request that has room (the hot path: a few
+        attribute reads per request). Returns those that need `make_room` first."""
+        decodes = decodes[: max(0, self.budget)]
+        limit = self.ledger.limit
+        ok = [r for r in decodes if r.num_computed < limit[r.request_id]]
+        blocked = []
+        if len(ok) < len(decodes):
+            blocked = [r for r in decodes if r.num_computed >= limit[r.request_id]]
+        self._add_decodes(ok)
+        return blocked
+
+    def _add_decodes(self, reqs: list[Request]) -> None:
+        ids = [r.request_id for r in reqs]
+        self.ledger.advance_decodes(ids)
+        self.decode_ids.extend(ids)
+        self.decode_reqs.extend(reqs)
+        self.budget -= len(ids)
+
     def run(self, r: Request, n: int) -> None:
+        """Schedule n tokens of r (a prefill chunk, or a decode that needed make_room)."""
+        if r.request_id in self.w.decoding:
+            self.ledger.advance(r.request_id, r.num_computed + 1)
+            self.decode_ids.append(r.request_id)
+            self.decode_reqs.append(r)
+            self.budget -= 1
+            return
         start = r.num_computed
         end = start + n
         rid = r.request_id
         self.ledger.advance(rid, end)
-        self._index[rid] = len(self.seqs)
+        self._scheduled.add(rid)
         ids = r.token_ids(start, end) if r.prompt_token_ids is not None else None
         table = tuple(self.ledger.table(rid))
         sample = end == r.prompt_len + len(r.output_token_ids)
-        self.seqs.append(ScheduledSeq(rid, start, n, table, sample, r.sampling, ids))
+        self.prefills.append(ScheduledSeq(rid, start, n, table, sample, r.sampling, ids))
         self.budget -= n
+
+    def decode_batch(self) -> DecodeBatch:
+        if self._dropped:
+            keep = [r for r in self.decode_reqs if r.status is Status.RUNNING]
+            self.decode_reqs, self.decode_ids = keep, [r.request_id for r in keep]
+        reqs = self.decode_reqs
+        tables = self.ledger.table
+        with_ids = bool(reqs) and reqs[0].prompt_token_ids is not None
+        return DecodeBatch(
+            tuple(self.decode_ids),
+            tuple([r.num_computed for r in reqs]),
+            tuple([tables(r.request_id) for r in reqs]),
+            tuple([r.sampling for r in reqs]),
+            tuple([r.output_token_ids[-1] for r in reqs]) if with_ids else None,
+        )
 
     def admit(self, r: Request) -> None:
         self.core._admit(self.w, r, self.now)
 
     def preempt(self, r: Request, reason: str) -> None:
         """Preempt r (recompute), removing it from this step if it was already scheduled."""
-        i = self._index.pop(r.request_id, None)
-        if i is not None:
-            s = self.seqs.pop(i)
-            self.budget += s.num_tokens
-            self._index = {s.request_id: j for j, s in enumerate(self.seqs)}
+        rid = r.request_id
+        if rid in self._scheduled:
+            self._scheduled.discard(rid)
+            i = next(i for i, s in enumerate(self.prefills) if s.request_id == rid)
+            self.budget += self.prefills.pop(i).num_tokens
+        elif rid in self.w.decoding:
+            self._dropped = True  # decode_batch filters it out if it was scheduled
         self.core._outbox.append(self.core._preempt(self.w, r, self.now, reason))
 
     def fail_waiting(self, r: Request, reason: str) -> None:

@@ -64,6 +64,9 @@ class KVLedger:
         self._loans: dict[str, Loan] = {}  # guest id -> loan
         self._guests: dict[str, list[str]] = {}  # host id -> guest ids, lowest start first
         self._tokens_written = 0
+        # seq id -> writable token count; kept current by every operation so that the per-step
+        # hot path is one dict lookup (see `writable`).
+        self.limit: dict[str, int] = {}
 
     # ---- queries ---------------------------------------------------------------------------
 
@@ -111,10 +114,14 @@ class KVLedger:
 
     def writable(self, seq_id: str) -> int:
         """Tokens this sequence may hold: its table, cut at the first block lent away."""
+        return self.limit[seq_id]
+
+    def _relimit(self, seq_id: str) -> None:
         guests = self._guests.get(seq_id)
         if guests:
-            return self._loans[guests[0]].start * self.block_size
-        return len(self._tables[seq_id]) * self.block_size
+            self.limit[seq_id] = self._loans[guests[0]].start * self.block_size
+        else:
+            self.limit[seq_id] = len(self._tables[seq_id]) * self.block_size
 
     def usage(self) -> Usage:
         lent = sum(loan.n_blocks for loan in self._loans.values())
@@ -136,6 +143,7 @@ class KVLedger:
         table = [self._free.pop() for _ in range(n_blocks)]
         self._tables[seq_id] = table
         self._written[seq_id] = 0
+        self._relimit(seq_id)
         return table
 
     def extend(self, seq_id: str, n_blocks: int, use_reserve: bool = False) -> bool:
@@ -148,6 +156,7 @@ class KVLedger:
             return False
         table = self._tables[seq_id]
         table.extend(self._free.pop() for _ in range(n_blocks))
+        self._relimit(seq_id)
         return True
 
     def advance(self, seq_id: str, tokens: int) -> None:
@@ -157,13 +166,22 @@ class KVLedger:
         self._tokens_written += tokens - self._written[seq_id]
         self._written[seq_id] = tokens
 
+    def advance_decodes(self, seq_ids: list[str]) -> None:
+        """One more token for each sequence; the caller checked each against `limit`."""
+        written = self._written
+        for seq_id in seq_ids:
+            written[seq_id] += 1
+        self._tokens_written += len(seq_ids)
+
     def free(self, seq_id: str) -> None:
         """Release a sequence. A host's loans pass to their guests, which become owners."""
         table = self._tables.pop(seq_id)
         self._tokens_written -= self._written.pop(seq_id)
+        del self.limit[seq_id]
         loan = self._loans.pop(seq_id, None)
         if loan is not None:  # a guest: its blocks stay in the host's reservation
             self._guests[loan.host_id].remove(seq_id)
+            self._relimit(loan.host_id)
             return
         lent: set[int] = set()
         for guest in self._guests.pop(seq_id, []):
@@ -180,6 +198,7 @@ class KVLedger:
         extra = table[keep:]
         del table[keep:]
         self._free.extend(reversed(extra))
+        self._relimit(seq_id)
         return len(extra)
 
     # ---- KVCPipe loans ---------------------------------------------------------------------
@@ -209,6 +228,8 @@ class KVLedger:
         table = self._tables[host_id][start:top]
         self._tables[guest_id] = table
         self._written[guest_id] = 0
+        self.limit[guest_id] = n_blocks * self.block_size
+        self._relimit(host_id)
         return table
 
     def move_guest(
@@ -229,6 +250,8 @@ class KVLedger:
         self._guests[loan.host_id].remove(guest_id)
         del self._loans[guest_id]
         self._tables[guest_id] = new
+        self._relimit(guest_id)
+        self._relimit(loan.host_id)
         return copies
 
     # ---- checking --------------------------------------------------------------------------
@@ -253,6 +276,13 @@ class KVLedger:
                 raise LedgerError(f"guest {guest} has no live owning host")
             if host[loan.start : loan.start + loan.n_blocks] != self._tables[guest]:
                 raise LedgerError(f"guest {guest}'s table is not its host's lent run")
+        for seq_id in self._tables:
+            guests = self._guests.get(seq_id)
+            want = (
+                self._loans[guests[0]].start if guests else len(self._tables[seq_id])
+            ) * self.block_size
+            if self.limit.get(seq_id) != want:
+                raise LedgerError(f"{seq_id}'s cached writable limit is stale")
         for seq_id, n in self._written.items():
             if n > self.writable(seq_id):
                 raise LedgerError(f"{seq_id} holds {n} tokens past its writable limit")

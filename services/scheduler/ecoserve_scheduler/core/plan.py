@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import NamedTuple
 
 from .request import SamplingParams
 
@@ -18,10 +19,6 @@ class ScheduledSeq:
     sample: bool  # True when this chunk reaches the end of the known tokens
     sampling: SamplingParams
     token_ids: tuple[int, ...] | None = None  # None in the simulator
-
-    @property
-    def is_decode(self) -> bool:
-        return self.num_tokens == 1 and self.start_pos > 0 and self.sample
 
 
 @dataclass(frozen=True)
@@ -42,60 +39,85 @@ class BatchShape:
 
 
 @dataclass(frozen=True)
+class DecodeBatch:
+    """Every decoding sequence of a step, column-wise: sequence i feeds the token at position
+    positions[i] and samples the next one. Kept as columns because it is the hot path: a step
+    may decode a thousand sequences, and building one object per sequence per step would cost
+    more than all the scheduling decisions. `block_tables[i]` is the ledger's live table; it is
+    valid until the next `schedule()` of the same worker."""
+
+    request_ids: tuple[str, ...] = ()
+    positions: tuple[int, ...] = ()
+    block_tables: tuple[list[int], ...] = ()
+    sampling: tuple[SamplingParams, ...] = ()
+    token_ids: tuple[int, ...] | None = None  # None in the simulator
+
+    def __len__(self) -> int:
+        return len(self.request_ids)
+
+
+@dataclass(frozen=True)
 class BatchPlan:
     step_id: int
     worker_id: str
-    seqs: tuple[ScheduledSeq, ...]
+    decodes: DecodeBatch
+    prefills: tuple[ScheduledSeq, ...] = ()  # prompt chunks (and recomputes)
     # Block moves the worker performs before the forward pass (KVCPipe guest relocation).
     block_copies: tuple[tuple[int, int], ...] = ()
-    # Requests whose worker-side state (if any) can be dropped.
-    dropped: tuple[str, ...] = ()
 
     @property
     def num_tokens(self) -> int:
-        return sum(s.num_tokens for s in self.seqs)
+        return len(self.decodes) + sum(s.num_tokens for s in self.prefills)
+
+    @property
+    def seqs(self) -> tuple[ScheduledSeq, ...]:
+        """Every sequence as a ScheduledSeq (decodes first): convenient, not for hot paths."""
+        d = self.decodes
+        ids = d.token_ids
+        decodes = tuple(
+            ScheduledSeq(rid, pos, 1, tuple(table), True, sp, (ids[i],) if ids else None)
+            for i, (rid, pos, table, sp) in enumerate(
+                zip(d.request_ids, d.positions, d.block_tables, d.sampling, strict=True)
+            )
+        )
+        return decodes + self.prefills
+
+    def sampled_ids(self) -> list[str]:
+        """Request ids that sample a token this step, in the order results are expected."""
+        return list(self.decodes.request_ids) + [s.request_id for s in self.prefills if s.sample]
 
     def shape(self) -> BatchShape:
-        chunks: list[tuple[int, int]] = []
-        decode_seqs = 0
-        decode_ctx = 0
-        for s in self.seqs:
-            if s.is_decode:
-                decode_seqs += 1
-                decode_ctx += s.start_pos + 1
-            else:
-                chunks.append((s.num_tokens, s.start_pos))
-        return BatchShape(tuple(chunks), decode_seqs, decode_ctx)
+        d = self.decodes
+        chunks = tuple((s.num_tokens, s.start_pos) for s in self.prefills)
+        return BatchShape(chunks, len(d), sum(d.positions) + len(d))
 
 
 @dataclass(frozen=True)
 class StepResult:
     step_id: int
     worker_id: str
-    # request_id -> sampled token, for every sequence whose ScheduledSeq had sample=True.
-    sampled: dict[str, int] = field(default_factory=dict)
+    # One sampled token per id of plan.sampled_ids(), in that order.
+    tokens: tuple[int, ...] | list[int] = ()
     forward_s: float = 0.0
     error: str | None = None
 
 
 # ---- events returned by SchedulerCore.apply / abort -------------------------------------------
+# NamedTuples: apply creates one TokenEvent per sequence per step, the hottest allocation.
 
 
-@dataclass(frozen=True)
-class TokenEvent:
+class TokenEvent(NamedTuple):
     request_id: str
     token_id: int
     index: int  # 0 = first output token
 
 
-@dataclass(frozen=True)
-class FinishEvent:
+class FinishEvent(NamedTuple):
     request_id: str
     reason: str  # "stop", "length", "aborted", or "failed: <why>"
 
 
-@dataclass(frozen=True)
-class PreemptEvent:
+class PreemptEvent(NamedTuple):
     request_id: str
     reason: str
 

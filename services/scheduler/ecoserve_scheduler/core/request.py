@@ -42,7 +42,7 @@ class SLO:
     tpot_s: float | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: two requests are never "equal"
 class Request:
     request_id: str
     prompt_len: int
@@ -60,6 +60,7 @@ class Request:
     status: Status = Status.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose K/V is written in the cache
+    output_cap: int = 0  # outputs at which it stops for length, set at admission
     worker_id: str | None = None
     admitted_s: float | None = None
     first_token_s: float | None = None

@@ -150,14 +150,12 @@ def _count_finished(events) -> int:
 
 
 def _run_plan(sim: _Sim, plan) -> StepResult:
-    sampled = {}
-    true_len = sim.true_len
-    requests = sim.core.requests
-    for s in plan.seqs:
-        if s.sample:
-            r = requests[s.request_id]
-            sampled[s.request_id] = EOS if r.num_output + 1 >= true_len[s.request_id] else OTHER
-    return StepResult(plan.step_id, plan.worker_id, sampled)
+    true_len, requests = sim.true_len, sim.core.requests
+    tokens = [
+        EOS if len(requests[rid].output_token_ids) + 1 >= true_len[rid] else OTHER
+        for rid in plan.sampled_ids()
+    ]
+    return StepResult(plan.step_id, plan.worker_id, tokens)
 
 
 def _dispatch(sim: _Sim, now: float) -> None:

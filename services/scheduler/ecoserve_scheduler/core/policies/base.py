@@ -2,8 +2,9 @@
 
 One iteration (vLLM v1 shape):
   1. `before(step)`             policy housekeeping (EcoServe: move guests away from hosts);
-  2. running requests, in `running_order`: each gets its chunk (1 token when decoding), after
-     `make_room` made its block table long enough (grow, else preempt a `victim`);
+  2. running requests: every decode gets one token, then prefills (in `prefill_order`) get
+     chunks; each after `make_room` made its block table long enough (grow, else preempt a
+     `victim`);
   3. waiting requests, in queue order, while budget, sequence slots and KV `reserve` allow.
 
 A policy is a small subclass: a queue, what to reserve at admission, how to grow, whom to evict.
@@ -19,7 +20,6 @@ from ..request import Request, Status
 class Policy:
     name = "base"
     chunked = True  # chunked prefill within the token budget
-    decode_first = False  # run every decode before any prefill chunk (stall-free batching)
     headroom_share = 0.0  # admissions leave this share of blocks free (vLLM's watermark)
     use_reserve = False  # extensions may take the reserve pool
     reserve_share = 0.0  # share of blocks held back as that reserve pool
@@ -47,11 +47,9 @@ class Policy:
     def before(self, step: Step) -> None:
         pass
 
-    def running_order(self, step: Step) -> list[Request]:
-        running = list(step.running.values())
-        if self.decode_first:
-            running.sort(key=lambda r: r.pending > 1)  # stable: decodes first, in admission order
-        return running
+    def prefill_order(self, step: Step, prefills: list[Request]) -> list[Request]:
+        """Order of running requests still prefilling (default: admission order)."""
+        return prefills
 
     def admission_tokens(self, r: Request, n: int) -> int:
         """Tokens to reserve when r is admitted with a first chunk of n (default: on demand)."""
@@ -75,16 +73,27 @@ class Policy:
     # ---- skeleton -------------------------------------------------------------------------
 
     def schedule(self, step: Step) -> None:
+        """Decodes first (each takes one token), then running prefills, then admissions.
+
+        vLLM v1 visits running requests in admission order instead; the two differ only when an
+        earlier-admitted request is still prefilling, which after admission-order prefill is
+        only a recomputing request, so every policy shares this order (Sarathi's stall-free
+        batching)."""
         self.before(step)
-        writable, running = step.ledger.writable, Status.RUNNING
-        for r in self.running_order(step):
-            if r.status is not running or step.scheduled(r):
+        w = step.w
+        for r in step.run_decodes(list(w.decoding.values())):
+            if r.status is Status.RUNNING and not step.full:
+                if self.make_room(step, r, r.num_computed + 1):
+                    step.run(r, 1)
+        prefills = [r for r in w.running.values() if r.request_id not in w.decoding]
+        for r in self.prefill_order(step, prefills):
+            if r.status is not Status.RUNNING or step.full:
                 continue  # preempted as a victim earlier in this loop
             n = step.chunk(r, self.chunked)
-            if not n:
-                continue
-            end = r.num_computed + n
-            if end <= writable(r.request_id) or self.make_room(step, r, end):
+            if n and (
+                r.num_computed + n <= step.ledger.limit[r.request_id]
+                or self.make_room(step, r, r.num_computed + n)
+            ):
                 step.run(r, n)
         self.admit_waiting(step)
 

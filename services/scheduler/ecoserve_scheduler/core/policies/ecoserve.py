@@ -35,7 +35,6 @@ INF = math.inf
 
 class EcoServePolicy(Policy):
     name = "ecoserve"
-    decode_first = True
     use_reserve = True
 
     def __init__(
@@ -148,20 +147,18 @@ class EcoServePolicy(Policy):
             while ledger.guests_of(host_id) and ledger.writable(host_id) < need:
                 self.evict_guest(step, step.core.requests[ledger.guests_of(host_id)[0]])
 
-    def running_order(self, step: Step) -> list[Request]:
-        decodes, prefills = [], []
-        for r in step.running.values():
-            (decodes if r.pending == 1 else prefills).append(r)
-        if self.ordering and len(prefills) > 1:
-            held = step.ledger.table
-            prefills.sort(
-                key=lambda r: (
-                    self._slack_class(self.latest_start(r, step.w.spec.token_budget)),
-                    -len(held(r.request_id)),
-                    r.predicted_rl,
-                )
-            )
-        return decodes + prefills
+    def prefill_order(self, step: Step, prefills: list[Request]) -> list[Request]:
+        if not self.ordering or len(prefills) < 2:
+            return prefills
+        budget, held = step.w.spec.token_budget, step.ledger.table
+        return sorted(
+            prefills,
+            key=lambda r: (
+                self._slack_class(self.latest_start(r, budget)),
+                -len(held(r.request_id)),
+                r.predicted_rl,
+            ),
+        )
 
     def padded_rl(self, r: Request) -> int:
         """Response length to reserve for: point + pad_weight * (upper - point), within

@@ -1,8 +1,8 @@
 """Sarathi-Serve: stall-free chunked prefill.
 
 Every running decode is scheduled before any prefill chunk, so ongoing generations never stall
-behind a prompt; prefill chunks fill what is left of the token budget. As in Sarathi's vLLM
-(v0-era) implementation, a new request is admitted only when blocks for its whole prompt are
+behind a prompt; prefill chunks fill what is left of the token budget (the shared skeleton's
+order). As in Sarathi's vLLM (v0-era) implementation, a new request is admitted only when blocks for its whole prompt are
 free; decode blocks are allocated on demand and the most recently admitted request is preempted
 (recompute) when they run out.
 """
@@ -15,7 +15,6 @@ from .base import Policy
 
 class SarathiPolicy(Policy):
     name = "sarathi"
-    decode_first = True
     headroom_share = 0.01
 
     def admission_tokens(self, r: Request, n: int) -> int:
