@@ -1,4 +1,4 @@
-"""What one iteration runs (BatchPlan), what comes back (StepResult), and what it caused (events)."""
+"""What one iteration runs (BatchPlan), what comes back (StepResult), what it caused (events)."""
 
 from __future__ import annotations
 

@@ -82,9 +82,9 @@ class Policy:
         self.before(step)
         w = step.w
         for r in step.run_decodes(list(w.decoding.values())):
-            if r.status is Status.RUNNING and not step.full:
-                if self.make_room(step, r, r.num_computed + 1):
-                    step.run(r, 1)
+            live = r.status is Status.RUNNING and not step.full
+            if live and self.make_room(step, r, r.num_computed + 1):
+                step.run(r, 1)
         prefills = [r for r in w.running.values() if r.request_id not in w.decoding]
         for r in self.prefill_order(step, prefills):
             if r.status is not Status.RUNNING or step.full:

@@ -2,9 +2,9 @@
 
 Every running decode is scheduled before any prefill chunk, so ongoing generations never stall
 behind a prompt; prefill chunks fill what is left of the token budget (the shared skeleton's
-order). As in Sarathi's vLLM (v0-era) implementation, a new request is admitted only when blocks for its whole prompt are
-free; decode blocks are allocated on demand and the most recently admitted request is preempted
-(recompute) when they run out.
+order). As in Sarathi's vLLM (v0-era) implementation, a new request is admitted only when
+blocks for its whole prompt are free; decode blocks are allocated on demand and the most
+recently admitted request is preempted (recompute) when they run out.
 """
 
 from __future__ import annotations
