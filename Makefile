@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 STAMP := .make/installed
 DATA_DIR ?= ../shared/data
 
-.PHONY: install test lint format demo bench-sim bench-sim-quick clean
+.PHONY: install test lint format demo bench-sim bench-sim-quick bench-sched clean
 
 $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[dev]'
@@ -34,6 +34,9 @@ bench-sim: $(STAMP)
 
 bench-sim-quick: $(STAMP)
 	ECOSERVE_DATA_DIR=$(DATA_DIR) $(PYTHON) bench/sim.py --quick --out results/sim-quick
+
+bench-sched: $(STAMP)
+	$(PYTHON) bench/sched_scale.py --out results/sched-scale
 
 clean:
 	rm -rf .make build *.egg-info .pytest_cache .ruff_cache
