@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .iter_model import IterTimeModel
 from .ledger import KVLedger, Usage
 from .plan import (
     BatchPlan,
@@ -53,6 +54,7 @@ class WorkerState:
     in_flight: BatchPlan | None = None
     in_flight_reqs: list[Request] = field(default_factory=list)  # aligned with its decodes
     sent_s: float = 0.0
+    iter_model: IterTimeModel = field(default_factory=IterTimeModel)
 
 
 @dataclass
@@ -160,9 +162,11 @@ class SchedulerCore:
         plan, w.in_flight = w.in_flight, None
         self.counters.steps += 1
         dt = now - w.sent_s
-        self.iter_time_ema_s = (
-            dt if not self.iter_time_ema_s else 0.9 * self.iter_time_ema_s + 0.1 * dt
-        )
+        ema = self.iter_time_ema_s
+        self.iter_time_ema_s = dt if not ema else 0.9 * ema + 0.1 * dt
+        shape = plan.shape()
+        ctx = shape.decode_context_tokens + sum(c for _, c in shape.prefill_chunks)
+        w.iter_model.observe(plan.num_tokens, ctx, dt)
         events = self.take_events()
         if result.error:
             return events + self._step_failed(w, plan, now, result.error)

@@ -47,6 +47,9 @@ class Policy:
     def before(self, step: Step) -> None:
         pass
 
+    def after_decodes(self, step: Step) -> None:
+        """Called once every decode is scheduled, before prefill chunks and admissions."""
+
     def prefill_order(self, step: Step, prefills: list[Request]) -> list[Request]:
         """Order of running requests still prefilling (default: admission order)."""
         return prefills
@@ -85,6 +88,7 @@ class Policy:
             live = r.status is Status.RUNNING and not step.full
             if live and self.make_room(step, r, r.num_computed + 1):
                 step.run(r, 1)
+        self.after_decodes(step)
         prefills = [r for r in w.running.values() if r.request_id not in w.decoding]
         for r in self.prefill_order(step, prefills):
             if r.status is not Status.RUNNING or step.full:
