@@ -328,6 +328,7 @@ class Step:
         self.copies: list[tuple[int, int]] = []
         self._scheduled: set[str] = set()  # prefill chunks only; decodes are in decode_ids
         self._dropped = False  # a scheduled request was preempted: filter the columns
+        self.preempted = 0  # requests preempted (or failed) while building this step
 
     @property
     def running(self) -> dict[str, Request]:
@@ -410,6 +411,17 @@ class Step:
 
     def preempt(self, r: Request, reason: str) -> None:
         """Preempt r (recompute), removing it from this step if it was already scheduled."""
+        self._unschedule(r)
+        self.core._outbox.append(self.core._preempt(self.w, r, self.now, reason))
+
+    def fail_running(self, r: Request, reason: str) -> None:
+        """Fail a running request that can never fit (its blocks are released)."""
+        self._unschedule(r)
+        self.core._release(r)
+        self.core._outbox.append(self.core._fail(r, self.now, reason))
+
+    def _unschedule(self, r: Request) -> None:
+        self.preempted += 1
         rid = r.request_id
         if rid in self._scheduled:
             self._scheduled.discard(rid)
@@ -417,7 +429,6 @@ class Step:
             self.budget += self.prefills.pop(i).num_tokens
         elif rid in self.w.decoding:
             self._dropped = True  # decode_batch filters it out if it was scheduled
-        self.core._outbox.append(self.core._preempt(self.w, r, self.now, reason))
 
     def fail_waiting(self, r: Request, reason: str) -> None:
         """Fail a waiting request (already popped from its queue) that no worker can hold."""

@@ -63,11 +63,14 @@ class Policy:
         return need
 
     def victim(self, step: Step, r: Request) -> Request | None:
-        """Whom to preempt so r can grow (default: the most recently admitted other request)."""
-        for other in reversed(step.running.values()):
-            if other is not r:
-                return other
-        return None
+        """Whom to preempt so r can grow. Default, vLLM's: the most recently admitted running
+        request, which may be r itself (then r is the one that waits)."""
+        return next(reversed(step.running.values()), None)
+
+    def capacity_tokens(self, ledger) -> int:
+        """Most tokens one sequence may ever hold on this ledger under this policy."""
+        headroom = int(self.headroom_share * ledger.num_blocks)
+        return (ledger.num_blocks - ledger.reserve_blocks - headroom) * ledger.block_size
 
     def lend(self, step: Step, r: Request, blocks: int) -> bool:
         """Admit r into borrowed blocks when fresh ones are short (only EcoServe lends)."""
@@ -102,34 +105,45 @@ class Policy:
         self.admit_waiting(step)
 
     def make_room(self, step: Step, r: Request, tokens: int) -> bool:
-        """Make r's writable region hold `tokens`; False if r itself had to be preempted."""
+        """Make r's writable region hold `tokens`; False if r had to be preempted or failed."""
         ledger, rid = step.ledger, r.request_id
         while ledger.writable(rid) < tokens:
             guests = ledger.guests_of(rid)
             if guests:
                 self.evict_guest(step, step.core.requests[guests[0]])
                 continue
-            want = ledger.blocks_for(self.growth_tokens(r, tokens))
-            if ledger.is_guest(rid):
-                copies = ledger.move_guest(rid, want, use_reserve=self.use_reserve)
-                if copies is not None:
-                    step.copies.extend(copies)
-                    step.core.counters.guest_moves += 1
-                    continue
-            else:
-                extra = want - len(ledger.table(rid))
-                if ledger.extend(rid, extra) or (
-                    self.use_reserve and ledger.extend(rid, extra, use_reserve=True)
-                ):
-                    step.core.counters.extensions += 1
-                    r.extensions += 1
-                    continue
+            if self.grow(step, r, tokens):
+                continue
+            if tokens > self.capacity_tokens(ledger):
+                step.fail_running(r, "failed: sequence outgrew the KV cache")
+                return False
             victim = self.victim(step, r)
-            if victim is None:
+            if victim is None or victim is r:
                 step.preempt(r, "out of KV cache")
                 return False
             step.preempt(victim, f"KV cache needed by {rid}")
         return True
+
+    def grow(self, step: Step, r: Request, tokens: int) -> bool:
+        """Lengthen r's table: to the policy's growth target, else to the exact need; from
+        free blocks first, then (if the policy may) the reserve pool. A guest moves instead."""
+        ledger, rid = step.ledger, r.request_id
+        targets = dict.fromkeys(
+            (ledger.blocks_for(self.growth_tokens(r, tokens)), ledger.blocks_for(tokens))
+        )
+        for use_reserve in (False, True) if self.use_reserve else (False,):
+            for want in targets:
+                if ledger.is_guest(rid):
+                    copies = ledger.move_guest(rid, want, use_reserve=use_reserve)
+                    if copies is not None:
+                        step.copies.extend(copies)
+                        step.core.counters.guest_moves += 1
+                        return True
+                elif ledger.extend(rid, want - len(ledger.table(rid)), use_reserve=use_reserve):
+                    step.core.counters.extensions += 1
+                    r.extensions += 1
+                    return True
+        return False
 
     def evict_guest(self, step: Step, guest: Request) -> None:
         """Move a guest off its host's blocks (fresh blocks, then reserve), else preempt it."""
@@ -151,7 +165,9 @@ class Policy:
         self.queue.pop(r)
 
     def admit_waiting(self, step: Step) -> None:
-        while not step.full:
+        # As vLLM v1: no admissions in a step that preempted (a victim must not come straight
+        # back into the step it was removed from).
+        while not step.full and not step.preempted:
             r = self.peek_waiting(step.now)
             if r is None:
                 return
@@ -162,13 +178,20 @@ class Policy:
                 return  # head of line waits: later requests must not overtake it
 
     def reserve(self, step: Step, r: Request, n: int) -> bool:
-        """Admit r into this worker if its admission reservation fits; False to stop admitting."""
+        """Admit r into this worker if its admission reservation fits; False to stop admitting.
+
+        The reservation is capped at what one sequence may hold; a request whose next token
+        cannot fit on any worker fails, one that fits only another worker waits for it."""
         ledger = step.ledger
-        blocks = ledger.blocks_for(max(self.admission_tokens(r, n), r.num_computed + n))
-        if blocks > ledger.num_blocks - ledger.reserve_blocks:
+        need = max(r.num_computed + n, r.num_tokens + 1 if n == r.pending else 0)
+        cap = self.capacity_tokens(ledger)
+        if need > cap:
+            if any(need <= self.capacity_tokens(w.ledger) for w in step.core.workers.values()):
+                return False
             self.pop_waiting(r)
-            step.fail_waiting(r, "failed: needs more KV cache than the worker has")
+            step.fail_waiting(r, "failed: needs more KV cache than any worker has")
             return True
+        blocks = ledger.blocks_for(min(max(self.admission_tokens(r, n), need), cap))
         headroom = int(self.headroom_share * ledger.num_blocks)
         if ledger.can_allocate(blocks + headroom):
             ledger.allocate(r.request_id, blocks)

@@ -259,12 +259,11 @@ class EcoServePolicy(Policy):
         return max(target, need)
 
     def victim(self, step: Step, r: Request) -> Request | None:
-        """The running request with the most slack; among equals, the least work done."""
+        """The running request with the most slack (may be r); among equals, the least work
+        done."""
         budget = step.w.spec.token_budget
         best, best_key = None, None
         for other in step.running.values():
-            if other is r:
-                continue
             key = (self.latest_start(other, budget), -other.num_computed)
             if best_key is None or key > best_key:
                 best, best_key = other, key

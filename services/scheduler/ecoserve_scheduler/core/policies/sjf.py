@@ -22,5 +22,5 @@ class SJFPolicy(Policy):
         return KeyedQueue(lambda r: (r.predicted_rl, r.arrival_s))
 
     def victim(self, step: Step, r: Request) -> Request | None:
-        others = [o for o in step.running.values() if o is not r]
-        return max(others, key=lambda o: o.predicted_rl - o.num_output, default=None)
+        """The running request with the longest predicted remaining output (may be r)."""
+        return max(step.running.values(), key=lambda o: o.predicted_rl - o.num_output, default=None)
