@@ -29,8 +29,12 @@ demo: $(STAMP)
 	ECOSERVE_DATA_DIR=$(DATA_DIR) ecoserve compare --trace sharegpt --policies ecoserve,vllm \
 		--rates 2 4 6 --n 600 --max-rate
 
+# Full sweep on Llama-2-7B/A100 (both traces), then a KV-bound case: Llama-2-13B/A100 holds half
+# the KV tokens, so reservation, pipelining and preemption matter there.
 bench-sim: $(STAMP)
 	ECOSERVE_DATA_DIR=$(DATA_DIR) $(PYTHON) bench/sim.py --out results/sim
+	ECOSERVE_DATA_DIR=$(DATA_DIR) $(PYTHON) bench/sim.py --out results/sim-13b \
+		--profile llama-2-13b_a100-80gb --traces sharegpt --policies ecoserve,vllm,sarathi,sjf
 
 bench-sim-quick: $(STAMP)
 	ECOSERVE_DATA_DIR=$(DATA_DIR) $(PYTHON) bench/sim.py --quick --out results/sim-quick

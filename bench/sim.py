@@ -40,6 +40,7 @@ try:
 except ImportError:  # not pip-installed: use the source tree
     sys.path.insert(0, str(REPO / "services" / "scheduler"))
 
+from ecoserve_scheduler.sim.cost_model import load_profile  # noqa: E402
 from ecoserve_scheduler.sim.engine import SimConfig, simulate  # noqa: E402
 from ecoserve_scheduler.sim.rl_models import make_rl_model  # noqa: E402
 from ecoserve_scheduler.sim.sweep import Scenario, max_rate_at_slo, workload  # noqa: E402
@@ -94,13 +95,14 @@ class BenchConfig:
     ablation: bool = False
     plots: bool = False
     progress: bool = True
+    profile: str = PROFILE
 
     def scenario(self, trace: str) -> Scenario:
         return Scenario(
             trace=trace,
             n=self.n,
             seed=self.seed,
-            profile=PROFILE,
+            profile=self.profile,
             rl_model=self.rl_model,
             slo_k=self.slo_k,
             data_dir=self.data_dir,
@@ -404,7 +406,7 @@ def run_bench(cfg: BenchConfig, out: str | Path) -> dict:
             "definition": "JCT <= k x the request's unloaded JCT on the same profile "
             "(cost model, batch of one)",
         },
-        "profile": "llama-2-7b/a100-80gb",
+        "profile": load_profile(cfg.profile).name,
         "mode": cfg.mode,
         "n_requests": cfg.n,
         "rl_model": cfg.rl_model,
@@ -623,6 +625,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--rl-model", default="noisy", help="oracle | noisy | alpaca")
     ap.add_argument("--traces", default=",".join(TRACES), help="comma-separated")
     ap.add_argument("--policies", default=",".join(POLICIES), help="comma-separated")
+    ap.add_argument("--profile", default=PROFILE, help="cost-model profile (ecoserve profiles)")
+    ap.add_argument("--no-ablation", action="store_true", help="full mode without the ablation")
     ap.add_argument("--no-progress", action="store_true")
     return ap
 
@@ -641,7 +645,10 @@ def main(argv: list[str] | None = None) -> int:
         "data_dir": data_dir,
         "jobs": max(1, a.jobs),
         "progress": not a.no_progress,
+        "profile": a.profile,
     }
+    if a.no_ablation:
+        changes["ablation"] = False
     if a.n is not None:
         changes["n"] = a.n
     cfg = quick_config(**changes) if a.quick else full_config(**changes)
