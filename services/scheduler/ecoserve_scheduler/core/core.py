@@ -128,6 +128,7 @@ class SchedulerCore:
             self._release(r)
         r.status, r.finished_s, r.finish_reason = Status.ABORTED, now, "aborted"
         self.counters.aborted += 1
+        self._forget(r, now)
         return [FinishEvent(request_id, "aborted")]
 
     def release(self, request_id: str) -> None:
@@ -250,15 +251,20 @@ class SchedulerCore:
         self._release(r)
         r.status, r.finished_s, r.finish_reason = Status.FINISHED, now, reason
         self.counters.finished += 1
-        self._step_failures.pop(r.request_id, None)
-        self.policy.on_finish(r, now)
+        self._forget(r, now)
         return FinishEvent(r.request_id, reason)
 
     def _fail(self, r: Request, now: float, reason: str) -> FinishEvent:
         """Fail a request that holds no blocks (release it first)."""
         r.status, r.finished_s, r.finish_reason = Status.FAILED, now, reason
         self.counters.failed += 1
+        self._forget(r, now)
         return FinishEvent(r.request_id, reason)
+
+    def _forget(self, r: Request, now: float) -> None:
+        """Drop every piece of per-request state but the Request itself (`release` drops it)."""
+        self._step_failures.pop(r.request_id, None)
+        self.policy.on_done(r, now)
 
     def _preempt(self, w: WorkerState, r: Request, now: float, reason: str) -> PreemptEvent:
         """Recompute preemption: drop r's KV; it waits again with its outputs kept."""

@@ -39,8 +39,8 @@ class Policy:
     def requeue(self, r: Request, now: float, core) -> None:
         self.queue.requeue(r, now)
 
-    def on_finish(self, r: Request, now: float) -> None:
-        pass
+    def on_done(self, r: Request, now: float) -> None:
+        """r finished, failed or was aborted: drop any per-request state."""
 
     # ---- hooks ----------------------------------------------------------------------------
 

@@ -131,7 +131,7 @@ class EcoServePolicy(Policy):
     def requeue(self, r: Request, now: float, core) -> None:
         self.push(r, now, core)
 
-    def on_finish(self, r: Request, now: float) -> None:
+    def on_done(self, r: Request, now: float) -> None:
         self._latest.pop(r.request_id, None)
 
     def peek_waiting(self, now: float) -> Request | None:
@@ -150,8 +150,9 @@ class EcoServePolicy(Policy):
         if self._peeked_late:
             self._late.pop(r)
             return
-        self.queue.pop(r)
-        if self.synced_groups and not self.queue.is_open:
+        starts_group = self.synced_groups and not self.queue.is_open  # read before the pop
+        self.queue.pop(r)  # closes the open group when this was its last member
+        if starts_group:
             self.queue.open_group(r, self.group_size - 1)
 
     # ---- hooks ----------------------------------------------------------------------------
