@@ -16,12 +16,12 @@ test: $(STAMP)
 	$(PYTHON) -m pytest
 
 lint: $(STAMP)
-	$(PYTHON) -m ruff check .
-	$(PYTHON) -m ruff format --check .
+	$(PYTHON) -m ruff check services bench tests
+	$(PYTHON) -m ruff format --check services bench tests
 
 format: $(STAMP)
-	$(PYTHON) -m ruff format .
-	$(PYTHON) -m ruff check --fix .
+	$(PYTHON) -m ruff format services bench tests
+	$(PYTHON) -m ruff check --fix services bench tests
 
 # Main job: simulated EcoServe vs vLLM policy on ShareGPT (synthetic ShareGPT-like lengths if
 # $(DATA_DIR) is absent; the output says which), Llama-2-7B / A100-80GB cost model.
