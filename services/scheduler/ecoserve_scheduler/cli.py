@@ -50,7 +50,8 @@ def _fmt(v) -> str:
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
-    console = Console()
+    # Wide enough for the table even when piped (rich assumes 80 columns then).
+    console = Console(width=max(150, Console().width))
     sc = _scenario(a)
     policies = a.policies.split(",")
     for p in policies:
@@ -58,7 +59,9 @@ def cmd_compare(a: argparse.Namespace) -> int:
             console.print(f"[red]unknown policy {p!r}; known: {', '.join(POLICIES)}")
             return 2
     _, source = workload(sc, a.rates[0])
-    console.print(f"workload: {source}; {sc.n} requests; profile {sc.profile}")
+    lengths = source.rsplit("; ", 1)[0]  # the tail names the arrival rate of the first run
+    console.print(f"workload: {lengths}; {sc.arrival} arrivals; {sc.n} requests per run")
+    console.print(f"cost model: {sc.profile}")
     console.print(f"SLO: JCT <= {sc.slo_k} x unloaded JCT on the profile; RL model: {sc.rl_model}")
     table = Table(*[c for c, _ in COLUMNS])
     results: dict = {"workload": source, "scenario": sc.__dict__, "runs": []}
