@@ -41,9 +41,12 @@ except ImportError:  # not pip-installed: use the source tree
     sys.path.insert(0, str(REPO / "services" / "scheduler"))
 
 from ecoserve_scheduler.sim.cost_model import load_profile  # noqa: E402
-from ecoserve_scheduler.sim.engine import SimConfig, simulate  # noqa: E402
-from ecoserve_scheduler.sim.rl_models import make_rl_model  # noqa: E402
-from ecoserve_scheduler.sim.sweep import Scenario, max_rate_at_slo, workload  # noqa: E402
+from ecoserve_scheduler.sim.sweep import (  # noqa: E402
+    Scenario,
+    max_rate_at_slo,
+    simulate_at,
+    workload,
+)
 from ecoserve_scheduler.sim.workload import DataMissing  # noqa: E402
 
 TRACES = ("sharegpt", "azure_conv")
@@ -143,23 +146,12 @@ def _search_task(sc: Scenario, policy: str, options: dict, lo: float, hi: float,
 
 
 def _run_task(sc: Scenario, policy: str, rate: float, options: dict, want_jcts: bool):
-    """One simulation, built as sweep.run builds it, keeping per-request JCTs when asked."""
+    """One simulation (sweep.simulate_at), keeping per-request JCTs when asked."""
     try:
-        records, source = workload(sc, rate)
+        _, source = workload(sc, rate)
     except DataMissing as e:
         return "skipped", str(e)
-    cfg = SimConfig(
-        policy=policy,
-        policy_options=options or {},
-        num_workers=sc.num_workers,
-        num_blocks=sc.num_blocks,
-        token_budget=sc.token_budget,
-        slo_k=sc.slo_k,
-        seed=sc.seed,
-        **sc.extra,
-    )
-    rl = make_rl_model(sc.rl_model, sc.data_dir)
-    metrics, per_request = simulate(records, cfg, sc.cost_model(), rl)
+    metrics, per_request = simulate_at(sc, policy, rate, options)
     # Unfinished requests never complete: infinite JCT (the CDF stays below 1).
     jcts = None
     if want_jcts:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 
 from .cost_model import CostModel, load_profile
 from .engine import SimConfig, simulate
-from .metrics import RunMetrics
+from .metrics import RequestMetrics, RunMetrics
 from .rl_models import make_rl_model
 from .workload import TraceRecord, build_workload
 
@@ -53,7 +53,10 @@ def workload(sc: Scenario, rate: float) -> tuple[list[TraceRecord], str]:
     return _WORKLOADS[key]
 
 
-def run(sc: Scenario, policy: str, rate: float, options: dict | None = None) -> RunMetrics:
+def simulate_at(
+    sc: Scenario, policy: str, rate: float, options: dict | None = None
+) -> tuple[RunMetrics, list[RequestMetrics]]:
+    """One simulation of the scenario's workload at `rate`: run and per-request metrics."""
     records, _ = workload(sc, rate)
     cfg = SimConfig(
         policy=policy,
@@ -65,8 +68,11 @@ def run(sc: Scenario, policy: str, rate: float, options: dict | None = None) -> 
         seed=sc.seed,
         **sc.extra,
     )
-    metrics, _ = simulate(records, cfg, sc.cost_model(), make_rl_model(sc.rl_model, sc.data_dir))
-    return metrics
+    return simulate(records, cfg, sc.cost_model(), make_rl_model(sc.rl_model, sc.data_dir))
+
+
+def run(sc: Scenario, policy: str, rate: float, options: dict | None = None) -> RunMetrics:
+    return simulate_at(sc, policy, rate, options)[0]
 
 
 def max_rate_at_slo(
