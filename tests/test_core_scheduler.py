@@ -481,7 +481,7 @@ def test_sjf_admits_shortest_first_when_only_one_fits() -> None:
 
 
 def test_ecoserve_reserves_prompt_plus_padded_prediction() -> None:
-    d = Driver("ecoserve", [spec(num_blocks=200, block_size=16, token_budget=512)])
+    d = Driver("ecoserve", [spec(num_blocks=200, block_size=16, token_budget=512)], pad_weight=1.0)
     d.add("a", prompt=30, target=5, predicted=40, upper=70)
     d.add("b", prompt=100, target=5, predicted=10, upper=10, max_tokens=200)
     d.add("c", prompt=20, target=5, predicted=500, upper=600, max_tokens=50)  # capped at max_tokens
@@ -490,6 +490,13 @@ def test_ecoserve_reserves_prompt_plus_padded_prediction() -> None:
     assert len(ledger.table("a")) == ledger.blocks_for(30 + 70)
     assert len(ledger.table("b")) == ledger.blocks_for(100 + 10)
     assert len(ledger.table("c")) == ledger.blocks_for(20 + 50)
+
+
+def test_ecoserve_default_pad_is_halfway_to_the_upper_quantile() -> None:
+    d = Driver("ecoserve", [spec(num_blocks=200, block_size=16)])
+    d.add("a", prompt=30, target=5, predicted=40, upper=120)
+    d.schedule()
+    assert len(ledger_of(d).table("a")) == ledger_of(d).blocks_for(30 + 80)
 
 
 def test_ecoserve_pad_weight_zero_reserves_the_point_prediction() -> None:
