@@ -114,7 +114,7 @@ class BenchConfig:
 
 
 def quick_config(**changes) -> BenchConfig:
-    return replace(BenchConfig(mode="quick", n=200, lo=2.0, rel_tol=0.1), **changes)
+    return replace(BenchConfig(mode="quick", n=400, lo=2.0, rel_tol=0.1), **changes)
 
 
 def full_config(**changes) -> BenchConfig:
@@ -611,7 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default=None, help="output folder (default results/sim[-quick])")
     ap.add_argument("--data-dir", default=None, help="default: $ECOSERVE_DATA_DIR, ../shared/data")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes")
-    ap.add_argument("--n", type=int, default=None, help="requests per run (quick 200, full 1000)")
+    ap.add_argument("--n", type=int, default=None, help="requests per run (quick 400, full 1000)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--slo-k", type=float, default=5.0, help="JCT SLO = k x unloaded JCT")
     ap.add_argument("--rl-model", default="noisy", help="oracle | noisy | alpaca")
