@@ -37,7 +37,7 @@ def test_blocks_for_rounds_up() -> None:
     assert KVLedger(4, 4).blocks_for(9) == 3
 
 
-# ---- owners: allocate / extend / advance / free / trim ---------------------------------------
+# ---- owners: allocate / extend / advance / free ---------------------------------------------
 
 
 def test_allocate_extend_free_conserve_blocks() -> None:
@@ -118,31 +118,6 @@ def test_advance_past_writable_raises() -> None:
     with pytest.raises(LedgerError):
         ledger.advance("a", 9)
     assert ledger.written("a") == 8
-    ledger.check()
-
-
-def test_trim_returns_unused_tail_but_keeps_written_tokens() -> None:
-    ledger = KVLedger(10, 4)
-    table = list(ledger.allocate("a", 6))
-    ledger.advance("a", 5)  # 2 blocks written
-    assert ledger.trim("a", 9) == 3  # keep blocks_for(9) = 3
-    assert ledger.table("a") == table[:3] and ledger.num_free == 7
-    assert ledger.trim("a", 0) == 1  # never below what is written (5 tokens -> 2 blocks)
-    assert ledger.table("a") == table[:2]
-    assert ledger.trim("a", 0) == 0
-    ledger.check()
-    empty = ledger.allocate("e", 3)
-    assert ledger.trim("e", 0) == 2  # keeps at least one block
-    assert ledger.table("e") == empty[:1]
-    ledger.check()
-
-
-def test_trim_does_nothing_for_hosts_and_guests() -> None:
-    ledger = KVLedger(10, 4)
-    ledger.allocate("h", 8)
-    ledger.lend("h", "g", 2, min_start=0)
-    assert ledger.trim("h", 0) == 0 and ledger.trim("g", 0) == 0
-    assert len(ledger.table("h")) == 8 and len(ledger.table("g")) == 2
     ledger.check()
 
 

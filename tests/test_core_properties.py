@@ -266,21 +266,6 @@ class LedgerMachine(RuleBasedStateMachine):
                 len(t) for t in guest_tables.values()
             )
 
-    @precondition(lambda self: self.tokens)
-    @rule(data=st.data(), keep=st.integers(0, 40))
-    def trim(self, data, keep: int) -> None:
-        seq = data.draw(st.sampled_from(self.live()))
-        ledger = self.ledger
-        before = list(ledger.table(seq))
-        n = ledger.trim(seq, keep)
-        after = ledger.table(seq)
-        if ledger.is_guest(seq) or ledger.guests_of(seq):
-            assert n == 0 and after == before
-            return
-        want = max(ledger.blocks_for(max(keep, ledger.written(seq))), 1)
-        assert after == before[: max(want, 0)][: len(before)]
-        assert n == len(before) - len(after)
-
     # ---- invariants ------------------------------------------------------------------------
 
     @invariant()

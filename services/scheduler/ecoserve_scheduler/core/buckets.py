@@ -32,9 +32,3 @@ DEFAULT_EDGES: tuple[int, ...] = (
 def bucket_of(tokens: int, edges: tuple[int, ...] = DEFAULT_EDGES) -> int:
     """Index of the bucket holding `tokens`: bucket i covers [edges[i-1], edges[i])."""
     return bisect.bisect_right(edges, tokens)
-
-
-def bucket_bounds(i: int, edges: tuple[int, ...] = DEFAULT_EDGES) -> tuple[int, int | None]:
-    lo = edges[i - 1] if i > 0 else 0
-    hi = edges[i] if i < len(edges) else None
-    return lo, hi

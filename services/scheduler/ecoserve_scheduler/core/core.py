@@ -348,9 +348,6 @@ class Step:
     def full(self) -> bool:
         return self.budget <= 0 or self.num_seqs >= self.w.spec.max_num_seqs
 
-    def scheduled(self, r: Request) -> bool:
-        return r.request_id in self._scheduled
-
     def chunk(self, r: Request, chunked: bool = True) -> int:
         """Tokens of r this step can take: all pending ones, or a budget-sized chunk. Without
         chunking (Orca) the token budget does not apply: a prompt always runs whole."""

@@ -189,18 +189,6 @@ class KVLedger:
             del self._loans[guest]
         self._free.extend(b for b in reversed(table) if b not in lent)
 
-    def trim(self, seq_id: str, keep_tokens: int) -> int:
-        """Give back an owner's unused tail blocks beyond `keep_tokens`; returns blocks freed."""
-        if seq_id in self._loans or self._guests.get(seq_id):
-            return 0
-        keep = max(self.blocks_for(max(keep_tokens, self._written[seq_id])), 1)
-        table = self._tables[seq_id]
-        extra = table[keep:]
-        del table[keep:]
-        self._free.extend(reversed(extra))
-        self._relimit(seq_id)
-        return len(extra)
-
     # ---- KVCPipe loans ---------------------------------------------------------------------
 
     def lendable(self, host_id: str, min_start: int) -> int:
