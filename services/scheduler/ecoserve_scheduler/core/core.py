@@ -176,6 +176,7 @@ class SchedulerCore:
         if len(tokens) != n_dec + sum(1 for p in plan.prefills if p.sample):
             return events + self._step_failed(w, plan, now, "result has the wrong token count")
         wid, running, append = w.spec.worker_id, Status.RUNNING, events.append
+        new = tuple.__new__  # builds a TokenEvent at half the cost of calling the NamedTuple
         # Decodes: the hot loop. `w.in_flight_reqs` is aligned with plan.decodes.
         for r, token in zip(w.in_flight_reqs, tokens, strict=False):
             if r.status is not running or r.worker_id != wid:
@@ -184,7 +185,7 @@ class SchedulerCore:
             out = r.output_token_ids
             out.append(token)
             n = len(out)
-            append(TokenEvent(r.request_id, token, n - 1))
+            append(new(TokenEvent, (r.request_id, token, n - 1)))
             if token == r.eos_token_id or n >= r.output_cap or r.sampling.stop_token_ids:
                 self._maybe_stop(w, r, token, now, events)
         # Prefill chunks; the last chunk of a prompt samples the first token.
