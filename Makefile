@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 STAMP := .make/installed
 DATA_DIR ?= ../shared/data
 
-.PHONY: install test lint format demo bench-sim bench-sim-quick bench-sched clean
+.PHONY: install test lint format proto demo bench-sim bench-sim-quick bench-sched clean
 
 $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[dev]'
@@ -22,6 +22,11 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(PYTHON) -m ruff format services bench tests
 	$(PYTHON) -m ruff check --fix services bench tests
+
+# Regenerate the protobuf code checked in beside the services (a test checks it is current).
+proto: $(STAMP)
+	$(PYTHON) -m grpc_tools.protoc -Iproto --python_out=services/worker/ecoserve_worker/wire \
+		--pyi_out=services/worker/ecoserve_worker/wire proto/worker.proto
 
 # Main job: simulated EcoServe vs vLLM policy on ShareGPT (synthetic ShareGPT-like lengths if
 # $(DATA_DIR) is absent; the output says which), Llama-2-7B / A100-80GB cost model.

@@ -1,0 +1,152 @@
+"""Encode and decode frames; convert the core's BatchPlan / StepResult to and from protobuf.
+
+A frame that cannot be used raises WireError with a code the receiver puts in its Error reply
+("malformed", "version", "unknown"), so a bad frame never takes a process down.
+"""
+
+from __future__ import annotations
+
+from google.protobuf.message import DecodeError
+
+from ecoserve_scheduler.core.plan import BatchPlan, DecodeBatch, ScheduledSeq, StepResult
+from ecoserve_scheduler.core.request import SamplingParams
+
+from . import worker_pb2 as pb
+
+PROTOCOL_VERSION = 1
+BODIES = frozenset(f.name for f in pb.Envelope.DESCRIPTOR.oneofs_by_name["body"].fields)
+
+
+class WireError(ValueError):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+def encode(worker_id: str, body) -> bytes:
+    """One frame: `body` is any message of the Envelope's oneof (Register, BatchPlan, ...)."""
+    env = pb.Envelope(protocol_version=PROTOCOL_VERSION, worker_id=worker_id)
+    field = _field_of(body)
+    getattr(env, field).CopyFrom(body)
+    return env.SerializeToString()
+
+
+def decode(frame: bytes) -> tuple[pb.Envelope, str]:
+    """Parse a frame into (envelope, body field name); WireError if it cannot be used."""
+    try:
+        env = pb.Envelope.FromString(frame)
+    except (DecodeError, TypeError) as e:
+        raise WireError("malformed", f"not an Envelope frame ({len(frame)} bytes): {e}") from e
+    if env.protocol_version != PROTOCOL_VERSION:
+        raise WireError(
+            "version",
+            f"protocol version {env.protocol_version}, this side speaks {PROTOCOL_VERSION}",
+        )
+    body = env.WhichOneof("body")
+    if body is None:
+        raise WireError("unknown", "frame carries no known message")
+    return env, body
+
+
+def _field_of(body) -> str:
+    name = type(body).DESCRIPTOR.name
+    field = name[0].lower() + "".join(f"_{c.lower()}" if c.isupper() else c for c in name[1:])
+    field = {"batch_plan": "plan", "step_result": "result"}.get(field, field)
+    if field not in BODIES:
+        raise TypeError(f"{name} is not an Envelope body")
+    return field
+
+
+# ---- core types <-> protobuf ------------------------------------------------------------
+
+
+def _sampling_to_proto(sp: SamplingParams) -> pb.SamplingParams:
+    return pb.SamplingParams(
+        temperature=sp.temperature,
+        top_p=sp.top_p,
+        top_k=sp.top_k,
+        has_seed=sp.seed is not None,
+        seed=sp.seed or 0,
+    )
+
+
+def _sampling_from_proto(m: pb.SamplingParams) -> SamplingParams:
+    # max_tokens and stop tokens are the scheduler's business; the worker only samples.
+    return SamplingParams(
+        temperature=m.temperature,
+        top_p=m.top_p,
+        top_k=m.top_k,
+        seed=m.seed if m.has_seed else None,
+    )
+
+
+def plan_to_proto(plan: BatchPlan) -> pb.BatchPlan:
+    d = plan.decodes
+    if d.token_ids is None and len(d):
+        raise ValueError(
+            "a plan sent to a worker needs token ids (the simulator's plans have none)"
+        )
+    decodes = pb.DecodeBatch(
+        request_ids=d.request_ids,
+        positions=d.positions,
+        block_tables=[pb.BlockTable(blocks=t) for t in d.block_tables],
+        sampling=[_sampling_to_proto(s) for s in d.sampling],
+        token_ids=d.token_ids or (),
+    )
+    prefills = [
+        pb.PrefillChunk(
+            request_id=s.request_id,
+            start_pos=s.start_pos,
+            token_ids=s.token_ids or (),
+            block_table=pb.BlockTable(blocks=s.block_table),
+            sample=s.sample,
+            sampling=_sampling_to_proto(s.sampling),
+        )
+        for s in plan.prefills
+    ]
+    copies = [pb.BlockCopy(src=a, dst=b) for a, b in plan.block_copies]
+    return pb.BatchPlan(
+        step_id=plan.step_id, decodes=decodes, prefills=prefills, block_copies=copies
+    )
+
+
+def plan_from_proto(m: pb.BatchPlan, worker_id: str) -> BatchPlan:
+    d = m.decodes
+    n = len(d.request_ids)
+    if not (len(d.positions) == len(d.block_tables) == len(d.sampling) == len(d.token_ids) == n):
+        raise WireError("invalid", f"step {m.step_id}: decode columns differ in length")
+    decodes = DecodeBatch(
+        tuple(d.request_ids),
+        tuple(d.positions),
+        tuple(list(t.blocks) for t in d.block_tables),
+        tuple(_sampling_from_proto(s) for s in d.sampling),
+        tuple(d.token_ids),
+    )
+    prefills = []
+    for p in m.prefills:
+        if not p.token_ids:
+            raise WireError("invalid", f"step {m.step_id}: prefill of {p.request_id} has no tokens")
+        prefills.append(
+            ScheduledSeq(
+                p.request_id,
+                p.start_pos,
+                len(p.token_ids),
+                tuple(p.block_table.blocks),
+                p.sample,
+                _sampling_from_proto(p.sampling),
+                tuple(p.token_ids),
+            )
+        )
+    copies = tuple((c.src, c.dst) for c in m.block_copies)
+    return BatchPlan(m.step_id, worker_id, decodes, tuple(prefills), copies)
+
+
+def result_to_proto(r: StepResult) -> pb.StepResult:
+    return pb.StepResult(
+        step_id=r.step_id, tokens=r.tokens, forward_s=r.forward_s, error=r.error or ""
+    )
+
+
+def result_from_proto(m: pb.StepResult, worker_id: str) -> StepResult:
+    return StepResult(m.step_id, worker_id, tuple(m.tokens), m.forward_s, m.error or None)

@@ -1,0 +1,141 @@
+"""The worker wire format: plans and results survive a frame round trip; bad frames get a code."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ecoserve_scheduler.core import (
+    Request,
+    SamplingParams,
+    SchedulerCore,
+    StepResult,
+    WorkerSpec,
+    make_policy,
+)
+from ecoserve_worker.wire import (
+    PROTOCOL_VERSION,
+    WireError,
+    decode,
+    encode,
+    plan_from_proto,
+    plan_to_proto,
+    result_from_proto,
+    result_to_proto,
+)
+from ecoserve_worker.wire import worker_pb2 as pb
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def live_plans(steps: int = 4):
+    """Plans from a real core: a chunked prefill, decodes, seeded and greedy sampling."""
+    core = SchedulerCore(make_policy("vllm"))
+    core.add_worker(WorkerSpec("w0", num_blocks=64, block_size=4, token_budget=16))
+    core.add(
+        Request("a", 6, 0.0, SamplingParams(max_tokens=8), prompt_token_ids=tuple(range(6))), 0
+    )
+    sp = SamplingParams(max_tokens=8, temperature=0.7, top_p=0.9, top_k=5, seed=11)
+    core.add(Request("b", 20, 0.0, sp, prompt_token_ids=tuple(range(100, 120))), 0)
+    plans = []
+    for t in range(steps):
+        plan = core.schedule("w0", float(t))
+        plans.append(plan)
+        core.apply(StepResult(plan.step_id, "w0", [7] * len(plan.sampled_ids())), t + 0.5)
+    return plans
+
+
+def test_plans_round_trip_through_frames():
+    plans = live_plans()
+    assert any(p.prefills for p in plans) and any(len(p.decodes) for p in plans)
+    for plan in plans:
+        env, body = decode(encode("w0", plan_to_proto(plan)))
+        assert body == "plan" and env.worker_id == "w0"
+        back = plan_from_proto(env.plan, "w0")
+        assert back.step_id == plan.step_id
+        assert back.decodes.request_ids == plan.decodes.request_ids
+        assert back.decodes.positions == plan.decodes.positions
+        assert [list(t) for t in back.decodes.block_tables] == [
+            list(t) for t in plan.decodes.block_tables
+        ]
+        assert back.decodes.token_ids == (plan.decodes.token_ids or ())
+        for a, b in zip(back.prefills, plan.prefills, strict=True):
+            assert (
+                a.request_id,
+                a.start_pos,
+                a.num_tokens,
+                a.block_table,
+                a.sample,
+                a.token_ids,
+            ) == (b.request_id, b.start_pos, b.num_tokens, b.block_table, b.sample, b.token_ids)
+            assert (a.sampling.temperature, a.sampling.top_k, a.sampling.seed) == (
+                pytest.approx(b.sampling.temperature),
+                b.sampling.top_k,
+                b.sampling.seed,
+            )
+        assert back.sampled_ids() == plan.sampled_ids()
+
+
+def test_results_round_trip():
+    r = StepResult(9, "w1", (3, 1, 4), 0.0125, None)
+    env, body = decode(encode("w1", result_to_proto(r)))
+    assert body == "result" and result_from_proto(env.result, "w1") == r
+    failed = StepResult(10, "w1", (), 0.0, "CUDA out of memory")
+    env, _ = decode(encode("w1", result_to_proto(failed)))
+    assert result_from_proto(env.result, "w1").error == "CUDA out of memory"
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        (b"\xff\xff\xff", "malformed"),
+        (pb.Envelope(protocol_version=PROTOCOL_VERSION + 1).SerializeToString(), "version"),
+        (pb.Envelope(protocol_version=PROTOCOL_VERSION).SerializeToString(), "unknown"),
+    ],
+)
+def test_bad_frames_raise_a_coded_error(frame, code):
+    with pytest.raises(WireError) as e:
+        decode(frame)
+    assert e.value.code == code and e.value.message
+
+
+def test_inconsistent_decode_columns_are_invalid():
+    m = pb.BatchPlan(step_id=3, decodes=pb.DecodeBatch(request_ids=["a", "b"], positions=[1]))
+    with pytest.raises(WireError, match="invalid"):
+        plan_from_proto(m, "w0")
+
+
+def test_simulator_plans_cannot_be_sent():
+    core = SchedulerCore(make_policy("vllm"))
+    core.add_worker(WorkerSpec("w0", num_blocks=8, block_size=4, token_budget=16))
+    core.add(Request("a", 3, 0.0), 0.0)  # no prompt ids: a simulator request
+    plan = core.schedule("w0", 0.0)
+    core.apply(StepResult(plan.step_id, "w0", [1]), 0.1)
+    with pytest.raises(ValueError, match="token ids"):
+        plan_to_proto(core.schedule("w0", 0.2))
+
+
+def test_encode_rejects_a_non_body_message():
+    with pytest.raises(TypeError):
+        encode("w0", pb.BlockTable())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("grpc_tools") is None, reason="grpcio-tools absent")
+def test_checked_in_code_matches_the_proto(tmp_path):
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{REPO / 'proto'}",
+            f"--python_out={tmp_path}",
+            str(REPO / "proto" / "worker.proto"),
+        ],
+        check=True,
+    )
+    checked_in = REPO / "services/worker/ecoserve_worker/wire/worker_pb2.py"
+    assert (tmp_path / "worker_pb2.py").read_text() == checked_in.read_text(), "run `make proto`"
