@@ -1,0 +1,94 @@
+"""Command line: run a worker against a scheduler, or build the tiny test model.
+
+    python -m ecoserve_worker --scheduler tcp://127.0.0.1:5555 --worker-id w0 --model DIR
+    python -m ecoserve_worker --scheduler tcp://127.0.0.1:5555 --worker-id w1 \\
+        --sim llama-2-7b/a100-80gb --num-blocks 2048
+    python -m ecoserve_worker build-tiny-model DIR   # same as python -m ecoserve_worker.tiny_model
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import socket
+import sys
+
+log = logging.getLogger("ecoserve_worker")
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m ecoserve_worker",
+        description="EcoServe worker: executes the scheduler's BatchPlans on a model (or the "
+        "cost model) and answers with StepResults over ZeroMQ.",
+        epilog="Tiny random test model: python -m ecoserve_worker build-tiny-model DIR",
+    )
+    p.add_argument("--scheduler", required=True, help="scheduler ROUTER address, tcp://HOST:PORT")
+    p.add_argument("--worker-id", default=f"{socket.gethostname()}-worker", help="unique id")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", metavar="DIR", help="Hugging Face Llama-family model directory")
+    what.add_argument("--sim", metavar="PROFILE", help="no model: sleep as the cost model predicts")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (ignored with --sim)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--num-blocks", type=int, default=1024, help="KV cache blocks")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--token-budget", type=int, default=512, help="tokens per step to announce")
+    p.add_argument("--auth-token", default="", help="shared secret the scheduler checks")
+    p.add_argument("--heartbeat-s", type=float, default=1.0, help="idle heartbeat period")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    return p
+
+
+def make_backend(args: argparse.Namespace):
+    if args.sim:
+        from .backends import SimBackend
+
+        return SimBackend(args.sim, args.num_blocks, args.block_size, args.token_budget)
+    import torch
+
+    from .backends import ModelBackend
+    from .model_runner import ModelRunner
+
+    runner = ModelRunner(
+        args.model, args.device, getattr(torch, args.dtype), args.num_blocks, args.block_size
+    )
+    return ModelBackend(runner, token_budget=args.token_budget)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["build-tiny-model"]:
+        from .tiny_model import main as tiny_main
+
+        tiny_main(argv[1:])
+        return 0
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from .server import WorkerServer
+
+    try:
+        backend = make_backend(args)
+    except (ValueError, KeyError) as exc:  # bad model dir / unknown profile: say so, no trace
+        log.error("cannot start worker: %s", exc)
+        return 2
+    server = WorkerServer(
+        args.scheduler, args.worker_id, backend, args.auth_token, heartbeat_s=args.heartbeat_s
+    )
+
+    def on_signal(signum, _frame) -> None:
+        log.info("signal %s: stopping", signal.Signals(signum).name)
+        server.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return server.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

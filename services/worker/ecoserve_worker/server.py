@@ -1,0 +1,191 @@
+"""The worker process loop: a ZeroMQ DEALER that registers with the scheduler's ROUTER, then
+executes every BatchPlan it is sent and answers with a StepResult.
+
+Protocol (one protobuf Envelope per frame, see proto/worker.proto):
+
+- start: send Register (the backend's info + auth token), wait for Registered; refused -> exit.
+- Plan -> execute -> StepResult. Heartbeat -> Heartbeat echoing the sender's `sent_s`, so the
+  scheduler can time the round trip. When nothing has been sent for `heartbeat_s`, the worker
+  sends its own Heartbeat (its clock in `sent_s`).
+- Drain: the step in flight is already done (one step at a time); later plans get an Error with
+  code "draining". Shutdown: exit. `stop()` (SIGTERM in the CLI) exits too.
+- A frame that cannot be used gets an Error reply with its code ("malformed", "version",
+  "unknown", "invalid") and the loop goes on: bad input never kills the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Protocol
+
+import zmq
+
+from ecoserve_scheduler.core.plan import BatchPlan, StepResult
+
+from .wire import WireError, decode, encode, plan_from_proto, result_to_proto
+from .wire import worker_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_REFUSED = 1
+
+
+class Backend(Protocol):
+    def info(self) -> dict[str, Any]: ...
+
+    def execute(self, plan: BatchPlan) -> StepResult: ...
+
+
+class WorkerServer:
+    def __init__(
+        self,
+        scheduler_addr: str,
+        worker_id: str,
+        backend: Backend,
+        auth_token: str = "",
+        heartbeat_s: float = 1.0,
+        poll_s: float = 0.05,
+        context: zmq.Context | None = None,
+        linger_ms: int = 200,
+    ) -> None:
+        self.scheduler_addr = scheduler_addr
+        self.worker_id = worker_id
+        self.backend = backend
+        self.auth_token = auth_token
+        self.heartbeat_s = heartbeat_s
+        self.poll_s = poll_s  # longest wait before checking stop(): bounds shutdown latency
+        self.linger_ms = linger_ms
+        self._own_context = context is None
+        self._context = context or zmq.Context()
+        self._stop = threading.Event()
+        self._sock: zmq.Socket | None = None
+        self._last_sent = 0.0
+        self.draining = False
+        self.steps_done = 0
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask run() to return (safe from a signal handler or another thread)."""
+        self._stop.set()
+
+    def run(self) -> int:
+        """Register, then serve until Shutdown or stop(). Returns an exit code (0 ok, 1 refused)."""
+        self._sock = self._connect()
+        try:
+            code = self._register()
+            if code is not None:
+                return code
+            self._serve()
+            return EXIT_OK
+        finally:
+            self._sock.close(linger=self.linger_ms)
+            self._sock = None
+            if self._own_context:
+                self._context.term()
+            log.info("worker %s stopped after %d steps", self.worker_id, self.steps_done)
+
+    def _connect(self) -> zmq.Socket:
+        sock = self._context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.ROUTING_ID, self.worker_id.encode())
+        sock.connect(self.scheduler_addr)
+        log.info("worker %s connecting to %s", self.worker_id, self.scheduler_addr)
+        return sock
+
+    def _register(self) -> int | None:
+        """Send Register and wait for Registered: None once accepted, else the exit code
+        (EXIT_REFUSED when refused, EXIT_OK on Shutdown or stop() before an answer)."""
+        info = self.backend.info()
+        self._send(pb.Register(auth_token=self.auth_token, **info))
+        while not self._stop.is_set():
+            msg = self._recv(self.poll_s)
+            if msg is None:
+                continue
+            env, body = msg
+            if body == "registered":
+                return self._on_registered(env.registered)
+            if body == "shutdown":
+                log.info("shutdown before registration")
+                return EXIT_OK
+            log.debug("ignoring %s before registration", body)
+        return EXIT_OK
+
+    def _on_registered(self, reply: pb.Registered) -> int | None:
+        if not reply.accepted:
+            log.error("scheduler refused worker %s: %s", self.worker_id, reply.reason)
+            return EXIT_REFUSED
+        log.info("worker %s registered with %s", self.worker_id, self.scheduler_addr)
+        return None
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            idle_for = time.monotonic() - self._last_sent
+            wait = min(self.poll_s, max(0.0, self.heartbeat_s - idle_for))
+            msg = self._recv(wait)
+            if msg is not None and not self._handle(*msg):
+                return
+            if time.monotonic() - self._last_sent >= self.heartbeat_s:
+                self._send(pb.Heartbeat(sent_s=time.time(), steps_done=self.steps_done))
+
+    # ---- frames --------------------------------------------------------------------------
+
+    def _handle(self, env: pb.Envelope, body: str) -> bool:
+        """Act on one frame; False means exit."""
+        if body == "plan":
+            self._on_plan(env.plan)
+        elif body == "heartbeat":
+            self._send(pb.Heartbeat(sent_s=env.heartbeat.sent_s, steps_done=self.steps_done))
+        elif body == "drain":
+            log.info("draining: no more plans accepted")
+            self.draining = True
+        elif body == "shutdown":
+            log.info("shutdown requested by the scheduler")
+            return False
+        elif body == "registered":
+            log.debug("duplicate Registered ignored")
+        elif body == "error":  # logged, never answered: two peers must not trade Errors forever
+            log.warning("scheduler reported %s: %s", env.error.code, env.error.message)
+        else:
+            self._send_error("unknown", f"a worker does not take {body} frames")
+        return True
+
+    def _on_plan(self, msg: pb.BatchPlan) -> None:
+        if self.draining:
+            self._send_error("draining", "worker is draining", msg.step_id)
+            return
+        try:
+            plan = plan_from_proto(msg, self.worker_id)
+        except WireError as e:
+            log.warning("bad plan %d: %s", msg.step_id, e)
+            self._send_error(e.code, e.message, msg.step_id)
+            return
+        result = self.backend.execute(plan)
+        self.steps_done += 1
+        self._send(result_to_proto(result))
+
+    def _recv(self, timeout_s: float) -> tuple[pb.Envelope, str] | None:
+        """The next usable frame, or None (timeout, or a bad frame already answered)."""
+        if not self._sock.poll(int(timeout_s * 1000)):
+            return None
+        frame = self._sock.recv()
+        try:
+            return decode(frame)
+        except WireError as e:
+            log.warning("bad frame (%d bytes): %s", len(frame), e)
+            self._send_error(e.code, e.message)
+            return None
+
+    def _send_error(self, code: str, message: str, step_id: int = 0) -> None:
+        self._send(pb.Error(code=code, message=message, step_id=step_id))
+
+    def _send(self, body) -> None:
+        # Never block: with the scheduler gone the queue fills up, and a blocked send would
+        # keep stop() from working. A dropped frame is what a dead peer would lose anyway.
+        try:
+            self._sock.send(encode(self.worker_id, body), zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("send queue full: dropped a %s frame", type(body).__name__)
+        self._last_sent = time.monotonic()
