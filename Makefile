@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 STAMP := .make/installed
 DATA_DIR ?= ../shared/data
 
-.PHONY: install test lint format proto demo bench-sim bench-sim-quick bench-sched clean
+.PHONY: install test lint format proto demo bench-sim bench-sim-quick bench-sched bench-worker clean
 
 $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[dev]'
@@ -43,6 +43,9 @@ bench-sim: $(STAMP)
 
 bench-sim-quick: $(STAMP)
 	ECOSERVE_DATA_DIR=$(DATA_DIR) $(PYTHON) bench/sim.py --quick --out results/sim-quick
+
+bench-worker: $(STAMP)
+	$(PYTHON) bench/worker.py --out results/worker
 
 bench-sched: $(STAMP)
 	$(PYTHON) bench/sched_scale.py --out results/sched-scale

@@ -1,0 +1,187 @@
+"""Worker self-profiling: timing rows, the token budget knee, cost-model round trip, the bench."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from ecoserve_scheduler.sim.cost_model import fit_profile, load_profile, load_timings  # noqa: E402
+from ecoserve_worker.model_runner import ModelRunner  # noqa: E402
+from ecoserve_worker.profiling import (  # noqa: E402
+    build_step,
+    profile_runner,
+    token_budget,
+    write_timings,
+)
+from ecoserve_worker.tiny_model import build_tiny_model  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+KEYS = {
+    "prefill_tokens",
+    "prefill_context_tokens",
+    "decode_seqs",
+    "decode_context_tokens",
+    "latency_s",
+}
+SMALL_SHAPES = [
+    (16, 0, 0, 0),
+    (64, 0, 0, 0),
+    (128, 0, 0, 0),
+    (0, 0, 1, 16),
+    (0, 0, 8, 64),
+    (32, 0, 4, 32),
+    (32, 16, 0, 0),
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    build_tiny_model(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runner(model_dir):
+    return ModelRunner(model_dir, "cpu", torch.float32, num_blocks=256, block_size=16)
+
+
+@pytest.fixture(scope="module")
+def rows(runner):
+    return profile_runner(runner, SMALL_SHAPES, repeats=1)
+
+
+def test_profile_rows_have_timing_format_and_cover_shapes(rows):
+    assert len(rows) == len(SMALL_SHAPES)
+    for r in rows:
+        assert set(r) >= KEYS
+        assert r["latency_s"] > 0
+    kinds = {r["kind"] for r in rows}
+    assert kinds == {"prefill", "decode", "mixed"}
+    decode = [r for r in rows if r["kind"] == "decode"]
+    assert {(r["decode_seqs"], r["decode_context_tokens"]) for r in decode} == {(1, 16), (8, 512)}
+    mixed = next(r for r in rows if r["kind"] == "mixed")
+    assert (mixed["prefill_tokens"], mixed["decode_seqs"]) == (32, 4)
+    assert mixed["prefill_chunks"] == [[32, 0]]
+    chunk = next(r for r in rows if r["prefill_context_tokens"])
+    assert chunk["prefill_chunks"] == [[32, 16]]
+
+
+def test_default_grid_skips_shapes_the_pool_cannot_hold(runner):
+    # 256 blocks of 16: 128 decodes at 512 context need 4224 blocks, so they are left out.
+    rows = profile_runner(runner, [(0, 0, 128, 512), (16, 0, 0, 0)], repeats=1)
+    assert [r["prefill_tokens"] for r in rows] == [16]
+
+
+def test_build_step_uses_contiguous_disjoint_blocks(runner):
+    seqs = build_step(runner, (40, 0, 3, 20))
+    tables = [t for *_, t in seqs]
+    assert tables[0] == [0, 1, 2]
+    assert tables[1:] == [[3, 4], [5, 6], [7, 8]]
+    assert [len(tokens) for _, tokens, _, _ in seqs] == [40, 1, 1, 1]
+    assert all(start == 20 for _, _, start, _ in seqs[1:])
+    # The step really runs on the runner.
+    assert len(runner.step(seqs)) == 4
+
+
+def _law_rows(sizes, knee=256.0, s_tok=2.0**-16, c0=0.0):
+    """Rows from a hard roofline: t(T) = c0 + s_tok * max(knee, T) (exact in binary)."""
+    return [
+        {
+            "prefill_tokens": t,
+            "prefill_context_tokens": 0,
+            "decode_seqs": 0,
+            "decode_context_tokens": 0,
+            "latency_s": c0 + s_tok * max(knee, t),
+        }
+        for t in sizes
+    ]
+
+
+def test_token_budget_picks_the_knee_of_a_known_law():
+    sizes = [16 * k for k in range(1, 65)]  # 16..1024
+    rows = _law_rows(sizes, knee=256.0)
+    # Throughput T / (s * max(256, T)) rises until T = 256, then is flat: the knee is 256.
+    assert token_budget(rows, fraction=1.0) == 256
+    # At 90%, the first size with T / 256 >= 0.9 is 231 -> measured 240 (a multiple of 16).
+    assert token_budget(rows, fraction=0.9) == 240
+    assert token_budget(rows, fraction=0.5) == 128
+
+
+def test_token_budget_with_overhead_and_ignored_rows():
+    # t = c0 + s*T: tokens/s = T / (c0 + s*T) keeps rising (more slowly) up to 1024, so the
+    # budget is the first size within 90% of the rate at 1024 (computed directly here).
+    c0, s = 1e-3, 1e-5
+    sizes = [16 * k for k in range(1, 65)]
+    rows = [
+        {"prefill_tokens": t, "decode_seqs": 0, "latency_s": c0 + s * t, "decode_context_tokens": 0}
+        for t in sizes
+    ]
+    tps = {t: t / (c0 + s * t) for t in sizes}
+    expect = min(t for t in sizes if tps[t] >= 0.9 * max(tps.values()))
+    noise = [
+        {"prefill_tokens": 8, "decode_seqs": 4, "latency_s": 1e-9},  # mixed: ignored
+        {"prefill_tokens": 8, "prefill_context_tokens": 64, "latency_s": 1e-9},  # chunk: ignored
+        {"prefill_tokens": 0, "decode_seqs": 32, "latency_s": 1e-9},  # decode: ignored
+    ]
+    assert token_budget(rows + noise, fraction=0.9) == expect
+    assert token_budget(rows, fraction=0.9, step=1) == expect
+    with pytest.raises(ValueError):
+        token_budget(noise)
+
+
+def test_write_timings_loads_and_fits(rows, tmp_path):
+    path = write_timings(rows, tmp_path / "t" / "timings.jsonl")
+    loaded = load_timings(path)
+    assert len(loaded) == len(rows)
+    for a, b in zip(loaded, rows, strict=True):
+        assert {k: a[k] for k in KEYS} == {k: b[k] for k in KEYS}
+    fitted = fit_profile(load_profile("llama-2-7b/a100-80gb"), path, source="tiny worker profile")
+    assert fitted.fit_rel_error is not None
+    assert fitted.s_tok >= 0 and fitted.c0 >= 0
+
+
+def test_bench_core_writes_summary(model_dir, tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_worker", REPO / "bench" / "worker.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "worker"
+    summary = mod.run_bench(
+        out,
+        model_dir,
+        batches=(1, 8, 32, 128),
+        prompt_len=8,
+        decode_steps=2,
+        prefill_prompts=2,
+        prefill_len=16,
+        repeats=1,
+        decode_runs=1,
+        warmup=False,
+        zmq_iters=5,
+        profile_shapes=[(16, 0, 0, 0), (32, 0, 0, 0), (0, 0, 2, 16), (16, 0, 2, 16)],
+        profile_repeats=1,
+        log=lambda *_: None,
+    )
+    data = json.loads((out / "summary.json").read_text())
+    assert data == json.loads(json.dumps(summary))
+    for side in ("ecoserve", "transformers"):
+        for key in (
+            "decode_tok_s_b1",
+            "decode_tok_s_b8",
+            "decode_tok_s_b32",
+            "decode_tok_s_b128",
+            "prefill_tok_s",
+        ):
+            assert data[side][key] > 0
+    assert data["zmq_roundtrip_share_b32"] > 0
+    assert data["speedup_b32"] > 0
+    assert data["machine"]["torch_threads"] >= 1
+    assert data["model"]["hidden_size"] == 64
+    assert data["token_budget"] in (16, 32)
+    assert len(load_timings(out / "timings.jsonl")) == 4
