@@ -28,12 +28,21 @@ SeqInput = tuple[str, Sequence[int], int, Sequence[int]]
 
 @dataclass
 class _SeqView:
-    """One sequence inside a flattened step: its token span and the pool slots it attends to."""
+    """A multi-token sequence (prefill chunk) inside a flattened step, attended on its own."""
 
     offset: int  # first of its tokens in the flattened batch
     n: int  # tokens it runs this step
     read_slots: torch.Tensor  # pool slots of positions [0, start_pos + n)
-    q_pos: torch.Tensor  # [n, 1] absolute positions of its new tokens
+    masks: dict[int | None, torch.Tensor]  # per window: [n, start_pos + n] causal mask
+
+
+@dataclass
+class _Decode:
+    """All single-token rows of a step, attended together in one padded call per layer."""
+
+    rows: torch.Tensor | None  # [B] their token indices, None when they are the whole batch
+    slots: torch.Tensor  # [B, max_ctx] pool slots of their contexts (padding: slot 0, masked)
+    masks: dict[int | None, torch.Tensor]  # per window: [B, 1, 1, max_ctx] bool
 
 
 @dataclass
@@ -42,6 +51,8 @@ class _Batch:
     positions: torch.Tensor  # [T] absolute positions
     write_slots: torch.Tensor  # [T] pool slots the new K/V go to
     parts: list[_SeqView]
+    decode: _Decode | None
+    last: torch.Tensor | None  # [S] each sequence's last token, None when that is every token
 
 
 class ModelRunner:
@@ -94,48 +105,99 @@ class ModelRunner:
             return cfg.sliding_window
         return None
 
-    def _slots(self, block_table: Sequence[int], start: int, end: int) -> torch.Tensor:
-        """Flat pool slots (block * block_size + offset) of positions [start, end)."""
+    def _table(self, block_table: Sequence[int], end: int) -> list[int]:
+        """The blocks holding positions [0, end), checked against the pool (plain Python)."""
         needed = -(-end // self.block_size)
         if len(block_table) < needed:
             raise ValueError(f"block table has {len(block_table)} blocks, positions need {needed}")
-        table = torch.as_tensor(list(block_table[:needed]), dtype=torch.long, device=self.device)
-        if bool(((table < 0) | (table >= self.num_blocks)).any()):
+        table = [int(b) for b in block_table[:needed]]
+        if table and (min(table) < 0 or max(table) >= self.num_blocks):
             raise ValueError(f"block table {list(block_table)} outside pool of {self.num_blocks}")
-        pos = torch.arange(start, end, device=self.device)
-        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+        return table
 
     def _plan(self, seqs: Sequence[SeqInput]) -> _Batch:
-        """Flatten a step's sequences into one token batch plus per-sequence cache views."""
-        ids, positions, write, parts = [], [], [], []
+        """Flatten a step's sequences into one token batch plus the views attention reads.
+
+        Everything is validated on Python lists first; then each tensor is built once per step,
+        so the per-layer path does no per-sequence Python for decode rows.
+        """
+        bs = self.block_size
+        dev = self.device
+        ids: list[int] = []
+        positions: list[int] = []
+        write: list[int] = []
+        last: list[int] = []
+        prefills: list[tuple[int, int, int, list[int]]] = []  # offset, n, start, table
+        dec_rows: list[int] = []
+        dec_tables: list[list[int]] = []
+        dec_lens: list[int] = []
         offset = 0
-        for rid, tokens, start, table in seqs:
+        for rid, tokens, start, block_table in seqs:
             n = len(tokens)
             if n == 0:
                 raise ValueError(f"sequence {rid!r} has no tokens in this step")
             end = start + n
+            table = self._table(block_table, end)
             ids.extend(tokens)
-            positions.append(torch.arange(start, end, device=self.device))
-            write.append(self._slots(table, start, end))
-            parts.append(_SeqView(offset, n, self._slots(table, 0, end), positions[-1][:, None]))
+            positions.extend(range(start, end))
+            write.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            if n == 1:
+                dec_rows.append(offset)
+                dec_tables.append(table)
+                dec_lens.append(end)
+            else:
+                prefills.append((offset, n, start, table))
             offset += n
-        write_slots = torch.cat(write)
-        if write_slots.unique().numel() != write_slots.numel():
+            last.append(offset - 1)
+        if len(set(write)) != len(write):
             raise ValueError("two tokens in one step write the same KV slot")
+        windows = set(self.windows)
+
+        parts = []
+        for off, n, start, table in prefills:
+            end = start + n
+            pos = torch.arange(end, device=dev)
+            tbl = torch.tensor(table, dtype=torch.long, device=dev)
+            read_slots = tbl[pos // bs] * bs + pos % bs
+            q_pos = pos[start:, None]
+            causal = pos[None] <= q_pos
+            masks = {w: causal if w is None else causal & (pos[None] > q_pos - w) for w in windows}
+            parts.append(_SeqView(off, n, read_slots, masks))
+
+        decode = None
+        if dec_rows:
+            width = max(len(t) for t in dec_tables)
+            padded = [t + [0] * (width - len(t)) for t in dec_tables]
+            tbl = torch.tensor(padded, dtype=torch.long, device=dev)  # [B, width]
+            ctx = torch.arange(width * bs, device=dev)  # [C]
+            slots = tbl[:, ctx // bs] * bs + ctx % bs  # [B, C]
+            lens = torch.tensor(dec_lens, dtype=torch.long, device=dev)[:, None]  # [B, 1]
+            valid = ctx[None] < lens
+            masks = {}
+            for w in windows:
+                m = valid if w is None else valid & (ctx[None] >= lens - w)
+                masks[w] = m[:, None, None, :]
+            rows = None
+            if prefills:
+                rows = torch.tensor(dec_rows, dtype=torch.long, device=dev)
+            decode = _Decode(rows, slots, masks)
+
         return _Batch(
-            torch.tensor(ids, dtype=torch.long, device=self.device),
-            torch.cat(positions),
-            write_slots,
+            torch.tensor(ids, dtype=torch.long, device=dev),
+            torch.tensor(positions, dtype=torch.long, device=dev),
+            torch.tensor(write, dtype=torch.long, device=dev),
             parts,
+            decode,
+            None if offset == len(seqs) else torch.tensor(last, dtype=torch.long, device=dev),
         )
 
     @torch.inference_mode()
     def step(self, seqs: Sequence[SeqInput]) -> list[torch.Tensor]:
         """Run one iteration over a mixed batch; return each sequence's last-position logits.
 
-        Prefill chunks and single-token decodes go through the same path: all new tokens are
-        flattened into one batch for the projections and MLP (where the compute is), and only
-        attention is done per sequence, over its own pages.
+        Prefill chunks and single-token decodes share the projections and MLP (all new tokens
+        are flattened into one batch, where the compute is). Attention runs all decode rows in
+        one padded call per layer and each prefill chunk on its own, over its pages.
         """
         if not seqs:
             return []
@@ -150,39 +212,64 @@ class ModelRunner:
             hidden = hidden + attn_out
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         hidden = base.norm(hidden)[0]
-        last = torch.tensor([p.offset + p.n - 1 for p in batch.parts], device=self.device)
-        return list(self.model.lm_head(hidden[last]).float())
+        if batch.last is not None:
+            hidden = hidden[batch.last]
+        return list(self.model.lm_head(hidden).float().unbind(0))
 
     def _attention(self, li, attn, x, cos, sin, batch: _Batch) -> torch.Tensor:
-        """Project and rotate, write new K/V into the pool, attend per sequence over its pages.
+        """Project and rotate, write new K/V into the pool, attend over each sequence's pages.
 
         All writes happen before any read, so a chunk attends to itself causally through the
         pool exactly as earlier chunks do.
         """
         n_tok = x.shape[1]
-        q = attn.q_proj(x).view(1, n_tok, self.num_heads, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(1, n_tok, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(n_tok, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        k_flat = self.k_cache[li].view(-1, self.num_kv_heads, self.head_dim)
-        v_flat = self.v_cache[li].view(-1, self.num_kv_heads, self.head_dim)
-        k_flat[batch.write_slots] = k[0].transpose(0, 1).to(self.dtype)
-        v_flat[batch.write_slots] = v.to(self.dtype)
+        h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
+        q = attn.q_proj(x).view(1, n_tok, h, d)
+        k = attn.k_proj(x).view(1, n_tok, kvh, d)
+        v = attn.v_proj(x).view(n_tok, kvh, d)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+        q = q[0]  # [T, H, D]
+        k_flat = self.k_cache[li].view(-1, kvh, d)
+        v_flat = self.v_cache[li].view(-1, kvh, d)
+        k_flat.index_copy_(0, batch.write_slots, k[0].to(self.dtype))
+        v_flat.index_copy_(0, batch.write_slots, v.to(self.dtype))
 
-        groups = self.num_heads // self.num_kv_heads
+        groups = h // kvh
         window = self.windows[li]
-        outs = []
+        dec = batch.decode
+        if dec is not None and not batch.parts:  # pure decode step: one call, no scatter
+            return attn.o_proj(self._decode_attention(attn, q, k_flat, v_flat, dec, window)[None])
+
+        out = q.new_empty(n_tok, h * d)
+        if dec is not None:
+            qd = q.index_select(0, dec.rows)
+            out[dec.rows] = self._decode_attention(attn, qd, k_flat, v_flat, dec, window)
         for p in batch.parts:
-            qs = q[:, :, p.offset : p.offset + p.n]  # [1, H, n, D]
+            qs = q[p.offset : p.offset + p.n].transpose(0, 1)[None]  # [1, H, n, D]
             ks = k_flat[p.read_slots].transpose(0, 1).repeat_interleave(groups, dim=0)[None]
             vs = v_flat[p.read_slots].transpose(0, 1).repeat_interleave(groups, dim=0)[None]
-            k_pos = torch.arange(p.read_slots.numel(), device=self.device)[None]
-            mask = k_pos <= p.q_pos
-            if window is not None:
-                mask &= k_pos > p.q_pos - window
-            out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=attn.scaling)
-            outs.append(out[0].transpose(0, 1).reshape(p.n, -1))
-        return attn.o_proj(torch.cat(outs)[None])
+            o = F.scaled_dot_product_attention(
+                qs, ks, vs, attn_mask=p.masks[window], scale=attn.scaling
+            )
+            out[p.offset : p.offset + p.n] = o[0].transpose(0, 1).reshape(p.n, -1)
+        return attn.o_proj(out[None])
+
+    def _decode_attention(self, attn, q, k_flat, v_flat, dec: _Decode, window: int | None):
+        """One SDPA call for all single-token rows: q [B, H, D] -> [B, H * D].
+
+        The query heads sharing a KV head ride in SDPA's query-length dimension
+        ([B, KVH, groups, D] against [B, KVH, C, D]), so K/V are never repeated; the mask
+        covers keys only, so each of those "queries" sees exactly its row's context.
+        """
+        b = q.shape[0]
+        kvh = self.num_kv_heads
+        qg = q.reshape(b, kvh, self.num_heads // kvh, self.head_dim)
+        ks = k_flat[dec.slots].transpose(1, 2)  # [B, KVH, C, D]
+        vs = v_flat[dec.slots].transpose(1, 2)
+        o = F.scaled_dot_product_attention(
+            qg, ks, vs, attn_mask=dec.masks[window], scale=attn.scaling
+        )
+        return o.reshape(b, -1)
 
     @torch.inference_mode()
     def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
@@ -235,4 +322,6 @@ def make_generator(seed: int, device: str | torch.device = "cpu") -> torch.Gener
 
 def greedy(logits: Sequence[torch.Tensor]) -> list[int]:
     """Argmax token for each sequence's logits."""
-    return [int(torch.argmax(row)) for row in logits]
+    if not len(logits):
+        return []
+    return torch.stack(list(logits)).argmax(-1).tolist()
