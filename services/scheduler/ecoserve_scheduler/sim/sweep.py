@@ -6,7 +6,7 @@ same arrival times for a given rate, and the same cost model: same code, same tr
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from .cost_model import CostModel, load_profile
 from .engine import SimConfig, simulate
@@ -110,7 +110,3 @@ def max_rate_at_slo(
         else:
             bad = mid
     return good, seen
-
-
-def with_(sc: Scenario, **changes) -> Scenario:
-    return replace(sc, **changes)
