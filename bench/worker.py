@@ -15,9 +15,10 @@ Same model, device and dtype (fp32) for both sides. Without --model the tiny ran
 * prefill tok/s: `--prefill-prompts` prompts of `--prefill-len` tokens in one `runner.step`
   against one plain forward of the same [prompts, len] batch (median of repeats after a warm-up).
 * zmq_roundtrip_share_b32: a batch-32 decode plan (from a real SchedulerCore, vllm policy,
-  requests with prompt_token_ids) is encoded, sent over a REQ/REP pair on 127.0.0.1, decoded by
-  an echo server that answers with a StepResult, and decoded again; median round trip divided
-  by our batch-32 decode step time.
+  requests with prompt_token_ids) is encoded and sent from a ROUTER over tcp on 127.0.0.1 to a
+  real worker process started with `--echo` (no model, no sleep), which decodes it and answers
+  with a StepResult that is decoded again; median round trip divided by our batch-32 decode
+  step time. wire_codec_s_b32 is the in-process encode + decode of both messages.
 * the start-up profiler's timings (timings.jsonl) and the token budget it measures.
 
 Writes OUT/summary.json and OUT/timings.jsonl.
@@ -32,7 +33,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -187,8 +187,13 @@ def decode_plan(batch: int, prompt_len: int, vocab: int):
     raise RuntimeError(f"scheduler produced no batch-{batch} decode plan")
 
 
-def zmq_roundtrip(plan, iters: int) -> float:
-    """Median seconds for plan -> frame -> REQ/REP on 127.0.0.1 -> echo StepResult -> decoded."""
+def zmq_roundtrip(plan, iters: int) -> dict[str, float]:
+    """Median seconds from sending `plan` to holding its decoded StepResult, through a real
+    worker process (`ecoserve-worker --echo`: the whole receive -> decode -> execute -> encode
+    -> send loop with nothing inside), over tcp on 127.0.0.1 from a ROUTER as the scheduler
+    has. Also the in-process codec share: encode + decode of the plan and of the result."""
+    import subprocess
+
     import zmq
 
     from ecoserve_scheduler.core import StepResult
@@ -200,40 +205,60 @@ def zmq_roundtrip(plan, iters: int) -> float:
         result_from_proto,
         result_to_proto,
     )
+    from ecoserve_worker.wire import worker_pb2 as pb
 
     ctx = zmq.Context()
-    rep = ctx.socket(zmq.REP)
-    port = rep.bind_to_random_port("tcp://127.0.0.1")
-    total = iters + 5
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    addr = f"tcp://127.0.0.1:{router.bind_to_random_port('tcp://127.0.0.1')}"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO / "services/worker"), str(REPO / "services/scheduler"), env.get("PYTHONPATH", "")]
+    )
+    cmd = [sys.executable, "-m", "ecoserve_worker", "--scheduler", addr, "--worker-id", "echo"]
+    cmd += ["--echo", "--heartbeat-s", "3600", "--log-level", "WARNING"]
+    proc = subprocess.Popen(cmd, env=env)
 
-    def serve():
-        for _ in range(total):
-            env, body = decode(rep.recv())
-            p = plan_from_proto(env.plan, env.worker_id)
-            res = StepResult(p.step_id, "w0", [1] * len(p.sampled_ids()), 0.0)
-            rep.send(encode("w0", result_to_proto(res)))
+    def recv(body_wanted: str) -> pb.Envelope:
+        while True:
+            if not router.poll(30_000):
+                raise RuntimeError("echo worker did not answer within 30 s")
+            peer, frame = router.recv_multipart()
+            env_, body = decode(frame)
+            if body == body_wanted:
+                return peer, env_
 
-    th = threading.Thread(target=serve, daemon=True)
-    th.start()
-    req = ctx.socket(zmq.REQ)
-    req.connect(f"tcp://127.0.0.1:{port}")
     samples = []
     try:
-        for i in range(total):
+        peer, _ = recv("register")
+        router.send_multipart([peer, encode("scheduler", pb.Registered(accepted=True))])
+        for i in range(iters + 20):
             t0 = time.perf_counter()
-            req.send(encode("w0", plan_to_proto(plan)))
-            env, body = decode(req.recv())
-            res = result_from_proto(env.result, env.worker_id)
+            router.send_multipart([peer, encode("scheduler", plan_to_proto(plan))])
+            _, env_ = recv("result")
+            res = result_from_proto(env_.result, "echo")
             dt = time.perf_counter() - t0
-            assert body == "result" and len(res.tokens) == len(plan.sampled_ids())
-            if i >= 5:
+            assert len(res.tokens) == len(plan.sampled_ids())
+            if i >= 20:
                 samples.append(dt)
+        router.send_multipart([peer, encode("scheduler", pb.Shutdown())])
+        proc.wait(timeout=10)
     finally:
-        th.join(timeout=5)
-        req.close(linger=0)
-        rep.close(linger=0)
+        if proc.poll() is None:
+            proc.kill()
+        router.close()
         ctx.term()
-    return float(statistics.median(samples))
+
+    result = StepResult(plan.step_id, "w0", [1] * len(plan.sampled_ids()), 0.0)
+
+    def codec() -> None:
+        env_, _ = decode(encode("scheduler", plan_to_proto(plan)))
+        plan_from_proto(env_.plan, "w0")
+        env_, _ = decode(encode("w0", result_to_proto(result)))
+        result_from_proto(env_.result, "w0")
+
+    codec_s = _median_time(codec, 200, "cpu")
+    return {"roundtrip_s": float(statistics.median(samples)), "codec_s": codec_s}
 
 
 # ---- driver ------------------------------------------------------------------------------------
@@ -268,11 +293,11 @@ def run_bench(
     device: str = "cpu",
     batches: tuple[int, ...] = BATCHES,
     prompt_len: int = 32,
-    decode_steps: int = 16,
+    decode_steps: int = 32,
     prefill_prompts: int = 8,
     prefill_len: int = 128,
     repeats: int = 3,
-    decode_runs: int = 3,
+    decode_runs: int = 5,
     warmup: bool = True,
     zmq_batch: int = 32,
     zmq_iters: int = 200,
@@ -344,8 +369,12 @@ def run_bench(
         else:
             zprompts = _prompts(zmq_batch, prompt_len, vocab, seed=zmq_batch)
             zstep = ecoserve_decode(runner, zprompts, decode_steps)["step_s"]
-        rt = zmq_roundtrip(decode_plan(zmq_batch, prompt_len, vocab), zmq_iters)
-        log(f"zmq round trip b{zmq_batch}: {rt * 1e6:.0f} us vs step {zstep * 1e3:.2f} ms")
+        wire = zmq_roundtrip(decode_plan(zmq_batch, prompt_len, vocab), zmq_iters)
+        rt = wire["roundtrip_s"]
+        log(
+            f"zmq round trip b{zmq_batch}: {rt * 1e6:.0f} us (codec {wire['codec_s'] * 1e6:.0f}"
+            f" us) vs step {zstep * 1e3:.2f} ms"
+        )
 
         t0 = time.perf_counter()
         rows = profile_runner(runner, profile_shapes, profile_repeats)
@@ -358,6 +387,7 @@ def run_bench(
             "transformers": tra,
             f"zmq_roundtrip_share_b{zmq_batch}": rt / zstep,
             f"zmq_roundtrip_s_b{zmq_batch}": rt,
+            f"wire_codec_s_b{zmq_batch}": wire["codec_s"],
             f"decode_step_s_b{zmq_batch}": zstep,
             "machine": _machine(device),
             "model": {
@@ -400,7 +430,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None, help="HF model dir (default: build the tiny model)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--decode-steps", type=int, default=16)
+    ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--prefill-prompts", type=int, default=8)
     ap.add_argument("--prefill-len", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)

@@ -92,6 +92,19 @@ def test_mixed_batch_prefill_and_decodes(runner, prompts, reference):
     assert outs == reference
 
 
+def test_equal_length_prompts_prefill_together(runner, prompts, reference):
+    """Fresh prompts of one length share one attention call; rows must not see each other."""
+    p = prompts[0]
+    tables = [list(range(0, NBLK)), list(range(NBLK, 2 * NBLK))[::-1]]
+    outs = [[t] for t in greedy(runner.step([("a", p, 0, tables[0]), ("b", p, 0, tables[1])]))]
+    while len(outs[0]) < N_NEW:
+        pos = len(p) + len(outs[0]) - 1
+        seqs = [(rid, [o[-1]], pos, t) for rid, o, t in zip("ab", outs, tables, strict=True)]
+        for o, tok in zip(outs, greedy(runner.step(seqs)), strict=True):
+            o.append(tok)
+    assert outs == [reference[0], reference[0]]
+
+
 def test_chunked_prefill(runner, prompts, reference):
     """Prompt split into 3 chunks over 3 steps, alongside another sequence's decodes."""
     p, q = prompts[1], prompts[2]
@@ -120,7 +133,7 @@ def test_reused_blocks_after_garbage(runner, prompts, reference):
     """Blocks freed by another sequence (and random garbage) must not leak into attention."""
     table = list(range(96, 96 + NBLK))
     decode_greedy(runner, prompts[1], table, 10)  # a previous owner of these blocks
-    for cache in (*runner.k_cache, *runner.v_cache):
+    for cache in runner.kv_cache:
         cache[table[4:]] = torch.randn_like(cache[table[4:]]) * 100  # beyond the new prompt
     assert decode_greedy(runner, prompts[0], table, N_NEW) == reference[0]
 
@@ -141,7 +154,7 @@ def test_copy_blocks_moves_sequence(runner, prompts, reference):
     old, new = list(range(NBLK)), list(range(112, 112 + NBLK))
     first = decode_greedy(runner, p, old, 10)
     runner.copy_blocks(list(zip(old, new, strict=True)))
-    for cache in (*runner.k_cache, *runner.v_cache):
+    for cache in runner.kv_cache:
         cache[old] = torch.randn_like(cache[old])
     pos = len(p) + len(first) - 1
     out = list(first)

@@ -7,6 +7,7 @@ the runner), bad frames answered with Error codes without killing the worker, dr
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -30,8 +31,13 @@ from ecoserve_scheduler.core import (  # noqa: E402
     make_policy,
 )
 from ecoserve_scheduler.sim.cost_model import CostModel, load_profile  # noqa: E402
-from ecoserve_worker.__main__ import build_parser, main, make_backend  # noqa: E402
-from ecoserve_worker.backends import ModelBackend, SimBackend  # noqa: E402
+from ecoserve_worker.__main__ import (  # noqa: E402
+    DEFAULT_TOKEN_BUDGET,
+    build_parser,
+    main,
+    make_backend,
+)
+from ecoserve_worker.backends import EchoBackend, ModelBackend, SimBackend  # noqa: E402
 from ecoserve_worker.model_runner import ModelRunner, greedy  # noqa: E402
 from ecoserve_worker.server import EXIT_OK, EXIT_REFUSED, WorkerServer  # noqa: E402
 from ecoserve_worker.tiny_model import build_tiny_model  # noqa: E402
@@ -357,12 +363,48 @@ def test_cli_unknown_profile_exits_cleanly():
     assert main(["--scheduler", "tcp://127.0.0.1:1", "--sim", "no-such/profile"]) == 2
 
 
-def test_cli_model_backend(model_dir):
-    args = build_parser().parse_args(
-        ["--scheduler", "tcp://h:1", "--model", str(model_dir), "--num-blocks", "8"]
-    )
-    info = make_backend(args).info()
-    assert (info["num_blocks"], info["block_size"], info["device"]) == (8, 16, "cpu")
+def test_cli_model_backend_profiles_at_start(model_dir, tmp_path):
+    """Start-up profiling sets the announced budget and writes timings the cost model fits."""
+    from ecoserve_scheduler.sim.cost_model import load_timings
+    from ecoserve_worker.profiling import token_budget
+
+    out = tmp_path / "timings.jsonl"
+    base = ["--scheduler", "tcp://h:1", "--model", str(model_dir), "--num-blocks", "80"]
+    info = make_backend(build_parser().parse_args([*base, "--profile-out", str(out)])).info()
+    assert (info["num_blocks"], info["block_size"], info["device"]) == (80, 16, "cpu")
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["kind"] for r in rows} == {"prefill", "decode", "mixed"}
+    assert info["token_budget"] == token_budget(rows, fraction=0.9, step=16)
+    assert len(load_timings(out)) == len(rows)
+
+    given = make_backend(build_parser().parse_args([*base, "--token-budget", "96"])).info()
+    assert given["token_budget"] == 96
+    skipped = make_backend(build_parser().parse_args([*base, "--no-profile"])).info()
+    assert skipped["token_budget"] == DEFAULT_TOKEN_BUDGET
+
+
+def test_unregistered_error_makes_the_worker_register_again(serve):
+    """A restarted scheduler answers an unknown worker with "unregistered"; the worker
+    registers again and goes on serving, and stops if the new scheduler refuses it."""
+    sched, server, thread, out = serve(EchoBackend(NUM_BLOCKS, BLOCK, BUDGET))
+    sched.accept()
+    sched.send(pb.Error(code="unregistered", message="unknown worker w0"))
+    assert sched.accept().num_blocks == NUM_BLOCKS
+    core = make_core({"short": PROMPTS["short"]})
+    assert drive(sched, core) == MAX_TOKENS
+    sched.send(pb.Error(code="unregistered", message="restarted again"))
+    assert sched.recv()[1] == "register"
+    sched.send(pb.Registered(accepted=False, reason="pool too small"))
+    thread.join(5)
+    assert not thread.is_alive() and out["rc"] == EXIT_REFUSED
+
+
+def test_echo_backend_answers_every_sampled_id():
+    backend = EchoBackend(256)
+    for plan in sim_plans():
+        result = backend.execute(plan)
+        assert result.tokens == [1] * len(plan.sampled_ids()) and result.error is None
+    assert backend.info()["device"] == "echo"
 
 
 def test_cli_process_serves_and_exits_on_sigterm(ctx):

@@ -103,10 +103,39 @@ def test_bad_frames_raise_a_coded_error(frame, code):
     assert e.value.code == code and e.value.message
 
 
-def test_inconsistent_decode_columns_are_invalid():
-    m = pb.BatchPlan(step_id=3, decodes=pb.DecodeBatch(request_ids=["a", "b"], positions=[1]))
-    with pytest.raises(WireError, match="invalid"):
+def _decodes(**overrides) -> pb.DecodeBatch:
+    cols = dict(
+        request_ids=["a", "b"],
+        positions=[5, 9],
+        token_ids=[1, 2],
+        table_lens=[2, 3],
+        block_ids=[0, 1, 2, 3, 4],
+        sampling_sets=[pb.SamplingParams()],
+        sampling_index=[0, 0],
+    )
+    return pb.DecodeBatch(**{**cols, **overrides})
+
+
+def test_decode_columns_split_back_into_rows():
+    plan = plan_from_proto(pb.BatchPlan(step_id=3, decodes=_decodes()), "w0")
+    assert [list(t) for t in plan.decodes.block_tables] == [[0, 1], [2, 3, 4]]
+    assert plan.decodes.sampling[0] is plan.decodes.sampling[1]  # one set, shared
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"positions": [1]}, "differ in length"),
+        ({"table_lens": [2]}, "differ in length"),
+        ({"block_ids": [0, 1, 2]}, "do not cover"),
+        ({"sampling_index": [0, 1]}, "past sampling_sets"),
+    ],
+)
+def test_inconsistent_decode_columns_are_invalid(overrides, match):
+    m = pb.BatchPlan(step_id=3, decodes=_decodes(**overrides))
+    with pytest.raises(WireError, match=match) as e:
         plan_from_proto(m, "w0")
+    assert e.value.code == "invalid"
 
 
 def test_simulator_plans_cannot_be_sent():
@@ -139,3 +168,17 @@ def test_checked_in_code_matches_the_proto(tmp_path):
     )
     checked_in = REPO / "services/worker/ecoserve_worker/wire/worker_pb2.py"
     assert (tmp_path / "worker_pb2.py").read_text() == checked_in.read_text(), "run `make proto`"
+
+
+def test_equal_sampling_settings_are_sent_once():
+    from ecoserve_scheduler.core.plan import BatchPlan, DecodeBatch
+
+    hot = SamplingParams(temperature=0.8, seed=3)
+    rows = (SamplingParams(), SamplingParams(max_tokens=9), hot, hot)  # first two: equal settings
+    d = DecodeBatch(("a", "b", "c", "d"), (1, 2, 3, 4), ([0], [1], [2], [3]), rows, (5, 6, 7, 8))
+    m = plan_to_proto(BatchPlan(1, "w0", d))
+    assert len(m.decodes.sampling_sets) == 2 and list(m.decodes.sampling_index) == [0, 0, 1, 1]
+    back = plan_from_proto(m, "w0").decodes.sampling
+    assert [(s.temperature, s.seed) for s in back] == [(0.0, None)] * 2 + [
+        (pytest.approx(0.8), 3)
+    ] * 2

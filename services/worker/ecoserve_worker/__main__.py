@@ -3,7 +3,13 @@
     python -m ecoserve_worker --scheduler tcp://127.0.0.1:5555 --worker-id w0 --model DIR
     python -m ecoserve_worker --scheduler tcp://127.0.0.1:5555 --worker-id w1 \\
         --sim llama-2-7b/a100-80gb --num-blocks 2048
+    python -m ecoserve_worker --scheduler tcp://127.0.0.1:5555 --worker-id e0 --echo
     python -m ecoserve_worker build-tiny-model DIR   # same as python -m ecoserve_worker.tiny_model
+
+A model worker profiles itself before it registers: it times steps over a grid of batch shapes,
+announces the token budget where prefill throughput stops improving (unless --token-budget is
+given) and, with --profile-out, writes the timings as JSONL the simulator's cost model fits
+(`ecoserve fit-profile`).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import sys
 log = logging.getLogger("ecoserve_worker")
 
 DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_TOKEN_BUDGET = 512
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,11 +38,21 @@ def build_parser() -> argparse.ArgumentParser:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--model", metavar="DIR", help="Hugging Face Llama-family model directory")
     what.add_argument("--sim", metavar="PROFILE", help="no model: sleep as the cost model predicts")
+    what.add_argument(
+        "--echo", action="store_true", help="no model, no sleep: answer at once (wire timing)"
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (ignored with --sim)")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--num-blocks", type=int, default=1024, help="KV cache blocks")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    p.add_argument("--token-budget", type=int, default=512, help="tokens per step to announce")
+    p.add_argument(
+        "--token-budget",
+        type=int,
+        default=None,
+        help=f"tokens per step to announce (default: profiled; {DEFAULT_TOKEN_BUDGET} without)",
+    )
+    p.add_argument("--no-profile", action="store_true", help="skip start-up profiling")
+    p.add_argument("--profile-out", metavar="JSONL", help="write the start-up step timings here")
     p.add_argument("--auth-token", default="", help="shared secret the scheduler checks")
     p.add_argument("--heartbeat-s", type=float, default=1.0, help="idle heartbeat period")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
@@ -43,10 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_backend(args: argparse.Namespace):
+    budget = args.token_budget or DEFAULT_TOKEN_BUDGET
     if args.sim:
         from .backends import SimBackend
 
-        return SimBackend(args.sim, args.num_blocks, args.block_size, args.token_budget)
+        return SimBackend(args.sim, args.num_blocks, args.block_size, budget)
+    if args.echo:
+        from .backends import EchoBackend
+
+        return EchoBackend(args.num_blocks, args.block_size, budget)
     import torch
 
     from .backends import ModelBackend
@@ -55,7 +77,31 @@ def make_backend(args: argparse.Namespace):
     runner = ModelRunner(
         args.model, args.device, getattr(torch, args.dtype), args.num_blocks, args.block_size
     )
-    return ModelBackend(runner, token_budget=args.token_budget)
+    if not args.no_profile:
+        budget = profile_at_start(runner, args.token_budget, args.profile_out)
+    return ModelBackend(runner, token_budget=budget)
+
+
+def profile_at_start(runner, token_budget: int | None, out: str | None) -> int:
+    """Time the default shape grid; return the budget to announce (given, else profiled)."""
+    import time
+
+    from .profiling import profile_runner, write_timings
+    from .profiling import token_budget as knee
+
+    t0 = time.perf_counter()
+    rows = profile_runner(runner)
+    budget = token_budget or knee(rows, fraction=0.9, step=runner.block_size)
+    log.info(
+        "profiled %d step shapes in %.1fs: token budget %d%s",
+        len(rows),
+        time.perf_counter() - t0,
+        budget,
+        "" if token_budget is None else " (given)",
+    )
+    if out:
+        log.info("step timings written to %s", write_timings(rows, out))
+    return budget
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,7 +120,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         backend = make_backend(args)
-    except (ValueError, KeyError) as exc:  # bad model dir / unknown profile: say so, no trace
+    except (
+        ValueError,
+        KeyError,
+        OSError,
+    ) as exc:  # bad model dir / unknown profile: say so, no trace
         log.error("cannot start worker: %s", exc)
         return 2
     server = WorkerServer(

@@ -1,4 +1,5 @@
-"""What a worker runs a BatchPlan on: a real model (ModelBackend) or the cost model (SimBackend).
+"""What a worker runs a BatchPlan on: a real model (ModelBackend), the cost model (SimBackend), or
+nothing at all (EchoBackend, to time the wire).
 
 Both answer `execute(plan) -> StepResult` (one token per id of `plan.sampled_ids()`, in order) and
 `info() -> dict` with the facts the Register message carries. A backend never raises out of
@@ -79,9 +80,13 @@ class ModelBackend:
         self.runner.copy_blocks(plan.block_copies)
         seqs, sampling = _step_inputs(plan)
         logits = self.runner.step(seqs)
+        if all(sp is None or sp.temperature <= 0 for _, sp in sampling):
+            # All greedy (the common case): one argmax over the batch, not one per row.
+            picks = logits.argmax(-1).tolist()
+            return [tok for tok, (_, sp) in zip(picks, sampling, strict=True) if sp is not None]
         return [
-            self._sample_one(row, rid, sp)
-            for row, (rid, sp) in zip(logits, sampling, strict=True)
+            self._sample_one(logits[i], rid, sp)
+            for i, (rid, sp) in enumerate(sampling)
             if sp is not None
         ]
 
@@ -166,3 +171,27 @@ class SimBackend:
             return StepResult(plan.step_id, plan.worker_id, (), 0.0, f"{type(exc).__name__}: {exc}")
         # forward_s is the modelled time: what the step "took" on the simulated accelerator.
         return StepResult(plan.step_id, plan.worker_id, tokens, seconds)
+
+
+class EchoBackend:
+    """No model and no sleep: every sampled id gets token 1 at once. It is the worker's whole
+    receive -> decode -> execute -> encode -> send path with nothing inside, so the time a
+    scheduler sees per plan is the wire's own cost (the bench's ZeroMQ round trip)."""
+
+    def __init__(self, num_blocks: int, block_size: int = 16, token_budget: int = 512) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.token_budget = token_budget
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "model_id": "echo",
+            "block_size": self.block_size,
+            "num_blocks": self.num_blocks,
+            "token_budget": self.token_budget,
+            "device": "echo",
+            "max_model_len": 0,
+        }
+
+    def execute(self, plan: BatchPlan) -> StepResult:
+        return StepResult(plan.step_id, plan.worker_id, [1] * len(plan.sampled_ids()), 0.0)

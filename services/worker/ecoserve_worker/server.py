@@ -9,6 +9,8 @@ Protocol (one protobuf Envelope per frame, see proto/worker.proto):
   sends its own Heartbeat (its clock in `sent_s`).
 - Drain: the step in flight is already done (one step at a time); later plans get an Error with
   code "draining". Shutdown: exit. `stop()` (SIGTERM in the CLI) exits too.
+- Error "unregistered" (a restarted scheduler does not know this worker): send Register again
+  and keep serving; the Registered that answers it is checked like the first one.
 - A frame that cannot be used gets an Error reply with its code ("malformed", "version",
   "unknown", "invalid") and the loop goes on: bad input never kills the worker.
 """
@@ -65,6 +67,7 @@ class WorkerServer:
         self._last_sent = 0.0
         self.draining = False
         self.steps_done = 0
+        self._exit_code = EXIT_OK  # what run() returns when _serve ends on a frame
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -79,8 +82,7 @@ class WorkerServer:
             code = self._register()
             if code is not None:
                 return code
-            self._serve()
-            return EXIT_OK
+            return self._serve()
         finally:
             self._sock.close(linger=self.linger_ms)
             self._sock = None
@@ -98,8 +100,7 @@ class WorkerServer:
     def _register(self) -> int | None:
         """Send Register and wait for Registered: None once accepted, else the exit code
         (EXIT_REFUSED when refused, EXIT_OK on Shutdown or stop() before an answer)."""
-        info = self.backend.info()
-        self._send(pb.Register(auth_token=self.auth_token, **info))
+        self._send_register()
         while not self._stop.is_set():
             msg = self._recv(self.poll_s)
             if msg is None:
@@ -116,19 +117,21 @@ class WorkerServer:
     def _on_registered(self, reply: pb.Registered) -> int | None:
         if not reply.accepted:
             log.error("scheduler refused worker %s: %s", self.worker_id, reply.reason)
+            self._exit_code = EXIT_REFUSED
             return EXIT_REFUSED
         log.info("worker %s registered with %s", self.worker_id, self.scheduler_addr)
         return None
 
-    def _serve(self) -> None:
+    def _serve(self) -> int:
         while not self._stop.is_set():
             idle_for = time.monotonic() - self._last_sent
             wait = min(self.poll_s, max(0.0, self.heartbeat_s - idle_for))
             msg = self._recv(wait)
             if msg is not None and not self._handle(*msg):
-                return
+                return self._exit_code
             if time.monotonic() - self._last_sent >= self.heartbeat_s:
                 self._send(pb.Heartbeat(sent_s=time.time(), steps_done=self.steps_done))
+        return EXIT_OK
 
     # ---- frames --------------------------------------------------------------------------
 
@@ -144,8 +147,12 @@ class WorkerServer:
         elif body == "shutdown":
             log.info("shutdown requested by the scheduler")
             return False
-        elif body == "registered":
-            log.debug("duplicate Registered ignored")
+        elif body == "registered":  # answers a re-registration
+            if self._on_registered(env.registered) is not None:
+                return False
+        elif body == "error" and env.error.code == "unregistered":
+            log.warning("scheduler does not know this worker (restarted?): registering again")
+            self._send_register()
         elif body == "error":  # logged, never answered: two peers must not trade Errors forever
             log.warning("scheduler reported %s: %s", env.error.code, env.error.message)
         else:
@@ -177,6 +184,9 @@ class WorkerServer:
             log.warning("bad frame (%d bytes): %s", len(frame), e)
             self._send_error(e.code, e.message)
             return None
+
+    def _send_register(self) -> None:
+        self._send(pb.Register(auth_token=self.auth_token, **self.backend.info()))
 
     def _send_error(self, code: str, message: str, step_id: int = 0) -> None:
         self._send(pb.Error(code=code, message=message, step_id=step_id))

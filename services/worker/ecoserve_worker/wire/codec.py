@@ -6,6 +6,8 @@ A frame that cannot be used raises WireError with a code the receiver puts in it
 
 from __future__ import annotations
 
+from itertools import accumulate, chain
+
 from google.protobuf.message import DecodeError
 
 from ecoserve_scheduler.core.plan import BatchPlan, DecodeBatch, ScheduledSeq, StepResult
@@ -13,7 +15,7 @@ from ecoserve_scheduler.core.request import SamplingParams
 
 from . import worker_pb2 as pb
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: DecodeBatch as packed columns
 BODIES = frozenset(f.name for f in pb.Envelope.DESCRIPTOR.oneofs_by_name["body"].fields)
 
 
@@ -81,18 +83,43 @@ def _sampling_from_proto(m: pb.SamplingParams) -> SamplingParams:
     )
 
 
+def _sampling_columns(sampling) -> tuple[list[pb.SamplingParams], list[int]]:
+    """The distinct settings among rows, and each row's index into them.
+
+    Rows of one request share one SamplingParams object, so most rows hit the identity cache;
+    equal settings of different requests collapse by value."""
+    by_id: dict[int, int] = {}
+    by_value: dict[tuple, int] = {}
+    sets: list[pb.SamplingParams] = []
+    index: list[int] = []
+    for sp in sampling:
+        i = by_id.get(id(sp))
+        if i is None:
+            key = (sp.temperature, sp.top_p, sp.top_k, sp.seed)
+            i = by_value.get(key)
+            if i is None:
+                i = by_value[key] = len(sets)
+                sets.append(_sampling_to_proto(sp))
+            by_id[id(sp)] = i
+        index.append(i)
+    return sets, index
+
+
 def plan_to_proto(plan: BatchPlan) -> pb.BatchPlan:
     d = plan.decodes
     if d.token_ids is None and len(d):
         raise ValueError(
             "a plan sent to a worker needs token ids (the simulator's plans have none)"
         )
+    sets, index = _sampling_columns(d.sampling)
     decodes = pb.DecodeBatch(
         request_ids=d.request_ids,
         positions=d.positions,
-        block_tables=[pb.BlockTable(blocks=t) for t in d.block_tables],
-        sampling=[_sampling_to_proto(s) for s in d.sampling],
         token_ids=d.token_ids or (),
+        table_lens=[len(t) for t in d.block_tables],
+        block_ids=list(chain.from_iterable(d.block_tables)),
+        sampling_sets=sets,
+        sampling_index=index,
     )
     prefills = [
         pb.PrefillChunk(
@@ -114,13 +141,22 @@ def plan_to_proto(plan: BatchPlan) -> pb.BatchPlan:
 def plan_from_proto(m: pb.BatchPlan, worker_id: str) -> BatchPlan:
     d = m.decodes
     n = len(d.request_ids)
-    if not (len(d.positions) == len(d.block_tables) == len(d.sampling) == len(d.token_ids) == n):
+    lens = list(d.table_lens)
+    if not (len(d.positions) == len(lens) == len(d.sampling_index) == len(d.token_ids) == n):
         raise WireError("invalid", f"step {m.step_id}: decode columns differ in length")
+    blocks = list(d.block_ids)
+    ends = list(accumulate(lens))
+    if (ends[-1] if ends else 0) != len(blocks):
+        raise WireError("invalid", f"step {m.step_id}: table_lens do not cover block_ids")
+    sets = [_sampling_from_proto(s) for s in d.sampling_sets]
+    index = list(d.sampling_index)
+    if index and max(index) >= len(sets):
+        raise WireError("invalid", f"step {m.step_id}: sampling_index past sampling_sets")
     decodes = DecodeBatch(
         tuple(d.request_ids),
         tuple(d.positions),
-        tuple(list(t.blocks) for t in d.block_tables),
-        tuple(_sampling_from_proto(s) for s in d.sampling),
+        tuple(blocks[e - k : e] for e, k in zip(ends, lens, strict=True)),
+        tuple(map(sets.__getitem__, index)),
         tuple(d.token_ids),
     )
     prefills = []

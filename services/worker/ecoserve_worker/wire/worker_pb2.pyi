@@ -85,18 +85,22 @@ class BlockTable(_message.Message):
     def __init__(self, blocks: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DecodeBatch(_message.Message):
-    __slots__ = ("request_ids", "positions", "block_tables", "sampling", "token_ids")
+    __slots__ = ("request_ids", "positions", "token_ids", "table_lens", "block_ids", "sampling_sets", "sampling_index")
     REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
     POSITIONS_FIELD_NUMBER: _ClassVar[int]
-    BLOCK_TABLES_FIELD_NUMBER: _ClassVar[int]
-    SAMPLING_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TABLE_LENS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_SETS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_INDEX_FIELD_NUMBER: _ClassVar[int]
     request_ids: _containers.RepeatedScalarFieldContainer[str]
     positions: _containers.RepeatedScalarFieldContainer[int]
-    block_tables: _containers.RepeatedCompositeFieldContainer[BlockTable]
-    sampling: _containers.RepeatedCompositeFieldContainer[SamplingParams]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_ids: _Optional[_Iterable[str]] = ..., positions: _Optional[_Iterable[int]] = ..., block_tables: _Optional[_Iterable[_Union[BlockTable, _Mapping]]] = ..., sampling: _Optional[_Iterable[_Union[SamplingParams, _Mapping]]] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    table_lens: _containers.RepeatedScalarFieldContainer[int]
+    block_ids: _containers.RepeatedScalarFieldContainer[int]
+    sampling_sets: _containers.RepeatedCompositeFieldContainer[SamplingParams]
+    sampling_index: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_ids: _Optional[_Iterable[str]] = ..., positions: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., table_lens: _Optional[_Iterable[int]] = ..., block_ids: _Optional[_Iterable[int]] = ..., sampling_sets: _Optional[_Iterable[_Union[SamplingParams, _Mapping]]] = ..., sampling_index: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PrefillChunk(_message.Message):
     __slots__ = ("request_id", "start_pos", "token_ids", "block_table", "sample", "sampling")
