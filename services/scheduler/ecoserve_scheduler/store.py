@@ -1,0 +1,143 @@
+"""The request store: one row per served request, written by the scheduler.
+
+This module is the single definition of the `served_requests` schema. The scheduler writes it
+through `RequestStore`; the response-length predictor's retraining reads `finished_pairs`.
+It is I/O, so nothing under `ecoserve_scheduler/core/` may import it (the core stays pure).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Engine, Float, Index, Integer, String, Text, create_engine, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ServedRequest(Base):
+    """A request the scheduler served (or is serving), and how long its response turned out.
+
+    request_id: the scheduler's id for the request; unique, so a replayed add fails loudly.
+    prompt: the prompt text; the predictor's input feature when it retrains.
+    prompt_tokens: prompt length in tokens, for the KV-cache and prefill cost of the request.
+    response_tokens: tokens actually generated; the predictor's training target. None until
+        the request finishes.
+    max_tokens: the client's generation cap; the response never exceeds it.
+    status: "queued" -> "running" -> "finished" | "failed" | "aborted".
+    fail_reason: why a request failed; None otherwise.
+    model_id: which model served it, so each model's predictor trains on its own rows.
+    predicted_tokens: what the predictor said at admission, to measure its error later.
+    arrival_s, finished_s: seconds on the scheduler's clock; finished_s is None while the
+        request is queued or running.
+
+    The predictor retrains only from rows with status "finished": only they have a true
+    response length (a failed or aborted request stopped early). The (status, finished_s)
+    index serves exactly that query.
+    """
+
+    __tablename__ = "served_requests"
+    __table_args__ = (Index("ix_served_requests_status_finished_s", "status", "finished_s"),)
+
+    request_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    prompt: Mapped[str] = mapped_column(Text)
+    prompt_tokens: Mapped[int] = mapped_column(Integer)
+    response_tokens: Mapped[int | None] = mapped_column(Integer)
+    max_tokens: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    fail_reason: Mapped[str | None] = mapped_column(Text)
+    model_id: Mapped[str] = mapped_column(String(128), default="")
+    predicted_tokens: Mapped[int | None] = mapped_column(Integer)
+    arrival_s: Mapped[float] = mapped_column(Float)
+    finished_s: Mapped[float | None] = mapped_column(Float)
+
+
+def make_engine(url: str = "sqlite:///ecoserve.db", **kw: Any) -> Engine:
+    if url.startswith("sqlite"):
+        # The scheduler may touch the store from more than one thread; each session still
+        # uses one connection at a time.
+        kw["connect_args"] = {"check_same_thread": False, **kw.get("connect_args", {})}
+    return create_engine(url, future=True, pool_pre_ping=True, **kw)
+
+
+def create_schema(engine: Engine) -> None:
+    Base.metadata.create_all(engine)
+
+
+class RequestStore:
+    """Reads and writes `served_requests`; every method is one transaction."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        # expire_on_commit=False: rows returned by `get` stay readable after their session.
+        self._session = sessionmaker(engine, expire_on_commit=False)
+
+    def add(
+        self,
+        request_id: str,
+        prompt: str,
+        prompt_tokens: int,
+        max_tokens: int,
+        arrival_s: float,
+        model_id: str = "",
+        predicted_tokens: int | None = None,
+    ) -> None:
+        """Insert a queued request; a duplicate request_id raises IntegrityError."""
+        row = ServedRequest(
+            request_id=request_id,
+            prompt=prompt,
+            prompt_tokens=prompt_tokens,
+            max_tokens=max_tokens,
+            arrival_s=arrival_s,
+            model_id=model_id,
+            predicted_tokens=predicted_tokens,
+            status="queued",
+        )
+        with self._session.begin() as s:
+            s.add(row)
+
+    def mark_running(self, request_id: str) -> None:
+        self._update(request_id, status="running")
+
+    def finish(self, request_id: str, response_tokens: int, finished_s: float) -> None:
+        self._update(
+            request_id, status="finished", response_tokens=response_tokens, finished_s=finished_s
+        )
+
+    def fail(self, request_id: str, reason: str, finished_s: float) -> None:
+        self._update(request_id, status="failed", fail_reason=reason, finished_s=finished_s)
+
+    def get(self, request_id: str) -> ServedRequest | None:
+        with self._session.begin() as s:
+            return s.get(ServedRequest, request_id)
+
+    def finished_pairs(
+        self, limit: int | None = None, model_id: str | None = None
+    ) -> list[tuple[str, int]]:
+        """(prompt, response_tokens) of finished rows, oldest first by finished_s.
+
+        With `limit`, only the newest `limit` rows, still oldest first. request_id breaks
+        finished_s ties so the order (and which rows a limit keeps) is deterministic.
+        """
+        q = select(ServedRequest.prompt, ServedRequest.response_tokens).where(
+            ServedRequest.status == "finished"
+        )
+        if model_id is not None:
+            q = q.where(ServedRequest.model_id == model_id)
+        newest_first = q.order_by(ServedRequest.finished_s.desc(), ServedRequest.request_id.desc())
+        if limit is not None:
+            newest_first = newest_first.limit(limit)
+        with self._session.begin() as s:
+            rows = s.execute(newest_first).all()
+        return [(prompt, tokens) for prompt, tokens in reversed(rows)]
+
+    def _update(self, request_id: str, **values: Any) -> None:
+        with self._session.begin() as s:
+            row = s.get(ServedRequest, request_id)
+            if row is None:
+                # Raising inside begin() rolls the transaction back: nothing is written.
+                raise KeyError(f"no served request with request_id {request_id!r}")
+            for name, value in values.items():
+                setattr(row, name, value)
