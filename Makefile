@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 STAMP := .make/installed
 DATA_DIR ?= ../shared/data
 
-.PHONY: install test lint format proto demo bench-sim bench-sim-quick bench-sched bench-worker clean
+.PHONY: install test lint format proto demo bench-sim bench-sim-quick bench-sched bench-worker bench-predictor train-predictor clean
 
 $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[dev]'
@@ -27,6 +27,11 @@ format: $(STAMP)
 proto: $(STAMP)
 	$(PYTHON) -m grpc_tools.protoc -Iproto --python_out=services/worker/ecoserve_worker/wire \
 		--pyi_out=services/worker/ecoserve_worker/wire proto/worker.proto
+	$(PYTHON) -m grpc_tools.protoc -Iproto --python_out=services/predictor/ecoserve_predictor \
+		--pyi_out=services/predictor/ecoserve_predictor \
+		--grpc_python_out=services/predictor/ecoserve_predictor proto/predictor.proto
+	sed -i 's/^import predictor_pb2 as/from . import predictor_pb2 as/' \
+		services/predictor/ecoserve_predictor/predictor_pb2_grpc.py
 
 # Main job: simulated EcoServe vs vLLM policy on ShareGPT (synthetic ShareGPT-like lengths if
 # $(DATA_DIR) is absent; the output says which), Llama-2-7B / A100-80GB cost model.
@@ -46,6 +51,15 @@ bench-sim-quick: $(STAMP)
 
 bench-worker: $(STAMP)
 	$(PYTHON) bench/worker.py --out results/worker
+
+# Accuracy on the ShareGPT validation split + latency through the gRPC service (CPU).
+bench-predictor: $(STAMP)
+	$(PYTHON) bench/predictor.py --out results/predictor
+
+# Rebuild the packaged predictor artifact from ShareGPT (needs ../shared/data; ~3-5 min).
+train-predictor: $(STAMP)
+	$(PYTHON) -m ecoserve_predictor train --data-dir $(DATA_DIR) --kind encoder --epochs 3 \
+		--out services/predictor/ecoserve_predictor/artifact
 
 bench-sched: $(STAMP)
 	$(PYTHON) bench/sched_scale.py --out results/sched-scale

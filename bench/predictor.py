@@ -1,0 +1,217 @@
+"""Predictor benchmark: accuracy on the validation split and latency through the gRPC service.
+
+    python bench/predictor.py --out results/predictor [--artifact DIR] [--data-dir DIR]
+        [--candidate NAME=DIR ...]
+
+* Accuracy (needs ../shared/data; skipped with a reason when absent): the artifact run by ONNX
+  Runtime on the ShareGPT validation split (10% of conversations by hash, never trained on):
+  spearman, mae, within_1_bucket, coverage_upper; the same for two baselines (global median;
+  regression of log length on log prompt tokens).
+* Latency: `ecoserve-predictor serve` started as a process on 127.0.0.1 (CPU provider); one
+  client sends batch-1 calls (p50/p99 ms) and batch-32 calls (p50 ms per batch), one at a time;
+  then 4 client threads send batch-32 calls for `--load-s` seconds: prompts/s.
+* Each `--candidate NAME=DIR` artifact: its validation metrics, ONNX Runtime latency in
+  process at batch 1 and 32, and its size on disk, for the model choice.
+
+Writes OUT/summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+for sub in ("services/predictor", "services/scheduler"):
+    sys.path.insert(0, str(REPO / sub))
+
+import numpy as np  # noqa: E402
+
+from ecoserve_predictor.data import (  # noqa: E402
+    DEFAULT_DATA_DIR,
+    load_sharegpt,
+    split,
+    synthetic_pairs,
+)
+from ecoserve_predictor.metrics import baselines, evaluate  # noqa: E402
+from ecoserve_predictor.runtime import PACKAGED_ARTIFACT, OnnxPredictor  # noqa: E402
+
+
+def accuracy(predictor: OnnxPredictor, val) -> dict[str, float]:
+    point, upper = [], []
+    for s in range(0, len(val), 256):
+        r = predictor.predict([p.prompt for p in val[s : s + 256]])
+        point.extend(r.point)
+        upper.extend(r.upper)
+    return evaluate(point, upper, [p.response_tokens for p in val], predictor.edges)
+
+
+def _pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(xs) * 1e3, q))
+
+
+def in_process_latency(predictor: OnnxPredictor, prompts: list[str]) -> dict[str, float]:
+    def timed(batch: int, n: int) -> list[float]:
+        out = []
+        for i in range(n):
+            chunk = [prompts[(i * batch + j) % len(prompts)] for j in range(batch)]
+            t0 = time.perf_counter()
+            predictor.predict(chunk)
+            out.append(time.perf_counter() - t0)
+        return out[5:]
+
+    b1, b32 = timed(1, 205), timed(32, 55)
+    return {"p50_ms_b1": _pct(b1, 50), "p99_ms_b1": _pct(b1, 99), "p50_ms_b32": _pct(b32, 50)}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def grpc_latency(artifact: Path, prompts: list[str], load_s: float) -> dict[str, float]:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from ecoserve_predictor import predictor_pb2 as pb
+    from ecoserve_predictor import predictor_pb2_grpc as pb_grpc
+
+    port = _free_port()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [
+            str(REPO / "services/predictor"),
+            str(REPO / "services/scheduler"),
+            env.get("PYTHONPATH", ""),
+        ]
+    )
+    cmd = [sys.executable, "-m", "ecoserve_predictor", "--log-level", "WARNING", "serve"]
+    cmd += ["--artifact", str(artifact), "--address", f"127.0.0.1:{port}", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, env=env)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        grpc.channel_ready_future(channel).result(timeout=60)
+        health = health_pb2_grpc.HealthStub(channel)
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == 1
+        stub = pb_grpc.PredictorStub(channel)
+
+        def call(batch: int, i: int) -> float:
+            chunk = [prompts[(i * batch + j) % len(prompts)] for j in range(batch)]
+            t0 = time.perf_counter()
+            r = stub.Predict(pb.PredictRequest(prompts=chunk), timeout=10)
+            dt = time.perf_counter() - t0
+            assert len(r.predictions) == batch
+            return dt
+
+        b1 = [call(1, i) for i in range(320)][20:]
+        b32 = [call(32, i) for i in range(110)][10:]
+        done = [0]
+        lock = threading.Lock()
+        stop_at = time.perf_counter() + load_s
+
+        def client(k: int) -> None:
+            i = k * 1000
+            while time.perf_counter() < stop_at:
+                call(32, i)
+                i += 1
+                with lock:
+                    done[0] += 32
+
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - t0
+        return {
+            "p50_ms_b1": _pct(b1, 50),
+            "p99_ms_b1": _pct(b1, 99),
+            "p50_ms_b32": _pct(b32, 50),
+            "p99_ms_b32": _pct(b32, 99),
+            "prompts_per_s": done[0] / elapsed,
+            "clients": 4,
+            "load_s": round(elapsed, 1),
+        }
+    finally:
+        channel.close()
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _size_mb(path: Path) -> float:
+    return round(sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 1e6, 2)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="results/predictor")
+    ap.add_argument("--artifact", default=str(PACKAGED_ARTIFACT))
+    ap.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
+    ap.add_argument("--load-s", type=float, default=10.0)
+    ap.add_argument("--candidate", action="append", default=[], metavar="NAME=DIR")
+    a = ap.parse_args(argv)
+    artifact = Path(a.artifact)
+    predictor = OnnxPredictor(artifact, device="cpu")
+    summary: dict[str, Any] = {"artifact": predictor.meta, "artifact_mb": _size_mb(artifact)}
+    try:
+        train, val = split(load_sharegpt(a.data_dir))
+        workload = "sharegpt validation split"
+    except FileNotFoundError as exc:
+        train, val = [], []
+        workload = f"synthetic prompts (accuracy skipped: {exc})"
+        prompts = [p.prompt for p in synthetic_pairs(500)]
+    summary["workload"] = workload
+    print(f"workload: {workload}")
+    if val:
+        prompts = [p.prompt for p in val]
+        summary["model"] = accuracy(predictor, val)
+        summary["baselines"] = baselines(
+            np.array([p.prompt_tokens for p in train]),
+            np.array([p.response_tokens for p in train]),
+            np.array([p.prompt_tokens for p in val]),
+            np.array([p.response_tokens for p in val]),
+            predictor.edges,
+        )
+        print("model", json.dumps(summary["model"]))
+    summary["latency"] = grpc_latency(artifact, prompts, a.load_s)
+    print("latency", json.dumps(summary["latency"]))
+    cands = {}
+    for spec in a.candidate:
+        name, path = spec.split("=", 1)
+        cand = OnnxPredictor(path, device="cpu")
+        cands[name] = {
+            "kind": cand.meta["kind"],
+            "params": cand.meta["params"],
+            "train_s": cand.meta["train_s"],
+            "epochs": cand.meta["epochs"],
+            "size_mb": _size_mb(Path(path)),
+            "val": accuracy(cand, val) if val else None,
+            "onnx_in_process": in_process_latency(cand, prompts),
+        }
+        print(name, json.dumps(cands[name]))
+    if cands:
+        summary["candidates"] = cands
+    summary["machine"] = {
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

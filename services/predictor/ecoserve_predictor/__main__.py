@@ -1,0 +1,122 @@
+"""ecoserve-predictor: train, retrain from the request store, or serve over gRPC.
+
+ecoserve-predictor train --out DIR [--data-dir ../shared/data] [--kind encoder|bag]
+ecoserve-predictor retrain --db sqlite:///ecoserve.db --out DIR [--min-rows 1000]
+ecoserve-predictor serve [--artifact DIR] [--address 0.0.0.0:50061] [--device auto|cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+log = logging.getLogger("ecoserve_predictor")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ecoserve-predictor", description=__doc__.split("\n")[0])
+    p.add_argument("--log-level", default="INFO")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def training(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--out", required=True, help="artifact directory to write")
+        sp.add_argument("--kind", choices=("encoder", "bag"), default="encoder")
+        sp.add_argument("--epochs", type=int, default=3)
+        sp.add_argument("--vocab-size", type=int, default=8192)
+        sp.add_argument("--seed", type=int, default=0)
+
+    t = sub.add_parser("train", help="train on ShareGPT pairs (or synthetic ones)")
+    training(t)
+    t.add_argument("--data-dir", default=None, help="folder with sharegpt_v3_pairs.jsonl.gz")
+    t.add_argument("--synthetic", type=int, default=0, help="N synthetic pairs instead")
+
+    r = sub.add_parser("retrain", help="train on the served requests of a request store")
+    training(r)
+    r.add_argument("--db", required=True, help="SQLAlchemy URL of the scheduler's store")
+    r.add_argument("--model-id", default=None, help="only requests served by this model")
+    r.add_argument("--limit", type=int, default=None, help="newest N finished requests")
+    r.add_argument("--min-rows", type=int, default=1000, help="refuse with fewer rows")
+
+    s = sub.add_parser("serve", help="serve an artifact over gRPC")
+    s.add_argument("--artifact", default=None, help="artifact dir (default: the packaged one)")
+    s.add_argument("--address", default="0.0.0.0:50061")
+    s.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    s.add_argument("--max-batch", type=int, default=64, help="prompts per model batch")
+    s.add_argument("--max-wait-ms", type=float, default=2.0, help="wait for more calls")
+    s.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads")
+    return p
+
+
+def cmd_train(a) -> int:
+    from .data import DEFAULT_DATA_DIR, load_sharegpt, split, synthetic_pairs
+    from .train import train_artifact
+
+    if a.synthetic:
+        pairs, source = synthetic_pairs(a.synthetic, a.seed), f"synthetic{a.synthetic}"
+    else:
+        pairs, source = load_sharegpt(a.data_dir or DEFAULT_DATA_DIR), "sharegpt"
+    train, val = split(pairs)
+    train_artifact(
+        a.out, train, val, a.kind, a.vocab_size, a.epochs, a.seed, source=source, log=log.info
+    )
+    return 0
+
+
+def cmd_retrain(a) -> int:
+    from ecoserve_scheduler.store import RequestStore, make_engine
+
+    from .data import Pair, split
+    from .train import train_artifact
+
+    rows = RequestStore(make_engine(a.db)).finished_pairs(limit=a.limit, model_id=a.model_id)
+    if len(rows) < a.min_rows:
+        log.error("store has %d finished requests; --min-rows is %d", len(rows), a.min_rows)
+        return 2
+    # Served requests carry no conversation id: each is its own group in the split.
+    pairs = [Pair(f"r{i}", prompt, n) for i, (prompt, n) in enumerate(rows) if prompt.strip()]
+    train, val = split(pairs)
+    train_artifact(
+        a.out, train, val, a.kind, a.vocab_size, a.epochs, a.seed, source="store", log=log.info
+    )
+    return 0
+
+
+def cmd_serve(a) -> int:
+    from .runtime import PACKAGED_ARTIFACT, OnnxPredictor
+    from .server import build_server
+
+    predictor = OnnxPredictor(a.artifact or PACKAGED_ARTIFACT, a.device, a.threads)
+    server, port, batcher = build_server(predictor, a.address, a.max_batch, a.max_wait_ms / 1000.0)
+    server.start()
+    log.info("predictor %s on port %d, providers %s", predictor.model_id, port, predictor.providers)
+    stopped = threading.Event()
+
+    def on_signal(signum, _frame) -> None:
+        log.info("signal %s: stopping", signal.Signals(signum).name)
+        stopped.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stopped.wait()
+    server.stop(grace=2.0).wait()
+    batcher.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return {"train": cmd_train, "retrain": cmd_retrain, "serve": cmd_serve}[a.command](a)
+    except FileNotFoundError as exc:
+        log.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Prompt / response-length pairs: the ShareGPT file in ../shared/data, or a synthetic stand-in.
+
+The split is by conversation: a ShareGPT record id is `<conversation>_<part>`, and every turn of
+one conversation lands on the same side (a hash of the conversation id), so validation never
+sees a conversation it trained on.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_DATA_DIR = Path(os.environ.get("ECOSERVE_DATA_DIR", "../shared/data"))
+SHAREGPT_FILE = "sharegpt_v3_pairs.jsonl.gz"
+VAL_PERCENT = 10
+
+
+@dataclass(frozen=True)
+class Pair:
+    group: str  # conversation id: the unit of the split
+    prompt: str
+    response_tokens: int
+    prompt_tokens: int = 0  # as the data gives it (cl100k for ShareGPT); baselines use it
+
+
+def conversation_of(record_id: str) -> str:
+    return record_id.rsplit("_", 1)[0]
+
+
+def load_sharegpt(data_dir: str | Path = DEFAULT_DATA_DIR) -> list[Pair]:
+    """All pairs of the ShareGPT file; FileNotFoundError (with the path) when it is absent."""
+    path = Path(data_dir) / SHAREGPT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"ShareGPT pairs not found at {path} (set --data-dir)")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        rows = (json.loads(line) for line in f)
+        return [
+            Pair(conversation_of(r["id"]), r["prompt"], int(r["response_tokens"])) for r in rows
+        ]
+
+
+def is_validation(group: str, percent: int = VAL_PERCENT) -> bool:
+    return zlib.crc32(group.encode()) % 100 < percent
+
+
+def split(pairs: list[Pair], percent: int = VAL_PERCENT) -> tuple[list[Pair], list[Pair]]:
+    """(train, validation), by a hash of the conversation id."""
+    train, val = [], []
+    for p in pairs:
+        (val if is_validation(p.group, percent) else train).append(p)
+    return train, val
+
+
+# Synthetic prompts whose response length depends on what they ask (so a model that reads the
+# text can learn it, and one that counts prompt tokens cannot): for tests and data-less runs.
+_ASKS = {
+    "translate": 40,
+    "summarize": 120,
+    "list": 200,
+    "explain": 320,
+    "write an essay about": 600,
+}
+_TOPICS = ["the river", "a scheduler", "tax law", "the moon", "sourdough bread", "GPU memory"]
+
+
+def synthetic_pairs(n: int, seed: int = 0) -> list[Pair]:
+    rng = random.Random(seed)
+    asks = list(_ASKS)
+    out = []
+    for i in range(n):
+        ask = rng.choice(asks)
+        filler = " ".join(rng.choice(_TOPICS) for _ in range(rng.randint(0, 12)))
+        prompt = f"Please {ask} {rng.choice(_TOPICS)}. {filler}".strip()
+        length = max(1, int(_ASKS[ask] * rng.lognormvariate(0, 0.3)))
+        out.append(Pair(f"syn{i // 3}", prompt, length, len(prompt.split())))
+    return out

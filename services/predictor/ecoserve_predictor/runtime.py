@@ -1,0 +1,64 @@
+"""Serving-side predictor: an artifact directory run by ONNX Runtime (no torch).
+
+The CUDA execution provider is used when ONNX Runtime has it (onnxruntime-gpu on a GPU host)
+and the caller did not ask for CPU; otherwise the CPU provider.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .features import Encoder, bucket_of
+
+PACKAGED_ARTIFACT = Path(__file__).resolve().parent / "artifact"
+
+
+@dataclass(frozen=True)
+class Predictions:
+    point: np.ndarray  # float32 [N], median response tokens
+    upper: np.ndarray  # float32 [N], upper-quantile response tokens
+    bucket: np.ndarray  # int64 [N]
+
+
+def providers_for(device: str) -> list[str]:
+    available = ort.get_available_providers()
+    if device != "cpu" and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device.startswith("cuda"):
+        raise ValueError(f"device {device!r} asked for, but ONNX Runtime has only {available}")
+    return ["CPUExecutionProvider"]
+
+
+class OnnxPredictor:
+    def __init__(
+        self, artifact: str | Path = PACKAGED_ARTIFACT, device: str = "auto", threads: int = 0
+    ) -> None:
+        path = Path(artifact)
+        missing = [
+            f for f in ("model.onnx", "tokenizer.json", "meta.json") if not (path / f).is_file()
+        ]
+        if missing:
+            raise FileNotFoundError(f"predictor artifact {path} lacks {', '.join(missing)}")
+        self.meta = json.loads((path / "meta.json").read_text())
+        self.encoder = Encoder.load(path / "tokenizer.json", self.meta["head"], self.meta["tail"])
+        self.edges = tuple(self.meta["bucket_edges"])
+        self.model_id = f"{self.meta['kind']}-{self.meta.get('source', '')}".rstrip("-")
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(
+            str(path / "model.onnx"), opts, providers=providers_for(device)
+        )
+        self.providers = self.session.get_providers()
+
+    def predict(self, prompts: list[str]) -> Predictions:
+        ids, mask, feats = self.encoder.encode(prompts)
+        (logs,) = self.session.run(None, {"ids": ids, "mask": mask, "feats": feats})
+        point = np.expm1(logs[:, 0]).clip(min=1.0)
+        upper = np.maximum(np.expm1(logs[:, 1]), point)
+        return Predictions(point, upper, bucket_of(point, self.edges))
