@@ -56,9 +56,9 @@ bench-worker: $(STAMP)
 bench-predictor: $(STAMP)
 	$(PYTHON) bench/predictor.py --out results/predictor
 
-# Rebuild the packaged predictor artifact from ShareGPT (needs ../shared/data; ~3-5 min).
+# Rebuild the packaged predictor artifact from ShareGPT (needs ../shared/data; ~6 min on 2 cores).
 train-predictor: $(STAMP)
-	$(PYTHON) -m ecoserve_predictor train --data-dir $(DATA_DIR) --kind encoder --epochs 3 \
+	$(PYTHON) -m ecoserve_predictor train --data-dir $(DATA_DIR) --kind encoder --epochs 6 \
 		--out services/predictor/ecoserve_predictor/artifact
 
 bench-sched: $(STAMP)

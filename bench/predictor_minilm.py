@@ -35,11 +35,14 @@ from ecoserve_predictor.models import pinball_loss  # noqa: E402
 
 
 def embed(tok, model, texts, batch=64, max_len=128):
-    out = []
+    """Mean-pooled embeddings [N, 384]; batches of similar length (little padding)."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = np.zeros((len(texts), 384), dtype=np.float32)
     with torch.inference_mode():
-        for s in range(0, len(texts), batch):
+        for s in range(0, len(order), batch):
+            idx = order[s : s + batch]
             enc = tok(
-                texts[s : s + batch],
+                [texts[i] for i in idx],
                 padding=True,
                 truncation=True,
                 max_length=max_len,
@@ -47,8 +50,8 @@ def embed(tok, model, texts, batch=64, max_len=128):
             )
             h = model(**enc).last_hidden_state
             m = enc["attention_mask"].unsqueeze(-1).float()
-            out.append(((h * m).sum(1) / m.sum(1)).numpy())
-    return np.concatenate(out)
+            out[idx] = ((h * m).sum(1) / m.sum(1)).numpy()
+    return out
 
 
 def main(argv=None) -> int:

@@ -51,8 +51,9 @@ def test_bucket_edges():
 
 
 def test_trained_model_reads_the_text(artifact):
-    _, meta = artifact
+    path, meta = artifact
     m = meta["val_metrics"]
+    assert f"Spearman {m['spearman']:.3f}" in (path / "MODEL_CARD.md").read_text()
     # Length is set by the verb in the prompt, not by the prompt's length.
     assert m["spearman"] > 0.7 and m["n"] > 50
     assert 0.5 <= m["coverage_upper"] <= 1.0
@@ -209,4 +210,54 @@ def test_retrain_from_the_request_store(tmp_path, pairs):
     assert not out.exists()
     assert main([*args, "--min-rows", "100"]) == 0
     meta = OnnxPredictor(out, device="cpu").meta
-    assert meta["source"] == "store" and meta["train_pairs"] + meta["val_pairs"] == 360
+    used = meta["train_pairs"] + meta["calibration_pairs"] + meta["val_pairs"]
+    assert meta["source"] == "store" and used == 360
+
+
+def test_checked_in_grpc_code_matches_the_proto(tmp_path):
+    import importlib.util
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if importlib.util.find_spec("grpc_tools") is None:
+        pytest.skip("grpcio-tools absent")
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{repo / 'proto'}",
+            f"--python_out={tmp_path}",
+            f"--grpc_python_out={tmp_path}",
+            str(repo / "proto" / "predictor.proto"),
+        ],
+        check=True,
+    )
+    pkg = repo / "services/predictor/ecoserve_predictor"
+    assert (tmp_path / "predictor_pb2.py").read_text() == (pkg / "predictor_pb2.py").read_text()
+    grpc_code = (tmp_path / "predictor_pb2_grpc.py").read_text()
+    grpc_code = grpc_code.replace("\nimport predictor_pb2 as", "\nfrom . import predictor_pb2 as")
+    assert grpc_code == (pkg / "predictor_pb2_grpc.py").read_text(), "run `make proto`"
+
+
+def test_upper_bound_is_calibrated_on_held_out_pairs(artifact):
+    """The p90 output is shifted (on a calibration split) so ~90% of unseen lengths fall
+    under it, however confident the head became on its own training prompts."""
+    path, meta = artifact
+    assert meta["calibration_pairs"] > 30
+    pred = OnnxPredictor(path, device="cpu")
+    assert pred.upper_shift == meta["upper_log_shift"]
+    fresh = synthetic_pairs(600, seed=99)  # never seen
+    r = pred.predict([p.prompt for p in fresh])
+    coverage = np.mean(np.array([p.response_tokens for p in fresh]) <= r.upper)
+    assert 0.8 <= coverage <= 0.99
+
+
+def test_packaged_artifact_loads_and_predicts():
+    """The committed artifact (trained on ShareGPT) serves without the data or torch."""
+    pred = OnnxPredictor(device="cpu")
+    assert pred.meta["source"] == "sharegpt" and pred.meta["val_metrics"]["n"] > 1000
+    r = pred.predict(["Write a detailed essay on the history of Rome.", "Translate 'hi' to French"])
+    assert len(r.point) == 2 and np.all(r.upper >= r.point) and np.all(r.point > 0)

@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     def training(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--out", required=True, help="artifact directory to write")
         sp.add_argument("--kind", choices=("encoder", "bag"), default="encoder")
-        sp.add_argument("--epochs", type=int, default=3)
+        sp.add_argument("--epochs", type=int, default=6)
         sp.add_argument("--vocab-size", type=int, default=8192)
         sp.add_argument("--seed", type=int, default=0)
 
@@ -45,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--address", default="0.0.0.0:50061")
     s.add_argument("--device", default="auto", help="auto, cpu or cuda")
     s.add_argument("--max-batch", type=int, default=64, help="prompts per model batch")
-    s.add_argument("--max-wait-ms", type=float, default=2.0, help="wait for more calls")
+    s.add_argument(
+        "--max-wait-ms", type=float, default=0.0, help="hold a batch open for more calls"
+    )
     s.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads")
     return p
 

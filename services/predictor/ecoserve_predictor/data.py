@@ -40,19 +40,28 @@ def load_sharegpt(data_dir: str | Path = DEFAULT_DATA_DIR) -> list[Pair]:
     with gzip.open(path, "rt", encoding="utf-8") as f:
         rows = (json.loads(line) for line in f)
         return [
-            Pair(conversation_of(r["id"]), r["prompt"], int(r["response_tokens"])) for r in rows
+            Pair(
+                conversation_of(r["id"]),
+                r["prompt"],
+                int(r["response_tokens"]),
+                int(r["prompt_tokens"]),
+            )
+            for r in rows
         ]
 
 
-def is_validation(group: str, percent: int = VAL_PERCENT) -> bool:
-    return zlib.crc32(group.encode()) % 100 < percent
+def is_validation(group: str, percent: int = VAL_PERCENT, salt: str = "") -> bool:
+    return zlib.crc32(f"{salt}{group}".encode()) % 100 < percent
 
 
-def split(pairs: list[Pair], percent: int = VAL_PERCENT) -> tuple[list[Pair], list[Pair]]:
-    """(train, validation), by a hash of the conversation id."""
+def split(
+    pairs: list[Pair], percent: int = VAL_PERCENT, salt: str = ""
+) -> tuple[list[Pair], list[Pair]]:
+    """(train, held out), by a hash of the conversation id; another `salt` gives a split
+    independent of the first (used to carve a calibration set out of the training side)."""
     train, val = [], []
     for p in pairs:
-        (val if is_validation(p.group, percent) else train).append(p)
+        (val if is_validation(p.group, percent, salt) else train).append(p)
     return train, val
 
 

@@ -47,6 +47,7 @@ class OnnxPredictor:
         self.meta = json.loads((path / "meta.json").read_text())
         self.encoder = Encoder.load(path / "tokenizer.json", self.meta["head"], self.meta["tail"])
         self.edges = tuple(self.meta["bucket_edges"])
+        self.upper_shift = float(self.meta.get("upper_log_shift", 0.0))  # calibrated at training
         self.model_id = f"{self.meta['kind']}-{self.meta.get('source', '')}".rstrip("-")
         opts = ort.SessionOptions()
         if threads:
@@ -60,5 +61,5 @@ class OnnxPredictor:
         ids, mask, feats = self.encoder.encode(prompts)
         (logs,) = self.session.run(None, {"ids": ids, "mask": mask, "feats": feats})
         point = np.expm1(logs[:, 0]).clip(min=1.0)
-        upper = np.maximum(np.expm1(logs[:, 1]), point)
+        upper = np.maximum(np.expm1(logs[:, 1] + self.upper_shift), point)
         return Predictions(point, upper, bucket_of(point, self.edges))

@@ -1,10 +1,12 @@
 """gRPC Predictor service: micro-batched, deadline-aware, with health checking and reflection.
 
-Each Predict call is validated, then queued with its deadline. One batcher thread takes every
-call waiting (up to `max_batch` prompts, or after `max_wait_s` for more to arrive once the first
-is there), drops calls whose deadline has passed or whose client has gone, runs one ONNX
-Runtime batch for all the rest, and hands each call its slice. A call that waits past its
-deadline gets DEADLINE_EXCEEDED; no call is ever left without an answer.
+Each Predict call is validated, then queued with its deadline. One batcher thread owns the
+model: it takes every call waiting (up to `max_batch` prompts; with `max_wait_s` > 0 it also
+holds the batch open that long for more), drops calls whose deadline has passed, runs one ONNX
+Runtime batch for the rest and hands each call its slice. By default it does not wait: calls
+that arrive while a batch runs form the next one, so a lone call pays no batching delay and a
+loaded server still batches. A call that waits past its deadline gets DEADLINE_EXCEEDED; no
+call is ever left without an answer.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ class _Call:
 class Batcher:
     """Collects concurrent calls into one model batch (a single worker thread owns the model)."""
 
-    def __init__(self, predictor: OnnxPredictor, max_batch: int = 64, max_wait_s: float = 0.002):
+    def __init__(self, predictor: OnnxPredictor, max_batch: int = 64, max_wait_s: float = 0.0):
         self.predictor = predictor
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
@@ -162,7 +164,7 @@ def build_server(
     predictor: OnnxPredictor,
     address: str = "127.0.0.1:50061",
     max_batch: int = 64,
-    max_wait_s: float = 0.002,
+    max_wait_s: float = 0.0,
     workers: int = 16,
 ) -> tuple[grpc.Server, int, Batcher]:
     """A started-ready (not yet started) server with Predictor, health and reflection; returns

@@ -21,10 +21,12 @@ import torch
 
 from ecoserve_scheduler.core.buckets import DEFAULT_EDGES
 
-from .data import Pair
+from .data import Pair, split
 from .features import Encoder, pad, train_tokenizer
 from .metrics import evaluate
 from .models import MODELS, pinball_loss
+
+CALIB_PERCENT = 10  # of the training conversations, held out to calibrate the upper bound
 
 
 def _batches(lengths: Sequence[int], size: int, rng: random.Random) -> list[list[int]]:
@@ -118,6 +120,17 @@ def _export(model, args, path: Path) -> None:
     )
 
 
+def upper_shift(model, encoder: Encoder, calib: Sequence[Pair], q: float = 0.9) -> float:
+    """How far to raise the model's log p90 so that a share `q` of held-out lengths falls
+    under it (split-conformal calibration): a trained quantile head is overconfident on the
+    prompts it fit, and the scheduler pads KV reservations with this bound."""
+    if not calib:
+        return 0.0
+    logs = predict_log(model, encoder, [p.prompt for p in calib])
+    gap = np.log1p([p.response_tokens for p in calib]) - logs[:, 1]
+    return float(np.quantile(gap, q))
+
+
 def train_artifact(
     out_dir: str | Path,
     train: Sequence[Pair],
@@ -134,12 +147,17 @@ def train_artifact(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    encoder = Encoder(train_tokenizer((p.prompt for p in train), vocab_size))
-    model = fit(kind, encoder, train, epochs=epochs, seed=seed, log=log)
+    fit_pairs, calib = split(train, CALIB_PERCENT, salt="calibration")
+    encoder = Encoder(train_tokenizer((p.prompt for p in fit_pairs), vocab_size))
+    model = fit(kind, encoder, fit_pairs, epochs=epochs, seed=seed, log=log)
+    shift = upper_shift(model, encoder, calib)
     train_s = time.perf_counter() - t0
     logs = predict_log(model, encoder, [p.prompt for p in val])
     metrics = evaluate(
-        np.expm1(logs[:, 0]), np.expm1(logs[:, 1]), [p.response_tokens for p in val], edges
+        np.expm1(logs[:, 0]),
+        np.expm1(logs[:, 1] + shift),
+        [p.response_tokens for p in val],
+        edges,
     )
     encoder.tokenizer.save(str(out / "tokenizer.json"))
     export_onnx(model, out / "model.onnx", encoder.tokenizer.get_vocab_size(), encoder.max_len)
@@ -151,7 +169,9 @@ def train_artifact(
         "quantiles": [0.5, 0.9],
         "bucket_edges": list(edges),
         "params": sum(p.numel() for p in model.parameters()),
-        "train_pairs": len(train),
+        "train_pairs": len(fit_pairs),
+        "calibration_pairs": len(calib),
+        "upper_log_shift": shift,
         "val_pairs": len(val),
         "epochs": epochs,
         "seed": seed,
@@ -160,5 +180,40 @@ def train_artifact(
         "val_metrics": metrics,
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_model_card(out, meta)
     log(f"{kind}: {json.dumps(metrics)} in {train_s:.0f}s -> {out}")
     return meta
+
+
+def write_model_card(out: str | Path, meta: dict[str, Any]) -> Path:
+    """MODEL_CARD.md beside the artifact: data, split, metrics and the command, from meta."""
+    m = meta["val_metrics"]
+    text = f"""# Response-length predictor: `{meta["kind"]}`
+
+- **Task**: from a prompt's text, the length of the model's response in tokens: the median
+  (point estimate), the p90 (upper bound the scheduler pads KV reservations with) and a bucket
+  id under the scheduler's edges {meta["bucket_edges"]}.
+- **Data**: `{meta["source"]}`. For `sharegpt`: `../shared/data/sharegpt_v3_pairs.jsonl.gz`
+  (ShareGPT V3 human -> gpt pairs; label `response_tokens`, cl100k tokens). Research and
+  benchmarking use only: the data's terms are unclear (see the data README).
+- **Split**: by conversation id (a CRC32 hash), so no conversation straddles two sides:
+  {meta["train_pairs"]} training pairs, {meta["calibration_pairs"]} calibration pairs (their
+  own conversations; they set the p90 shift), {meta["val_pairs"]} validation pairs (10%).
+- **Model**: byte-level BPE ({meta["vocab_size"]} tokens) trained on the training prompts;
+  first {meta["head"]} + last {meta["tail"]} tokens of a prompt plus log token, character and
+  line counts; {meta["params"]:,} parameters; pinball loss on log length at quantiles
+  {meta["quantiles"]}; {meta["epochs"]} epochs, seed {meta["seed"]}, {meta["train_s"]} s on
+  the build machine's CPU. p90 raised by {meta["upper_log_shift"]:.3f} in log space
+  (split-conformal, on the calibration pairs).
+- **Validation** ({m["n"]} pairs): Spearman {m["spearman"]:.3f}, MAE {m["mae"]:.1f} tokens,
+  within one bucket {m["within_1_bucket"]:.3f}, p90 coverage {m["coverage_upper"]:.3f}.
+- **Limits**: English chat prompts; a prompt such as "continue" depends on history the model
+  does not see; lengths are those ChatGPT produced, not the served model's (retrain from the
+  request store: `ecoserve-predictor retrain --db URL --out DIR`).
+- **Rebuild**: `make train-predictor` (= `ecoserve-predictor train --data-dir ../shared/data
+  --kind {meta["kind"]} --epochs {meta["epochs"]} --out
+  services/predictor/ecoserve_predictor/artifact`); deterministic on one machine.
+"""
+    path = Path(out) / "MODEL_CARD.md"
+    path.write_text(text)
+    return path
