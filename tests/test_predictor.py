@@ -261,3 +261,37 @@ def test_packaged_artifact_loads_and_predicts():
     assert pred.meta["source"] == "sharegpt" and pred.meta["val_metrics"]["n"] > 1000
     r = pred.predict(["Write a detailed essay on the history of Rome.", "Translate 'hi' to French"])
     assert len(r.point) == 2 and np.all(r.upper >= r.point) and np.all(r.point > 0)
+
+
+def test_serve_command_answers_health_then_exits_on_sigterm(artifact):
+    """The real CLI process: SERVING on its port, a Predict call, exit 0 on SIGTERM."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = f"{repo / 'services/predictor'}:{repo / 'services/scheduler'}"
+    cmd = [sys.executable, "-m", "ecoserve_predictor", "serve", "--artifact", str(artifact[0])]
+    cmd += ["--address", f"127.0.0.1:{port}", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=60)
+            health = health_pb2_grpc.HealthStub(channel)
+            check = health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert check.status == health_pb2.HealthCheckResponse.SERVING
+            stub = pb_grpc.PredictorStub(channel)
+            assert stub.Predict(pb.PredictRequest(prompts=["Please list it."]), timeout=10)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "SIGTERM" in err
