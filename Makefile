@@ -32,6 +32,11 @@ proto: $(STAMP)
 		--grpc_python_out=services/predictor/ecoserve_predictor proto/predictor.proto
 	sed -i 's/^import predictor_pb2 as/from . import predictor_pb2 as/' \
 		services/predictor/ecoserve_predictor/predictor_pb2_grpc.py
+	$(PYTHON) -m grpc_tools.protoc -Iproto --python_out=services/scheduler/ecoserve_scheduler/live \
+		--pyi_out=services/scheduler/ecoserve_scheduler/live \
+		--grpc_python_out=services/scheduler/ecoserve_scheduler/live proto/scheduler.proto
+	sed -i 's/^import scheduler_pb2 as/from . import scheduler_pb2 as/' \
+		services/scheduler/ecoserve_scheduler/live/scheduler_pb2_grpc.py
 
 # Main job: simulated EcoServe vs vLLM policy on ShareGPT (synthetic ShareGPT-like lengths if
 # $(DATA_DIR) is absent; the output says which), Llama-2-7B / A100-80GB cost model.

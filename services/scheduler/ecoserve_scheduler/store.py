@@ -109,6 +109,9 @@ class RequestStore:
     def fail(self, request_id: str, reason: str, finished_s: float) -> None:
         self._update(request_id, status="failed", fail_reason=reason, finished_s=finished_s)
 
+    def abort(self, request_id: str, finished_s: float) -> None:
+        self._update(request_id, status="aborted", finished_s=finished_s)
+
     def get(self, request_id: str) -> ServedRequest | None:
         with self._session.begin() as s:
             return s.get(ServedRequest, request_id)

@@ -41,6 +41,7 @@ from ..core.request import Request
 log = logging.getLogger(__name__)
 
 IDLE_POLL_S = 0.002  # longest wait for a frame when no command is pending
+STATS_EVERY_S = 0.05
 
 
 @dataclass
@@ -91,6 +92,10 @@ class LiveEngine:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="live-engine", daemon=True)
         self.workers_dropped = 0
+        self._pending = 0  # submitted, not yet finished: admission control reads it
+        self._pending_lock = threading.Lock()
+        self.stats_snapshot: dict = {}  # the core's stats, refreshed by the loop
+        self._stats_at = 0.0
 
     # ---- other threads -----------------------------------------------------------------------
 
@@ -107,8 +112,14 @@ class LiveEngine:
 
     def submit(self, request: Request) -> RequestHandle:
         handle = RequestHandle(request.request_id)
+        with self._pending_lock:
+            self._pending += 1
         self._inbox.put(("add", request, handle))
         return handle
+
+    @property
+    def pending(self) -> int:
+        return self._pending
 
     def cancel(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id, None))
@@ -130,6 +141,9 @@ class LiveEngine:
             now = self.clock()
             self._drop_silent(now)
             self._dispatch(now)
+            if now - self._stats_at > STATS_EVERY_S:
+                self._stats_at = now
+                self.stats_snapshot = {**self.core.stats(), "workers": list(self._workers)}
 
     def _drain_inbox(self) -> None:
         while True:
@@ -249,8 +263,9 @@ class LiveEngine:
                 # Recompute keeps the outputs so far: the stream just pauses, nothing repeats.
                 handle.events.put(ev)
 
-    @staticmethod
-    def _finish(handle: RequestHandle, reason: str) -> None:
+    def _finish(self, handle: RequestHandle, reason: str) -> None:
+        with self._pending_lock:
+            self._pending -= 1
         handle.finish_reason = reason
         handle.events.put(FinishEvent(handle.request_id, reason))
         handle.done.set()
