@@ -150,3 +150,22 @@ def test_duplicate_request_id_rejected(store):
     # The store is still usable after the failed insert.
     store.mark_running("r1")
     assert store.get("r1").status == "running"
+
+
+def test_abort_and_fail_unfinished_after_a_restart(store):
+    """A restarted scheduler fails what its predecessor left queued or running, so every
+    accepted request ends finished, failed or aborted: none stays in limbo."""
+    for rid in ("q", "r", "f", "a"):
+        store.add(rid, "p", 1, 8, arrival_s=0.0)
+    store.mark_running("r")
+    store.finish("f", 3, finished_s=1.0)
+    store.abort("a", finished_s=1.5)
+    assert store.fail_unfinished("scheduler restarted", finished_s=9.0) == 2
+    got = {rid: (store.get(rid).status, store.get(rid).fail_reason) for rid in "qrfa"}
+    assert got == {
+        "q": ("failed", "scheduler restarted"),
+        "r": ("failed", "scheduler restarted"),
+        "f": ("finished", None),
+        "a": ("aborted", None),
+    }
+    assert store.fail_unfinished("again", finished_s=10.0) == 0

@@ -122,10 +122,21 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--timings", required=True, help="JSONL/CSV of step timings")
     f.add_argument("--out", required=True)
     f.set_defaults(fn=cmd_fit)
+    sub.add_parser("serve", help="run the scheduler service (ecoserve serve --help)")
+    sub.add_parser("up", help="start predictor, scheduler and workers locally (ecoserve up --help)")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:  # the live scheduler has its own typed settings
+        from .live.serve import main as serve_main
+
+        return serve_main(argv[1:])
+    if argv[:1] == ["up"]:
+        from .live.launcher import main as up_main
+
+        return up_main(argv[1:])
     a = build_parser().parse_args(argv)
     return a.fn(a)
 

@@ -112,6 +112,17 @@ class RequestStore:
     def abort(self, request_id: str, finished_s: float) -> None:
         self._update(request_id, status="aborted", finished_s=finished_s)
 
+    def fail_unfinished(self, reason: str, finished_s: float) -> int:
+        """Fail every queued or running row (a restarted scheduler lost their state); returns
+        how many. After it, no accepted request is left in limbo."""
+        with self._session.begin() as s:
+            rows = s.scalars(
+                select(ServedRequest).where(ServedRequest.status.in_(("queued", "running")))
+            ).all()
+            for row in rows:
+                row.status, row.fail_reason, row.finished_s = "failed", reason, finished_s
+            return len(rows)
+
     def get(self, request_id: str) -> ServedRequest | None:
         with self._session.begin() as s:
             return s.get(ServedRequest, request_id)

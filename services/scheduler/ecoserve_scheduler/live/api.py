@@ -26,6 +26,7 @@ from ..core.request import Request, SamplingParams
 from . import scheduler_pb2 as pb
 from . import scheduler_pb2_grpc as pb_grpc
 from .engine import LiveEngine, RequestHandle
+from .prediction import PredictorClient
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Scheduler"].full_name
 RETRY_AFTER_MS = 1000
@@ -40,12 +41,19 @@ class ApiLimits:
 
 class SchedulerService(pb_grpc.SchedulerServicer):
     def __init__(
-        self, engine: LiveEngine, tokenizer, store=None, limits=ApiLimits(), clock=time.time
+        self,
+        engine: LiveEngine,
+        tokenizer,
+        store=None,
+        limits: ApiLimits | None = None,
+        predictor: PredictorClient | None = None,
+        clock=time.time,
     ):
         self.engine = engine
         self.tokenizer = tokenizer
         self.store = store
-        self.limits = limits
+        self.limits = limits or ApiLimits()
+        self.predictor = predictor or PredictorClient(None)
         self.clock = clock
 
     # ---- RPCs ----------------------------------------------------------------------------
@@ -93,6 +101,8 @@ class SchedulerService(pb_grpc.SchedulerServicer):
 
     def Stats(self, request, context) -> pb.StatsResponse:
         snap = self.engine.stats_snapshot
+        pred = self.predictor
+        snap = {**snap, "predictor": {"calls": pred.calls, "failures": pred.failures}}
         return pb.StatsResponse(
             json=json.dumps(snap, sort_keys=True),
             pending=self.engine.pending,
@@ -124,6 +134,8 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             stop_token_ids=tuple(m.stop_token_ids),
             ignore_eos=m.ignore_eos,
         )
+        text = m.prompt or self.tokenizer.decode(ids)
+        guess = self.predictor.predict(text)
         req = Request(
             rid,
             len(ids),
@@ -131,10 +143,13 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             sampling,
             prompt_token_ids=tuple(ids),
             eos_token_id=getattr(self.tokenizer, "eos_token_id", None),
+            predicted_rl=min(guess.point, m.max_tokens),
+            predicted_rl_upper=min(guess.upper, m.max_tokens),
+            rl_bucket=guess.bucket,
         )
         if self.store is not None:
             try:
-                self.store.add(rid, m.prompt, len(ids), m.max_tokens, now)
+                self.store.add(rid, text, len(ids), m.max_tokens, now, predicted_tokens=guess.point)
             except Exception as exc:  # a duplicate id: refused before anything runs
                 context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request {rid!r}: {exc}"[:300])
         handle = self.engine.submit(req)

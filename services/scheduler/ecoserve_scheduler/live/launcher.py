@@ -1,0 +1,158 @@
+"""`ecoserve up`: predictor, scheduler and N workers as local processes (CPU, SQLite).
+
+Without --model it builds the tiny random-weight model once under --home. It prints where to
+connect when every worker has registered, then waits; Ctrl-C (or SIGTERM) stops the workers,
+then the scheduler, then the predictor, each with SIGTERM and a grace period.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger("ecoserve.up")
+
+GRACE_S = 10.0
+READY_TIMEOUT_S = 180.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ecoserve up", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=None, help="model directory (default: the tiny model)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--policy", default="ecoserve")
+    p.add_argument("--grpc-port", type=int, default=50051)
+    p.add_argument("--num-blocks", type=int, default=512, help="KV blocks per worker")
+    p.add_argument("--home", default=".ecoserve", help="tiny model and SQLite file go here")
+    p.add_argument("--db-url", default=None, help="default: sqlite:///HOME/ecoserve.db")
+    p.add_argument("--no-predictor", action="store_true", help="default lengths instead")
+    return p
+
+
+def _python(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]
+
+
+def _wait_ready(address: str, workers: int, procs: dict[str, subprocess.Popen]) -> None:
+    import grpc
+
+    from . import scheduler_pb2 as pb
+    from . import scheduler_pb2_grpc as pb_grpc
+
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.SchedulerStub(channel)
+        while time.monotonic() < deadline:
+            dead = [n for n, p in procs.items() if p.poll() is not None]
+            if dead:
+                raise RuntimeError(f"{', '.join(dead)} exited during start-up")
+            try:
+                stats = stub.Stats(pb.StatsRequest(), timeout=2)
+                if len(json.loads(stats.json).get("workers", [])) >= workers:
+                    return
+            except grpc.RpcError:
+                pass
+            threading.Event().wait(0.2)
+    raise RuntimeError(f"not ready after {READY_TIMEOUT_S:.0f}s")
+
+
+def stop_all(procs: dict[str, subprocess.Popen]) -> None:
+    """SIGTERM in reverse start order (workers first), then SIGKILL what outlives the grace."""
+    for p in reversed(list(procs.values())):
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + GRACE_S
+    for name, p in reversed(list(procs.items())):
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in %.0fs: killed", name, GRACE_S)
+            p.kill()
+            p.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    home = Path(a.home).resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    model = a.model
+    if model is None:
+        model = str(home / "tiny-model")
+        if not (Path(model) / "config.json").is_file():
+            from ecoserve_worker.tiny_model import build_tiny_model
+
+            build_tiny_model(model)
+    db_url = a.db_url or f"sqlite:///{home / 'ecoserve.db'}"
+    token = secrets.token_hex(16)  # workers of this launch only
+    grpc_addr = f"127.0.0.1:{a.grpc_port}"
+    worker_addr = f"tcp://127.0.0.1:{free_port()}"
+    procs: dict[str, subprocess.Popen] = {}
+    stopping = threading.Event()
+
+    def on_signal(signum, _frame) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", ECOSERVE_WORKER_AUTH_TOKEN=token)
+    try:
+        predictor = ""
+        if not a.no_predictor:
+            predictor = f"127.0.0.1:{free_port()}"
+            procs["predictor"] = subprocess.Popen(
+                _python("ecoserve_predictor", "serve", "--address", predictor), env=env
+            )
+        procs["scheduler"] = subprocess.Popen(
+            _python(
+                "ecoserve_scheduler.live.serve",
+                *("--model", model, "--policy", a.policy, "--grpc-address", grpc_addr),
+                *("--worker-bind", worker_addr, "--db-url", db_url, "--predictor", predictor),
+            ),
+            env=env,
+        )
+        for i in range(a.workers):
+            procs[f"worker-{i}"] = subprocess.Popen(
+                _python(
+                    "ecoserve_worker",
+                    *("--scheduler", worker_addr, "--worker-id", f"w{i}", "--model", model),
+                    *("--num-blocks", str(a.num_blocks), "--auth-token", token),
+                ),
+                env=env,
+            )
+        _wait_ready(grpc_addr, a.workers, procs)
+        print(
+            f"EcoServe up: gRPC {grpc_addr} (ecoserve.scheduler.v1.Scheduler), "
+            f"{a.workers} worker(s) on {model}, policy {a.policy}, store {db_url}"
+            + (f", predictor {predictor}" if predictor else ", no predictor"),
+            flush=True,
+        )
+        print("ready (Ctrl-C stops everything)", flush=True)
+        while not stopping.is_set():
+            dead = [n for n, p in procs.items() if p.poll() is not None]
+            if dead:
+                log.error("%s exited; stopping the rest", ", ".join(dead))
+                return 1
+            stopping.wait(0.5)
+        return 0
+    except RuntimeError as exc:
+        log.error("%s", exc)
+        return 1
+    finally:
+        stop_all(procs)

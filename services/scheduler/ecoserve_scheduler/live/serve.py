@@ -1,0 +1,93 @@
+"""The scheduler process: `ecoserve serve --model DIR ...` (see SchedulerSettings).
+
+Start-up order: the store (schema created; rows a previous run left queued or running are
+failed with a reason, so none vanish), the tokenizer, the engine's worker socket, then the
+gRPC API. SIGTERM / SIGINT stop the API (in-flight calls get 2 s), then the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+
+from ..core import SchedulerCore, make_policy
+from ..store import RequestStore, create_schema, make_engine
+from .settings import SchedulerSettings
+
+log = logging.getLogger("ecoserve_scheduler")
+
+
+def run(settings: SchedulerSettings, ready: threading.Event | None = None) -> int:
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .api import ApiLimits, SchedulerService, build_server
+    from .engine import LiveEngine
+    from .prediction import PredictorClient
+
+    db = make_engine(settings.db_url)
+    create_schema(db)
+    store = RequestStore(db)
+    lost = store.fail_unfinished("scheduler restarted before it finished", time.time())
+    if lost:
+        log.warning("%d requests of a previous run failed: scheduler restarted", lost)
+    tokenizer = AutoTokenizer.from_pretrained(settings.model)
+    config = AutoConfig.from_pretrained(settings.model)
+    engine = LiveEngine(
+        SchedulerCore(make_policy(settings.policy)),
+        settings.worker_bind,
+        settings.worker_auth_token,
+        settings.worker_timeout_s,
+    ).start()
+    predictor = PredictorClient(
+        settings.predictor or None,
+        settings.predictor_timeout_s,
+        settings.default_response_tokens,
+        2 * settings.default_response_tokens,
+    )
+    limits = ApiLimits(
+        max_model_len=int(getattr(config, "max_position_embeddings", 4096)),
+        max_pending=settings.max_pending,
+        vocab_size=int(config.vocab_size),
+    )
+    service = SchedulerService(engine, tokenizer, store, limits, predictor)
+    server, port = build_server(service, settings.grpc_address)
+    server.start()
+    log.info(
+        "scheduler ready: gRPC port %d, workers connect to %s, policy %s, store %s",
+        port,
+        engine.address,
+        settings.policy,
+        settings.db_url.split("@")[-1],
+    )
+    stopped = threading.Event()
+    if ready is not None:
+        ready.set()
+
+    def on_signal(signum, _frame) -> None:
+        log.info("signal %s: stopping", signal.Signals(signum).name)
+        stopped.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+    stopped.wait()
+    server.stop(grace=2.0).wait()
+    engine.stop()
+    predictor.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = SchedulerSettings.load(argv)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return run(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Typed settings of the scheduler service: every field is a flag and an environment variable.
+
+A field `worker_bind` is `--worker-bind` and `ECOSERVE_WORKER_BIND`; a flag beats the
+environment, which beats the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+
+ENV_PREFIX = "ECOSERVE_"
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    model: str = ""  # model directory: its tokenizer and max length (required)
+    policy: str = "ecoserve"  # ecoserve, vllm, sarathi, orca, sjf
+    grpc_address: str = "127.0.0.1:50051"
+    worker_bind: str = "tcp://127.0.0.1:5555"  # ZeroMQ ROUTER the workers connect to
+    db_url: str = "sqlite:///ecoserve.db"  # or postgresql+psycopg://user@host/db
+    predictor: str = ""  # predictor gRPC address; empty: default lengths
+    predictor_timeout_s: float = 0.05
+    default_response_tokens: int = 256  # used when the predictor is absent or fails
+    worker_auth_token: str = ""  # shared secret workers must present
+    max_pending: int = 1024  # requests in the system before RESOURCE_EXHAUSTED
+    worker_timeout_s: float = 10.0  # silence after which a worker is dropped
+    log_level: str = "INFO"
+
+    @classmethod
+    def parser(cls, prog: str = "ecoserve serve") -> argparse.ArgumentParser:
+        p = argparse.ArgumentParser(prog=prog, description="EcoServe scheduler service")
+        for f in fields(cls):
+            env = ENV_PREFIX + f.name.upper()
+            p.add_argument(
+                "--" + f.name.replace("_", "-"),
+                type=type(f.default),
+                default=None,
+                help=f"env {env}; default {f.default!r}",
+            )
+        return p
+
+    @classmethod
+    def load(cls, argv: list[str] | None = None, environ=None) -> SchedulerSettings:
+        environ = os.environ if environ is None else environ
+        args = vars(cls.parser().parse_args(argv))
+        values = {}
+        for f in fields(cls):
+            if args[f.name] is not None:
+                values[f.name] = args[f.name]
+            elif ENV_PREFIX + f.name.upper() in environ:
+                values[f.name] = type(f.default)(environ[ENV_PREFIX + f.name.upper()])
+        settings = cls(**values)
+        if not settings.model:
+            raise SystemExit("--model (or ECOSERVE_MODEL) is required: a model directory")
+        return settings
+
+    def replace(self, **changes) -> SchedulerSettings:
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,20 @@
+"""Scheduler settings: a flag beats the environment, which beats the default."""
+
+from __future__ import annotations
+
+import pytest
+
+from ecoserve_scheduler.live.settings import SchedulerSettings
+
+
+def test_flag_beats_env_beats_default():
+    env = {"ECOSERVE_MODEL": "/m", "ECOSERVE_POLICY": "vllm", "ECOSERVE_MAX_PENDING": "7"}
+    s = SchedulerSettings.load(["--policy", "sjf"], environ=env)
+    assert (s.model, s.policy, s.max_pending) == ("/m", "sjf", 7)
+    assert s.grpc_address == SchedulerSettings.grpc_address  # default kept
+    assert SchedulerSettings.load(["--model", "/x"], environ={}).worker_timeout_s == 10.0
+
+
+def test_model_is_required():
+    with pytest.raises(SystemExit, match="--model"):
+        SchedulerSettings.load([], environ={})
