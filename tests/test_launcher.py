@@ -21,11 +21,15 @@ from ecoserve_scheduler.store import RequestStore, make_engine  # noqa: E402
 
 
 def test_up_serves_a_request_and_stops_cleanly(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    port, http_port = ports
     cmd = [sys.executable, "-m", "ecoserve_scheduler.cli", "up", "--workers", "2"]
     cmd += ["--grpc-port", str(port), "--home", str(tmp_path), "--num-blocks", "128"]
+    cmd += ["--http-port", str(http_port)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     ready = threading.Event()
@@ -49,6 +53,11 @@ def test_up_serves_a_request_and_stops_cleanly(tmp_path):
                 timeout=60,
             )
         assert r.finish_reason == "length" and len(r.token_ids) == 6
+        import httpx
+
+        body = {"prompt": "Hi", "max_tokens": 4, "ignore_eos": True}
+        http = httpx.post(f"http://127.0.0.1:{http_port}/v1/completions", json=body, timeout=60)
+        assert http.status_code == 200 and http.json()["usage"]["completion_tokens"] == 4
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:

@@ -24,7 +24,8 @@ from ecoserve_scheduler.core import SchedulerCore, make_policy  # noqa: E402
 from ecoserve_scheduler.live import LiveEngine  # noqa: E402
 from ecoserve_scheduler.live import scheduler_pb2 as pb  # noqa: E402
 from ecoserve_scheduler.live import scheduler_pb2_grpc as pb_grpc  # noqa: E402
-from ecoserve_scheduler.live.api import ApiLimits, SchedulerService, build_server  # noqa: E402
+from ecoserve_scheduler.live.api import SchedulerService, build_server  # noqa: E402
+from ecoserve_scheduler.live.frontend import ApiLimits, Frontend  # noqa: E402
 from ecoserve_scheduler.store import RequestStore, create_schema, make_engine  # noqa: E402
 from ecoserve_worker.model_runner import ModelRunner, greedy  # noqa: E402
 from ecoserve_worker.tiny_model import build_tiny_model  # noqa: E402
@@ -66,7 +67,7 @@ def api(model_dir, tokenizer, tmp_path):
         store = RequestStore(db)
         limits = ApiLimits(max_model_len=2048, max_pending=max_pending, vocab_size=512)
         server, port = build_server(
-            SchedulerService(engine, tokenizer, store, limits), "127.0.0.1:0"
+            SchedulerService(Frontend(engine, tokenizer, store, limits)), "127.0.0.1:0"
         )
         server.start()
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
@@ -136,7 +137,7 @@ def test_generate_streams_text_and_tokens(api, model_dir, tokenizer):
         ({"prompt": "hi", "temperature": -1.0}, "temperature"),
         ({"prompt": "hi", "top_p": 1.5}, "top_p"),
         ({"prompt": "hi", "top_k": -2}, "top_k"),
-        ({"prompt_token_ids": [1, 600]}, "outside the vocabulary"),
+        ({"prompt_token_ids": [1, 600]}, "token ids must be in [0, 512)"),
         ({"prompt": "hi", "prompt_token_ids": [1]}, "not both"),
     ],
 )

@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--policy", default="ecoserve")
     p.add_argument("--grpc-port", type=int, default=50051)
+    p.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible API")
     p.add_argument("--num-blocks", type=int, default=512, help="KV blocks per worker")
     p.add_argument("--home", default=".ecoserve", help="tiny model and SQLite file go here")
     p.add_argument("--db-url", default=None, help="default: sqlite:///HOME/ecoserve.db")
@@ -124,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                 "ecoserve_scheduler.live.serve",
                 *("--model", model, "--policy", a.policy, "--grpc-address", grpc_addr),
                 *("--worker-bind", worker_addr, "--db-url", db_url, "--predictor", predictor),
+                *("--http-address", f"127.0.0.1:{a.http_port}"),
             ),
             env=env,
         )
@@ -139,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         _wait_ready(grpc_addr, a.workers, procs)
         print(
             f"EcoServe up: gRPC {grpc_addr} (ecoserve.scheduler.v1.Scheduler), "
+            f"OpenAI-compatible http://127.0.0.1:{a.http_port}/v1, "
             f"{a.workers} worker(s) on {model}, policy {a.policy}, store {db_url}"
             + (f", predictor {predictor}" if predictor else ", no predictor"),
             flush=True,

@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 from ..core import SchedulerCore, make_policy
 from ..store import RequestStore, create_schema, make_engine
@@ -23,8 +24,9 @@ log = logging.getLogger("ecoserve_scheduler")
 def run(settings: SchedulerSettings, ready: threading.Event | None = None) -> int:
     from transformers import AutoConfig, AutoTokenizer
 
-    from .api import ApiLimits, SchedulerService, build_server
+    from .api import SchedulerService, build_server
     from .engine import LiveEngine
+    from .frontend import ApiLimits, Frontend
     from .prediction import PredictorClient
 
     db = make_engine(settings.db_url)
@@ -52,9 +54,23 @@ def run(settings: SchedulerSettings, ready: threading.Event | None = None) -> in
         max_pending=settings.max_pending,
         vocab_size=int(config.vocab_size),
     )
-    service = SchedulerService(engine, tokenizer, store, limits, predictor)
-    server, port = build_server(service, settings.grpc_address)
+    frontend = Frontend(engine, tokenizer, store, limits, predictor)
+    server, port = build_server(SchedulerService(frontend), settings.grpc_address)
     server.start()
+    http = None
+    if settings.http_address:
+        import uvicorn
+
+        from .http_api import create_app
+
+        host, _, http_port = settings.http_address.rpartition(":")
+        app = create_app(frontend, Path(settings.model).name)
+        http = uvicorn.Server(
+            uvicorn.Config(app, host=host, port=int(http_port), log_level="warning")
+        )
+        http.install_signal_handlers = lambda: None  # this process's handlers stop it
+        threading.Thread(target=http.run, name="http", daemon=True).start()
+        log.info("OpenAI-compatible HTTP on http://%s/v1", settings.http_address)
     log.info(
         "scheduler ready: gRPC port %d, workers connect to %s, policy %s, store %s",
         port,
@@ -74,6 +90,8 @@ def run(settings: SchedulerSettings, ready: threading.Event | None = None) -> in
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
     stopped.wait()
+    if http is not None:
+        http.should_exit = True
     server.stop(grace=2.0).wait()
     engine.stop()
     predictor.close()

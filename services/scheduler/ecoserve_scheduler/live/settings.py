@@ -19,6 +19,7 @@ class SchedulerSettings:
     model: str = ""  # model directory: its tokenizer and max length (required)
     policy: str = "ecoserve"  # ecoserve, vllm, sarathi, orca, sjf
     grpc_address: str = "127.0.0.1:50051"
+    http_address: str = "127.0.0.1:8000"  # OpenAI-compatible API; empty: off
     worker_bind: str = "tcp://127.0.0.1:5555"  # ZeroMQ ROUTER the workers connect to
     db_url: str = "sqlite:///ecoserve.db"  # or postgresql+psycopg://user@host/db
     predictor: str = ""  # predictor gRPC address; empty: default lengths

@@ -1,0 +1,185 @@
+"""What every client interface (gRPC, OpenAI-compatible HTTP) does with one request.
+
+`start` validates (Rejected "invalid" with the reason), applies admission control (Rejected
+"exhausted" when `max_pending` requests are already in the system), asks the predictor, records
+the request in the store and submits it; `follow` yields its tokens until it ends and records
+the end. A deadline that passes aborts the request (the engine frees its KV blocks in its next
+iteration) and raises TimeoutError. The store is written from the caller's thread, never from
+the engine loop.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from ..core.plan import FinishEvent, TokenEvent
+from ..core.request import Request, SamplingParams
+from .engine import LiveEngine, RequestHandle
+from .prediction import PredictorClient
+
+RETRY_AFTER_S = 1.0
+
+
+@dataclass(frozen=True)
+class ApiLimits:
+    max_model_len: int = 4096  # prompt + max_tokens
+    max_pending: int = 1024  # requests in the system before new ones are refused
+    vocab_size: int | None = None  # token ids must be below it when known
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    prompt: str = ""
+    prompt_token_ids: Sequence[int] = ()
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_token_ids: Sequence[int] = field(default_factory=tuple)
+    ignore_eos: bool = False
+    request_id: str = ""
+
+
+class Rejected(Exception):
+    """A request refused before it ran: code "invalid", "exhausted" or "exists"."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Frontend:
+    def __init__(
+        self,
+        engine: LiveEngine,
+        tokenizer,
+        store=None,
+        limits: ApiLimits | None = None,
+        predictor: PredictorClient | None = None,
+        clock=time.time,
+    ) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.store = store
+        self.limits = limits or ApiLimits()
+        self.predictor = predictor or PredictorClient(None)
+        self.clock = clock
+
+    def start(self, p: GenerateParams) -> tuple[RequestHandle, int]:
+        ids = self._prompt_ids(p)
+        problem = _check_sampling(p) or self._check_length(len(ids), p.max_tokens)
+        if problem:
+            raise Rejected("invalid", problem)
+        if self.engine.pending >= self.limits.max_pending:
+            raise Rejected(
+                "exhausted",
+                f"{self.engine.pending} requests in the system (limit "
+                f"{self.limits.max_pending}); retry after {RETRY_AFTER_S:g} s",
+            )
+        rid = p.request_id or uuid.uuid4().hex
+        now = self.clock()
+        text = p.prompt or self.tokenizer.decode(ids)
+        guess = self.predictor.predict(text)
+        sampling = SamplingParams(
+            max_tokens=p.max_tokens,
+            temperature=p.temperature,
+            top_p=p.top_p or 1.0,
+            top_k=p.top_k,
+            seed=p.seed,
+            stop_token_ids=tuple(p.stop_token_ids),
+            ignore_eos=p.ignore_eos,
+        )
+        req = Request(
+            rid,
+            len(ids),
+            now,
+            sampling,
+            prompt_token_ids=tuple(ids),
+            eos_token_id=getattr(self.tokenizer, "eos_token_id", None),
+            predicted_rl=min(guess.point, p.max_tokens),
+            predicted_rl_upper=min(guess.upper, p.max_tokens),
+            rl_bucket=guess.bucket,
+        )
+        if self.store is not None:
+            try:
+                self.store.add(rid, text, len(ids), p.max_tokens, now, predicted_tokens=guess.point)
+            except Exception as exc:  # a duplicate id: refused before anything runs
+                raise Rejected("exists", f"request {rid!r}: {exc}"[:300]) from exc
+        return self.engine.submit(req), len(ids)
+
+    def follow(
+        self, handle: RequestHandle, timeout_s: float | None = None
+    ) -> Iterator[tuple[list[int], str | None]]:
+        """(new tokens, None) per token, then ([], finish reason); records the end."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        started = False
+        while True:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                ev = handle.events.get(timeout=wait)
+            except queue.Empty:
+                self.engine.cancel(handle.request_id)
+                self.record_end(handle.request_id, "aborted", len(handle.tokens))
+                raise TimeoutError("deadline passed; request aborted") from None
+            if isinstance(ev, TokenEvent):
+                if not started and self.store is not None:
+                    self.store.mark_running(handle.request_id)
+                started = True
+                yield [ev.token_id], None
+            elif isinstance(ev, FinishEvent):
+                self.record_end(handle.request_id, ev.reason, len(handle.tokens))
+                yield [], ev.reason
+                return
+
+    def cancel(self, request_id: str) -> None:
+        self.engine.cancel(request_id)
+
+    def record_end(self, rid: str, reason: str, n: int) -> None:
+        if self.store is None:
+            return
+        now = self.clock()
+        if reason in ("stop", "length"):
+            self.store.finish(rid, n, now)
+        elif reason == "aborted":
+            self.store.abort(rid, now)
+        else:
+            self.store.fail(rid, reason, now)
+
+    def _prompt_ids(self, p: GenerateParams) -> list[int]:
+        if p.prompt and p.prompt_token_ids:
+            raise Rejected("invalid", "give prompt or prompt_token_ids, not both")
+        if p.prompt_token_ids:
+            ids = [int(t) for t in p.prompt_token_ids]
+            vocab = self.limits.vocab_size
+            if vocab is not None and (max(ids) >= vocab or min(ids) < 0):
+                raise Rejected("invalid", f"token ids must be in [0, {vocab})")
+            return ids
+        if not p.prompt.strip():
+            raise Rejected("invalid", "empty prompt")
+        return self.tokenizer.encode(p.prompt)
+
+    def _check_length(self, prompt_len: int, max_tokens: int) -> str | None:
+        if max_tokens <= 0:
+            return f"max_tokens must be > 0 (got {max_tokens})"
+        if prompt_len + max_tokens > self.limits.max_model_len:
+            return (
+                f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the model's "
+                f"{self.limits.max_model_len}"
+            )
+        return None
+
+
+def _check_sampling(p: GenerateParams) -> str | None:
+    if p.temperature < 0:
+        return f"temperature must be >= 0 (got {p.temperature})"
+    if not 0.0 <= p.top_p <= 1.0:
+        return f"top_p must be in (0, 1] (got {p.top_p})"
+    if p.top_k < 0:
+        return f"top_k must be >= 0 (got {p.top_k})"
+    return None

@@ -1,0 +1,150 @@
+"""The OpenAI-compatible HTTP API, driven by the official `openai` client, over a LiveEngine
+with real worker processes (tiny model, CPU)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("torch")
+
+from test_live_api import reference  # noqa: E402
+from test_live_engine import start_worker, wait_for  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+from ecoserve_scheduler.core import SchedulerCore, make_policy  # noqa: E402
+from ecoserve_scheduler.live import LiveEngine  # noqa: E402
+from ecoserve_scheduler.live.frontend import ApiLimits, Frontend  # noqa: E402
+from ecoserve_scheduler.live.http_api import create_app  # noqa: E402
+from ecoserve_worker.tiny_model import build_tiny_model  # noqa: E402
+
+N = 8
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+def http(model_dir):
+    made = []
+
+    def start(workers=("w0",), max_pending: int = 1024):
+        engine = LiveEngine(SchedulerCore(make_policy("vllm")), auth_token="k").start()
+        procs = [start_worker(engine.address, w, model_dir) for w in workers]
+        wait_for(lambda: len(engine.worker_ids()) == len(workers))
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        limits = ApiLimits(max_model_len=2048, max_pending=max_pending, vocab_size=512)
+        app = create_app(Frontend(engine, tok, None, limits), "tiny")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+        )
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        wait_for(lambda: server.started)
+        made.append((engine, procs, server, thread))
+        base = f"http://127.0.0.1:{port}"
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
+        return client, base, engine
+
+    yield start
+    for engine, procs, server, thread in made:
+        server.should_exit = True
+        thread.join(10)
+        for p in procs:
+            p.kill()
+            p.wait()
+        engine.stop()
+
+
+def test_completions_match_reference_under_concurrency(http, model_dir):
+    client, _, _ = http(workers=("w0", "w1"))
+    prompts = [[9 + i, 33, 70 + 2 * i, 101] for i in range(10)]
+    refs = [reference(model_dir, p, N) for p in prompts]
+
+    def one(i: int):
+        r = client.completions.create(
+            model="tiny",
+            prompt=prompts[i % 10],
+            max_tokens=N,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        return i, r
+
+    with ThreadPoolExecutor(50) as pool:
+        results = list(pool.map(one, range(50)))
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    for i, r in results:
+        assert r.choices[0].finish_reason == "length"
+        assert r.choices[0].text == tok.decode(refs[i % 10])
+        assert r.usage.completion_tokens == N and r.usage.prompt_tokens == 4
+
+
+def test_chat_streaming_equals_non_streaming(http):
+    client, _, _ = http()
+    kw = dict(
+        model="tiny",
+        messages=[{"role": "user", "content": "Tell me about rivers."}],
+        max_tokens=N,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    whole = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(stream=True, **kw))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
+        whole.choices[0].message.content
+    )
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert whole.choices[0].finish_reason == "length"
+
+
+def test_models_health_metrics(http):
+    client, base, _ = http()
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    assert httpx.get(base + "/health").json()["workers"] == ["w0"]
+    client.completions.create(model="tiny", prompt="hello", max_tokens=3, temperature=0)
+    wait_for(lambda: "ecoserve_kv_blocks" in httpx.get(base + "/metrics").text)
+    text = httpx.get(base + "/metrics").text
+    assert (
+        "ecoserve_requests_total{finish_reason=" in text and "ecoserve_ttft_seconds_bucket" in text
+    )
+
+
+def test_bad_input_and_over_capacity(http):
+    client, base, engine = http(workers=(), max_pending=1)
+    with pytest.raises(openai.BadRequestError, match="max_tokens must be > 0"):
+        client.completions.create(model="tiny", prompt="hi", max_tokens=0)
+    with pytest.raises(openai.BadRequestError, match="empty prompt"):
+        client.completions.create(model="tiny", prompt="  ", max_tokens=3)
+    garbage = httpx.post(
+        base + "/v1/completions",
+        content=b"\x00\xffnot json",
+        headers={"content-type": "application/json"},
+    )
+    assert garbage.status_code == 400 and "error" in garbage.json()
+
+    def wait_forever() -> None:
+        with contextlib.suppress(httpx.ReadTimeout):  # nothing can serve it
+            httpx.post(base + "/v1/completions", timeout=5, json={"prompt": "w", "max_tokens": 3})
+
+    held = threading.Thread(target=wait_forever, daemon=True)
+    held.start()  # no worker: it stays pending
+    wait_for(lambda: engine.pending == 1)
+    with pytest.raises(openai.RateLimitError) as e:
+        client.completions.create(model="tiny", prompt="one more", max_tokens=3)
+    assert e.value.response.headers["retry-after"] == "1"
+    assert httpx.get(base + "/health").status_code == 503  # up, but no workers
