@@ -179,3 +179,33 @@ def test_cancel_ends_the_stream(api):
     reader.join(30)
     assert got[-1].finish_reason == "aborted"
     wait_for(lambda: store.get("x1").status == "aborted")
+
+
+def test_api_key_guards_scheduler_rpcs_but_not_health(tokenizer):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    engine = LiveEngine(SchedulerCore(make_policy("vllm"))).start()
+    server, port = build_server(
+        SchedulerService(Frontend(engine, tokenizer)), "127.0.0.1:0", api_key="s3cret"
+    )
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.SchedulerStub(channel)
+            for call in (
+                lambda md: stub.Stats(pb.StatsRequest(), timeout=10, metadata=md),
+                lambda md: list(stub.Generate(req([1, 2]), timeout=10, metadata=md)),
+            ):
+                for md in ((), (("authorization", "Bearer wrong"),)):
+                    with pytest.raises(grpc.RpcError) as e:
+                        call(md)
+                    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            ok = stub.Stats(
+                pb.StatsRequest(), timeout=10, metadata=(("authorization", "Bearer s3cret"),)
+            )
+            assert ok.pending == 0
+            probe = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+            assert probe.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        server.stop(0).wait()
+        engine.stop()

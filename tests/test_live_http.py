@@ -148,3 +148,19 @@ def test_bad_input_and_over_capacity(http):
         client.completions.create(model="tiny", prompt="one more", max_tokens=3)
     assert e.value.response.headers["retry-after"] == "1"
     assert httpx.get(base + "/health").status_code == 503  # up, but no workers
+
+
+def test_api_key_on_v1_routes(model_dir):
+    from fastapi.testclient import TestClient
+
+    engine = LiveEngine(SchedulerCore(make_policy("vllm")))  # not started: no request runs
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    app = create_app(Frontend(engine, tok), "tiny", api_key="s3cret")
+    with TestClient(app) as c:
+        denied = c.get("/v1/models")
+        assert denied.status_code == 401 and "API key" in denied.json()["error"]["message"]
+        assert c.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        ok = c.get("/v1/models", headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200 and ok.json()["data"][0]["id"] == "tiny"
+        assert c.get("/health").status_code == 503  # open without the key (and no workers)
+    engine.stop()

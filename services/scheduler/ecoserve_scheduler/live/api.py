@@ -7,6 +7,7 @@ DEADLINE_EXCEEDED. A client that cancels the call aborts its request.
 
 from __future__ import annotations
 
+import hmac
 import json
 from collections.abc import Iterator
 
@@ -121,11 +122,35 @@ def stats_of(frontend: Frontend) -> dict:
     }
 
 
-def build_server(service: SchedulerService, address: str, workers: int = 64):
-    """(server, port) with the Scheduler service, health checking and reflection; not started."""
+class ApiKeyInterceptor(grpc.ServerInterceptor):
+    """Scheduler RPCs need `authorization: Bearer <key>`; health and reflection stay open so
+    orchestrators can probe without the key."""
+
+    def __init__(self, api_key: str) -> None:
+        self._expected = f"Bearer {api_key}".encode()
+
+        def deny(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key")
+
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+        self._deny_stream = grpc.unary_stream_rpc_method_handler(deny)
+
+    def intercept_service(self, continuation, details):
+        if not details.method.startswith(f"/{SERVICE_NAME}/"):
+            return continuation(details)
+        got = dict(details.invocation_metadata).get("authorization", "")
+        if hmac.compare_digest(got.encode(), self._expected):
+            return continuation(details)
+        return self._deny_stream if details.method.endswith("/Generate") else self._deny
+
+
+def build_server(service: SchedulerService, address: str, workers: int = 64, api_key: str = ""):
+    """(server, port) with the Scheduler service, health checking and reflection; not started.
+    With `api_key`, Scheduler RPCs need it as a bearer token."""
     from concurrent import futures
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
+    interceptors = [ApiKeyInterceptor(api_key)] if api_key else []
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=interceptors)
     pb_grpc.add_SchedulerServicer_to_server(service, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

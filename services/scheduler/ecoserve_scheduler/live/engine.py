@@ -105,7 +105,8 @@ class LiveEngine:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(10)
+        if self._thread.ident is not None:  # started
+            self._thread.join(10)
         self._sock.close()
         if self._own_context:
             self._ctx.term()

@@ -8,6 +8,7 @@ disconnects has its request aborted (the generator is closed and cancels it).
 
 from __future__ import annotations
 
+import hmac
 import json
 import time
 import uuid
@@ -104,8 +105,22 @@ def _error(status: int, message: str, kind: str, headers=None) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def create_app(frontend: Frontend, model_id: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> FastAPI:
+def create_app(
+    frontend: Frontend, model_id: str, timeout_s: float = DEFAULT_TIMEOUT_S, api_key: str = ""
+) -> FastAPI:
+    """With `api_key`, every /v1 route needs `Authorization: Bearer <key>` (/health and
+    /metrics stay open for probes and scrapers)."""
     app = FastAPI(title="EcoServe", version="0.1.0")
+    expected = f"Bearer {api_key}".encode()
+
+    @app.middleware("http")
+    async def check_key(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1"):
+            got = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(got, expected):
+                return _error(401, "missing or wrong API key", "authentication_error")
+        return await call_next(request)
+
     metrics = Metrics()
     tok = frontend.tokenizer
 

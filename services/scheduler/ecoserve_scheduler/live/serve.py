@@ -55,7 +55,9 @@ def run(settings: SchedulerSettings, ready: threading.Event | None = None) -> in
         vocab_size=int(config.vocab_size),
     )
     frontend = Frontend(engine, tokenizer, store, limits, predictor)
-    server, port = build_server(SchedulerService(frontend), settings.grpc_address)
+    server, port = build_server(
+        SchedulerService(frontend), settings.grpc_address, api_key=settings.api_key
+    )
     server.start()
     http = None
     if settings.http_address:
@@ -64,7 +66,7 @@ def run(settings: SchedulerSettings, ready: threading.Event | None = None) -> in
         from .http_api import create_app
 
         host, _, http_port = settings.http_address.rpartition(":")
-        app = create_app(frontend, Path(settings.model).name)
+        app = create_app(frontend, Path(settings.model).name, api_key=settings.api_key)
         http = uvicorn.Server(
             uvicorn.Config(app, host=host, port=int(http_port), log_level="warning")
         )

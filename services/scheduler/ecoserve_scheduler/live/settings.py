@@ -26,6 +26,7 @@ class SchedulerSettings:
     predictor_timeout_s: float = 0.05
     default_response_tokens: int = 256  # used when the predictor is absent or fails
     worker_auth_token: str = ""  # shared secret workers must present
+    api_key: str = ""  # bearer token clients must present on gRPC and /v1 HTTP; empty: open
     max_pending: int = 1024  # requests in the system before RESOURCE_EXHAUSTED
     worker_timeout_s: float = 10.0  # silence after which a worker is dropped
     log_level: str = "INFO"
