@@ -16,12 +16,12 @@ test: $(STAMP)
 	$(PYTHON) -m pytest
 
 lint: $(STAMP)
-	$(PYTHON) -m ruff check services bench tests
-	$(PYTHON) -m ruff format --check services bench tests
+	$(PYTHON) -m ruff check services sdk bench tests
+	$(PYTHON) -m ruff format --check services sdk bench tests
 
 format: $(STAMP)
-	$(PYTHON) -m ruff format services bench tests
-	$(PYTHON) -m ruff check --fix services bench tests
+	$(PYTHON) -m ruff format services sdk bench tests
+	$(PYTHON) -m ruff check --fix services sdk bench tests
 
 # Regenerate the protobuf code checked in beside the services (a test checks it is current).
 proto: $(STAMP)

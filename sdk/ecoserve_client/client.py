@@ -1,0 +1,262 @@
+"""Sync and asyncio clients. Every call has a timeout; UNAVAILABLE (the scheduler restarting,
+a connection not up yet) is retried with exponential backoff, a stream only before its first
+chunk (a retried stream would repeat tokens). Other errors raise EcoServeError with the gRPC
+status code and the server's message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+
+import grpc
+import grpc.aio
+
+from ecoserve_scheduler.live import scheduler_pb2 as pb
+from ecoserve_scheduler.live import scheduler_pb2_grpc as pb_grpc
+
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+
+
+class EcoServeError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Completion:
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class Chunk:
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # empty until the last chunk
+
+
+def _request(
+    prompt: str | None,
+    token_ids: Sequence[int] | None,
+    max_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    seed: int | None,
+    stop_token_ids: Sequence[int],
+    ignore_eos: bool,
+    request_id: str,
+) -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        prompt=prompt or "",
+        prompt_token_ids=list(token_ids or ()),
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        has_seed=seed is not None,
+        seed=seed or 0,
+        stop_token_ids=list(stop_token_ids),
+        ignore_eos=ignore_eos,
+        request_id=request_id,
+    )
+
+
+def _error(e: grpc.RpcError) -> EcoServeError:
+    return EcoServeError(e.code(), e.details() or "")
+
+
+class _Base:
+    def __init__(
+        self,
+        address: str = "127.0.0.1:50051",
+        api_key: str | None = None,
+        timeout_s: float = 60.0,
+        retries: int = 3,
+        backoff_s: float = 0.1,
+    ) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+    def _delay(self, attempt: int) -> float:
+        return self.backoff_s * (2**attempt)
+
+
+class Client(_Base):
+    def __init__(self, address: str = "127.0.0.1:50051", **kw) -> None:
+        super().__init__(address, **kw)
+        self._channel = grpc.insecure_channel(address)
+        self._stub = pb_grpc.SchedulerStub(self._channel)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method, request):
+        for attempt in range(self.retries + 1):
+            try:
+                return method(request, timeout=self.timeout_s, metadata=self._metadata)
+            except grpc.RpcError as e:
+                if e.code() not in RETRYABLE or attempt == self.retries:
+                    raise _error(e) from None
+                time.sleep(self._delay(attempt))
+        raise AssertionError("unreachable")
+
+    def complete(
+        self,
+        prompt: str | None = None,
+        *,
+        token_ids: Sequence[int] | None = None,
+        max_tokens: int = 16,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop_token_ids: Sequence[int] = (),
+        ignore_eos: bool = False,
+        request_id: str = "",
+    ) -> Completion:
+        req = _request(
+            prompt,
+            token_ids,
+            max_tokens,
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            stop_token_ids,
+            ignore_eos,
+            request_id,
+        )
+        r = self._call(self._stub.Complete, req)
+        return Completion(r.request_id, r.text, list(r.token_ids), r.finish_reason, r.prompt_tokens)
+
+    def generate(self, prompt: str | None = None, **kw) -> Iterator[Chunk]:
+        token_ids = kw.pop("token_ids", None)
+        req = _request(
+            prompt,
+            token_ids,
+            kw.pop("max_tokens", 16),
+            kw.pop("temperature", 0.0),
+            kw.pop("top_p", 1.0),
+            kw.pop("top_k", 0),
+            kw.pop("seed", None),
+            kw.pop("stop_token_ids", ()),
+            kw.pop("ignore_eos", False),
+            kw.pop("request_id", ""),
+        )
+        if kw:
+            raise TypeError(f"unknown arguments: {sorted(kw)}")
+        for attempt in range(self.retries + 1):
+            got_any = False
+            try:
+                for c in self._stub.Generate(req, timeout=self.timeout_s, metadata=self._metadata):
+                    got_any = True
+                    yield Chunk(c.request_id, c.text, list(c.token_ids), c.finish_reason)
+                return
+            except grpc.RpcError as e:
+                if got_any or e.code() not in RETRYABLE or attempt == self.retries:
+                    raise _error(e) from None
+                time.sleep(self._delay(attempt))
+
+    def cancel(self, request_id: str) -> bool:
+        return self._call(self._stub.Cancel, pb.CancelRequest(request_id=request_id)).found
+
+    def get_request(self, request_id: str) -> dict:
+        r = self._call(self._stub.GetRequest, pb.GetRequestRequest(request_id=request_id))
+        return {f.name: v for f, v in r.ListFields()}
+
+    def stats(self) -> dict:
+        return json.loads(self._call(self._stub.Stats, pb.StatsRequest()).json)
+
+
+class AsyncClient(_Base):
+    """The same calls for asyncio (grpc.aio); create it inside a running event loop."""
+
+    def __init__(self, address: str = "127.0.0.1:50051", **kw) -> None:
+        super().__init__(address, **kw)
+        self._channel = grpc.aio.insecure_channel(address)
+        self._stub = pb_grpc.SchedulerStub(self._channel)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _call(self, method, request):
+        for attempt in range(self.retries + 1):
+            try:
+                return await method(request, timeout=self.timeout_s, metadata=self._metadata)
+            except grpc.RpcError as e:
+                if e.code() not in RETRYABLE or attempt == self.retries:
+                    raise _error(e) from None
+                await asyncio.sleep(self._delay(attempt))
+        raise AssertionError("unreachable")
+
+    async def complete(self, prompt: str | None = None, **kw) -> Completion:
+        req = self._build(prompt, kw)
+        r = await self._call(self._stub.Complete, req)
+        return Completion(r.request_id, r.text, list(r.token_ids), r.finish_reason, r.prompt_tokens)
+
+    async def generate(self, prompt: str | None = None, **kw) -> AsyncIterator[Chunk]:
+        req = self._build(prompt, kw)
+        for attempt in range(self.retries + 1):
+            got_any = False
+            try:
+                call = self._stub.Generate(req, timeout=self.timeout_s, metadata=self._metadata)
+                async for c in call:
+                    got_any = True
+                    yield Chunk(c.request_id, c.text, list(c.token_ids), c.finish_reason)
+                return
+            except grpc.RpcError as e:
+                if got_any or e.code() not in RETRYABLE or attempt == self.retries:
+                    raise _error(e) from None
+                await asyncio.sleep(self._delay(attempt))
+
+    async def cancel(self, request_id: str) -> bool:
+        r = await self._call(self._stub.Cancel, pb.CancelRequest(request_id=request_id))
+        return r.found
+
+    async def stats(self) -> dict:
+        return json.loads((await self._call(self._stub.Stats, pb.StatsRequest())).json)
+
+    @staticmethod
+    def _build(prompt, kw: dict) -> pb.GenerateRequest:
+        kw = dict(kw)
+        req = _request(
+            prompt,
+            kw.pop("token_ids", None),
+            kw.pop("max_tokens", 16),
+            kw.pop("temperature", 0.0),
+            kw.pop("top_p", 1.0),
+            kw.pop("top_k", 0),
+            kw.pop("seed", None),
+            kw.pop("stop_token_ids", ()),
+            kw.pop("ignore_eos", False),
+            kw.pop("request_id", ""),
+        )
+        if kw:
+            raise TypeError(f"unknown arguments: {sorted(kw)}")
+        return req
