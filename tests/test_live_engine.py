@@ -56,10 +56,12 @@ def reference(model_dir, prompts):
     return out
 
 
-def start_worker(addr: str, wid: str, model_dir, token: str = "k") -> subprocess.Popen:
+def start_worker(
+    addr: str, wid: str, model_dir, token: str = "k", num_blocks: int = 64
+) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=f"{REPO / 'services/worker'}:{REPO / 'services/scheduler'}")
     cmd = [sys.executable, "-m", "ecoserve_worker", "--scheduler", addr, "--worker-id", wid]
-    cmd += ["--model", str(model_dir), "--num-blocks", "64", "--block-size", "16"]
+    cmd += ["--model", str(model_dir), "--num-blocks", str(num_blocks), "--block-size", "16"]
     cmd += ["--no-profile", "--token-budget", "128", "--auth-token", token, "--heartbeat-s", "0.2"]
     return subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
 
@@ -79,11 +81,11 @@ def wait_for(pred, timeout: float = WAIT_S) -> None:
 def stack(model_dir):
     made = []
 
-    def start(policy: str = "vllm", workers=("w0",), timeout_s: float = 10.0):
+    def start(policy: str = "vllm", workers=("w0",), timeout_s: float = 10.0, blocks: int = 64):
         engine = LiveEngine(
             SchedulerCore(make_policy(policy)), auth_token="k", worker_timeout_s=timeout_s
         ).start()
-        procs = {w: start_worker(engine.address, w, model_dir) for w in workers}
+        procs = {w: start_worker(engine.address, w, model_dir, num_blocks=blocks) for w in workers}
         made.append((engine, procs))
         wait_for(lambda: sorted(engine.worker_ids()) == sorted(workers))
         return engine, procs
@@ -114,10 +116,10 @@ def test_outputs_equal_direct_greedy(stack, prompts, reference, policy):
 
 
 def test_sigkill_of_a_worker_loses_no_request(stack, prompts, reference):
-    engine, procs = stack("vllm", workers=("w0", "w1"), timeout_s=1.0)
+    # 24 blocks each: the 20 requests (~50 blocks) cannot all fit on one worker.
+    engine, procs = stack("vllm", workers=("w0", "w1"), timeout_s=1.0, blocks=24)
     handles = submit_all(engine, prompts)
-    wait_for(lambda: sum(len(h.tokens) for h in handles) >= 20)  # mid-run
-    assert engine._workers["w1"].steps > 0  # w1 was serving some of them
+    wait_for(lambda: engine._workers["w1"].steps > 0)  # w1 is serving some of them
     procs["w1"].send_signal(signal.SIGKILL)
     for h, ref in zip(handles, reference, strict=True):
         assert h.wait(WAIT_S), h.request_id
