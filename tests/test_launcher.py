@@ -70,3 +70,65 @@ def test_up_serves_a_request_and_stops_cleanly(tmp_path):
     # Workers and scheduler name the model directory on their command lines: none is left.
     left = subprocess.run(["pgrep", "-f", str(tmp_path / "tiny-model")], capture_output=True)
     assert left.returncode == 1, left.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_scheduler_restart_leaves_no_request_in_limbo(tmp_path):
+    """kill -9 of the scheduler with accepted requests in flight, then a restart on the same
+    store: every accepted request ends failed with a reason (none stays queued or running)."""
+    from ecoserve_worker.tiny_model import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "tiny-model")
+    db_url = f"sqlite:///{tmp_path / 'store.db'}"
+    port = _free_port()
+
+    def serve() -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "ecoserve_scheduler.cli", "serve", "--model", str(model)]
+        cmd += ["--grpc-address", f"127.0.0.1:{port}", "--http-address", ""]
+        cmd += ["--worker-bind", f"tcp://127.0.0.1:{_free_port()}", "--db-url", db_url]
+        return subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+
+    first = serve()
+    store = RequestStore(make_engine(db_url))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=120)
+            stub = pb_grpc.SchedulerStub(channel)
+            calls = [
+                stub.Complete.future(
+                    pb.GenerateRequest(prompt=f"hello {i}", max_tokens=4, request_id=f"k{i}"),
+                    timeout=120,
+                )
+                for i in range(5)
+            ]  # no worker: they stay queued
+            wait = threading.Event()
+            for _ in range(600):
+                rows = [store.get(f"k{i}") for i in range(5)]
+                if all(r is not None for r in rows):
+                    break
+                wait.wait(0.1)
+            assert {r.status for r in rows} == {"queued"}
+            first.kill()  # SIGKILL: no chance to clean up
+            first.wait()
+            for c in calls:
+                with pytest.raises(grpc.RpcError) as e:
+                    c.result()
+                assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        second = serve()
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                grpc.channel_ready_future(channel).result(timeout=120)
+            rows = [store.get(f"k{i}") for i in range(5)]
+            assert {(r.status, r.fail_reason) for r in rows} == {
+                ("failed", "scheduler restarted before it finished")
+            }
+        finally:
+            second.terminate()
+            assert second.wait(30) == 0
+    finally:
+        first.kill()
