@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 STAMP := .make/installed
 DATA_DIR ?= ../shared/data
 
-.PHONY: install test lint format proto demo bench-sim bench-sim-quick bench-sched bench-worker bench-predictor train-predictor clean
+.PHONY: install test lint format proto demo demo-sim bench-sim bench-sim-quick bench-sched bench-worker bench-predictor train-predictor clean
 
 $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[dev]'
@@ -38,9 +38,13 @@ proto: $(STAMP)
 	sed -i 's/^import scheduler_pb2 as/from . import scheduler_pb2 as/' \
 		services/scheduler/ecoserve_scheduler/live/scheduler_pb2_grpc.py
 
-# Main job: simulated EcoServe vs vLLM policy on ShareGPT (synthetic ShareGPT-like lengths if
-# $(DATA_DIR) is absent; the output says which), Llama-2-7B / A100-80GB cost model.
+# Main job: the live stack (predictor, scheduler, 2 CPU workers on the tiny model, SQLite)
+# serving a ShareGPT slice (synthetic prompts if $(DATA_DIR) is absent; the output says which).
 demo: $(STAMP)
+	ecoserve demo --data-dir $(DATA_DIR) --n 40 --rate 2 --workers 2
+
+# The simulator: EcoServe vs vLLM policy on ShareGPT lengths, Llama-2-7B / A100-80GB model.
+demo-sim: $(STAMP)
 	ECOSERVE_DATA_DIR=$(DATA_DIR) ecoserve compare --trace sharegpt --policies ecoserve,vllm \
 		--rates 2 4 6 --n 600 --max-rate
 

@@ -132,3 +132,18 @@ def test_scheduler_restart_leaves_no_request_in_limbo(tmp_path):
             assert second.wait(30) == 0
     finally:
         first.kill()
+
+
+def test_demo_without_data_uses_synthetic_prompts_and_says_so(tmp_path):
+    out = tmp_path / "demo.json"
+    cmd = [sys.executable, "-m", "ecoserve_scheduler.cli", "demo", "--n", "6", "--rate", "20"]
+    cmd += ["--workers", "1", "--home", str(tmp_path), "--data-dir", str(tmp_path / "none")]
+    cmd += ["--max-output", "8", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[0].startswith("workload: synthetic prompts")
+    import json
+
+    summary = json.loads(out.read_text())
+    assert (summary["requests"], summary["completed"], summary["failed"]) == (6, 6, 0)
+    assert summary["throughput_tok_s"] > 0 and summary["ttft_p50_s"] <= summary["jct_p50_s"]

@@ -124,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(fn=cmd_fit)
     sub.add_parser("serve", help="run the scheduler service (ecoserve serve --help)")
     sub.add_parser("up", help="start predictor, scheduler and workers locally (ecoserve up --help)")
+    sub.add_parser("demo", help="replay ShareGPT against the local stack (ecoserve demo --help)")
     return ap
 
 
@@ -133,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         from .live.serve import main as serve_main
 
         return serve_main(argv[1:])
+    if argv[:1] == ["demo"]:
+        from .live.demo import main as demo_main
+
+        return demo_main(argv[1:])
     if argv[:1] == ["up"]:
         from .live.launcher import main as up_main
 

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger("ecoserve.up")
@@ -88,9 +89,27 @@ def stop_all(procs: dict[str, subprocess.Popen]) -> None:
             p.wait()
 
 
-def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+@dataclass
+class Stack:
+    procs: dict[str, subprocess.Popen]
+    grpc_address: str
+    http_address: str
+    model: str
+    db_url: str
+    predictor: str
+
+    def describe(self, workers: int, policy: str) -> str:
+        return (
+            f"EcoServe up: gRPC {self.grpc_address} (ecoserve.scheduler.v1.Scheduler), "
+            f"OpenAI-compatible http://{self.http_address}/v1, {workers} worker(s) on "
+            f"{self.model}, policy {policy}, store {self.db_url}"
+            + (f", predictor {self.predictor}" if self.predictor else ", no predictor")
+        )
+
+
+def start_stack(a: argparse.Namespace) -> Stack:
+    """Start every process of `a` (build_parser's options) and wait until all workers have
+    registered; on failure everything started is stopped and RuntimeError raised."""
     home = Path(a.home).resolve()
     home.mkdir(parents=True, exist_ok=True)
     model = a.model
@@ -100,32 +119,29 @@ def main(argv: list[str] | None = None) -> int:
             from ecoserve_worker.tiny_model import build_tiny_model
 
             build_tiny_model(model)
-    db_url = a.db_url or f"sqlite:///{home / 'ecoserve.db'}"
     token = secrets.token_hex(16)  # workers of this launch only
-    grpc_addr = f"127.0.0.1:{a.grpc_port}"
     worker_addr = f"tcp://127.0.0.1:{free_port()}"
-    procs: dict[str, subprocess.Popen] = {}
-    stopping = threading.Event()
-
-    def on_signal(signum, _frame) -> None:
-        stopping.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
     env = dict(os.environ, HF_HUB_OFFLINE="1", ECOSERVE_WORKER_AUTH_TOKEN=token)
+    stack = Stack(
+        {},
+        f"127.0.0.1:{a.grpc_port}",
+        f"127.0.0.1:{a.http_port}",
+        model,
+        a.db_url or f"sqlite:///{home / 'ecoserve.db'}",
+        "" if a.no_predictor else f"127.0.0.1:{free_port()}",
+    )
+    procs = stack.procs
     try:
-        predictor = ""
-        if not a.no_predictor:
-            predictor = f"127.0.0.1:{free_port()}"
+        if stack.predictor:
             procs["predictor"] = subprocess.Popen(
-                _python("ecoserve_predictor", "serve", "--address", predictor), env=env
+                _python("ecoserve_predictor", "serve", "--address", stack.predictor), env=env
             )
         procs["scheduler"] = subprocess.Popen(
             _python(
                 "ecoserve_scheduler.live.serve",
-                *("--model", model, "--policy", a.policy, "--grpc-address", grpc_addr),
-                *("--worker-bind", worker_addr, "--db-url", db_url, "--predictor", predictor),
-                *("--http-address", f"127.0.0.1:{a.http_port}"),
+                *("--model", model, "--policy", a.policy, "--grpc-address", stack.grpc_address),
+                *("--worker-bind", worker_addr, "--db-url", stack.db_url),
+                *("--predictor", stack.predictor, "--http-address", stack.http_address),
             ),
             env=env,
         )
@@ -138,24 +154,37 @@ def main(argv: list[str] | None = None) -> int:
                 ),
                 env=env,
             )
-        _wait_ready(grpc_addr, a.workers, procs)
-        print(
-            f"EcoServe up: gRPC {grpc_addr} (ecoserve.scheduler.v1.Scheduler), "
-            f"OpenAI-compatible http://127.0.0.1:{a.http_port}/v1, "
-            f"{a.workers} worker(s) on {model}, policy {a.policy}, store {db_url}"
-            + (f", predictor {predictor}" if predictor else ", no predictor"),
-            flush=True,
-        )
+        _wait_ready(stack.grpc_address, a.workers, procs)
+    except BaseException:
+        stop_all(procs)
+        raise
+    return stack
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    stopping = threading.Event()
+
+    def on_signal(signum, _frame) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        stack = start_stack(a)
+    except RuntimeError as exc:
+        log.error("%s", exc)
+        return 1
+    try:
+        print(stack.describe(a.workers, a.policy), flush=True)
         print("ready (Ctrl-C stops everything)", flush=True)
         while not stopping.is_set():
-            dead = [n for n, p in procs.items() if p.poll() is not None]
+            dead = [n for n, p in stack.procs.items() if p.poll() is not None]
             if dead:
                 log.error("%s exited; stopping the rest", ", ".join(dead))
                 return 1
             stopping.wait(0.5)
         return 0
-    except RuntimeError as exc:
-        log.error("%s", exc)
-        return 1
     finally:
-        stop_all(procs)
+        stop_all(stack.procs)

@@ -1,0 +1,171 @@
+"""`ecoserve demo`: start the local stack (`ecoserve up`'s processes), replay a slice of the
+ShareGPT workload against it through the Python SDK with Poisson arrivals, and print a table.
+
+Each request sends a real ShareGPT prompt (cut to `--prompt-chars`) and asks for its real
+response length (capped at `--max-output`; EOS ignored, so a random-weight model still
+produces that many tokens). Without the data folder it uses synthetic prompts and says so.
+TTFT is measured by the client (first streamed chunk), so it includes the network and queue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+from .launcher import build_parser as up_parser
+from .launcher import free_port, start_stack, stop_all
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = up_parser()
+    p.prog = "ecoserve demo"
+    p.description = "Replay a ShareGPT slice against the local stack and print a table."
+    p.set_defaults(grpc_port=0, http_port=0, workers=2)
+    p.add_argument("--n", type=int, default=40, help="requests to replay")
+    p.add_argument("--rate", type=float, default=2.0, help="mean arrivals per second")
+    p.add_argument("--max-output", type=int, default=64, help="cap on tokens per response")
+    p.add_argument("--prompt-chars", type=int, default=1500)
+    p.add_argument("--data-dir", default=None, help="default: ../shared/data")
+    p.add_argument("--ttft-slo-s", type=float, default=1.0)
+    p.add_argument("--tpot-slo-s", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the results here")
+    return p
+
+
+def workload(a) -> tuple[str, list[tuple[str, int]]]:
+    from ecoserve_predictor.data import DEFAULT_DATA_DIR, load_sharegpt, synthetic_pairs
+
+    rng = random.Random(a.seed)
+    try:
+        pairs = load_sharegpt(a.data_dir or DEFAULT_DATA_DIR)
+        name = f"ShareGPT ({a.data_dir or DEFAULT_DATA_DIR})"
+    except FileNotFoundError as exc:
+        pairs = synthetic_pairs(max(a.n, 100), a.seed)
+        name = f"synthetic prompts ({exc})"
+    chosen = rng.sample(pairs, min(a.n, len(pairs)))
+    return name, [
+        (p.prompt[: a.prompt_chars], max(1, min(p.response_tokens, a.max_output))) for p in chosen
+    ]
+
+
+def replay(address: str, items, rate: float, seed: int, progress=None) -> list[dict]:
+    from ecoserve_client import Client, EcoServeError
+
+    rng = random.Random(seed)
+    results: list[dict] = [{} for _ in items]
+    client = Client(address, timeout_s=600)
+
+    def one(i: int, prompt: str, n: int) -> None:
+        t0 = time.perf_counter()
+        first = None
+        try:
+            tokens = 0
+            for chunk in client.generate(prompt, max_tokens=n, ignore_eos=True):
+                if chunk.token_ids and first is None:
+                    first = time.perf_counter()
+                tokens += len(chunk.token_ids)
+                reason = chunk.finish_reason
+            end = time.perf_counter()
+            results[i] = {
+                "ok": reason in ("length", "stop"),
+                "tokens": tokens,
+                "ttft_s": (first or end) - t0,
+                "jct_s": end - t0,
+                "tpot_s": (end - first) / (tokens - 1) if first and tokens > 1 else 0.0,
+            }
+        except EcoServeError as e:
+            results[i] = {"ok": False, "error": str(e)}
+        if progress:
+            progress()
+
+    threads = []
+    start = time.perf_counter()
+    at = 0.0
+    for i, (prompt, n) in enumerate(items):
+        at += rng.expovariate(rate)
+        delay = start + at - time.perf_counter()
+        if delay > 0:
+            threading.Event().wait(delay)
+        t = threading.Thread(target=one, args=(i, prompt, n))
+        t.start()
+        threads.append(t)
+    for t in threads:
+        t.join()
+    client.close()
+    return results
+
+
+def summarize(results: list[dict], elapsed: float, a) -> dict:
+    ok = [r for r in results if r.get("ok")]
+
+    def pct(key, q):
+        xs = sorted(r[key] for r in ok)
+        return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+    met = [r for r in ok if r["ttft_s"] <= a.ttft_slo_s and r["tpot_s"] <= a.tpot_slo_s]
+    return {
+        "requests": len(results),
+        "completed": len(ok),
+        "failed": len(results) - len(ok),
+        "elapsed_s": elapsed,
+        "throughput_req_s": len(ok) / elapsed,
+        "throughput_tok_s": sum(r["tokens"] for r in ok) / elapsed,
+        "ttft_p50_s": pct("ttft_s", 0.5),
+        "ttft_p99_s": pct("ttft_s", 0.99),
+        "tpot_p50_s": statistics.median(r["tpot_s"] for r in ok) if ok else float("nan"),
+        "jct_p50_s": pct("jct_s", 0.5),
+        "jct_p99_s": pct("jct_s", 0.99),
+        "slo": {"ttft_s": a.ttft_slo_s, "tpot_s": a.tpot_slo_s},
+        "slo_attainment": len(met) / len(results) if results else 0.0,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    a = build_parser().parse_args(argv)
+    a.grpc_port = a.grpc_port or free_port()
+    a.http_port = a.http_port or free_port()
+    console = Console()
+    name, items = workload(a)
+    console.print(f"workload: {name}, {len(items)} requests at {a.rate:g} req/s (Poisson)")
+    stack = start_stack(a)
+    try:
+        console.print(stack.describe(a.workers, a.policy))
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task("replaying", total=len(items))
+            t0 = time.perf_counter()
+            results = replay(stack.grpc_address, items, a.rate, a.seed, lambda: bar.advance(task))
+            elapsed = time.perf_counter() - t0
+    finally:
+        stop_all(stack.procs)
+    summary = {
+        "workload": name,
+        "policy": a.policy,
+        "workers": a.workers,
+        **summarize(results, elapsed, a),
+    }
+    table = Table(title=f"EcoServe live demo: policy {a.policy}, {a.workers} worker(s)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in summary.items():
+        if key in ("workload", "slo"):
+            continue
+        table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
+    console.print(table)
+    if a.json:
+        Path(a.json).write_text(json.dumps(summary, indent=2) + "\n")
+    return 0 if summary["failed"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
