@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 STAMP := .make/installed
 DATA_DIR ?= ../shared/data
 
-.PHONY: install test lint format proto demo demo-sim bench-sim bench-sim-quick bench-sched bench-worker bench-predictor train-predictor clean
+.PHONY: install test lint format proto demo demo-sim bench-sim bench-sim-quick bench-sched bench-worker bench-predictor bench-live train-predictor clean
 
 $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[dev]'
@@ -69,6 +69,10 @@ bench-predictor: $(STAMP)
 train-predictor: $(STAMP)
 	$(PYTHON) -m ecoserve_predictor train --data-dir $(DATA_DIR) --kind encoder --epochs 6 \
 		--out services/predictor/ecoserve_predictor/artifact
+
+# The live stack (2 CPU workers, tiny model) at a rate sweep, ecoserve vs vllm policy.
+bench-live: $(STAMP)
+	$(PYTHON) bench/live.py --out results/live --data-dir $(DATA_DIR)
 
 bench-sched: $(STAMP)
 	$(PYTHON) bench/sched_scale.py --out results/sched-scale

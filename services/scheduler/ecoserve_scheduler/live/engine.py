@@ -92,6 +92,9 @@ class LiveEngine:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="live-engine", daemon=True)
         self.workers_dropped = 0
+        self.core_s = 0.0  # time inside core.schedule / core.apply (scheduler overhead)
+        self.forward_s = 0.0  # workers' reported step time
+        self.steps = 0
         self._pending = 0  # submitted, not yet finished: admission control reads it
         self._pending_lock = threading.Lock()
         self.stats_snapshot: dict = {}  # the core's stats, refreshed by the loop
@@ -144,7 +147,16 @@ class LiveEngine:
             self._dispatch(now)
             if now - self._stats_at > STATS_EVERY_S:
                 self._stats_at = now
-                self.stats_snapshot = {**self.core.stats(), "workers": list(self._workers)}
+                self.stats_snapshot = {
+                    **self.core.stats(),
+                    "workers": list(self._workers),
+                    "engine": {
+                        "steps": self.steps,
+                        "core_s": self.core_s,
+                        "forward_s": self.forward_s,
+                        "workers_dropped": self.workers_dropped,
+                    },
+                }
 
     def _drain_inbox(self) -> None:
         while True:
@@ -167,7 +179,9 @@ class LiveEngine:
         for wid, w in self._workers.items():
             if self.core.workers[wid].in_flight is not None:
                 continue
+            t0 = time.perf_counter()
             plan = self.core.schedule(wid, now)
+            self.core_s += time.perf_counter() - t0
             self._deliver(self.core.take_events())
             if plan is not None:
                 self._sock.send_multipart([w.routing_id, encode("scheduler", plan_to_proto(plan))])
@@ -210,7 +224,13 @@ class LiveEngine:
         w.last_seen = now
         if body == "result":
             w.steps += 1
-            self._deliver(self.core.apply(result_from_proto(env.result, wid), now))
+            result = result_from_proto(env.result, wid)
+            t0 = time.perf_counter()
+            events = self.core.apply(result, now)
+            self.core_s += time.perf_counter() - t0
+            self.steps += 1
+            self.forward_s += result.forward_s
+            self._deliver(events)
         elif body == "error" and env.error.step_id:
             self._fail_step(wid, env.error.step_id, f"{env.error.code}: {env.error.message}", now)
         elif body == "error":
