@@ -169,3 +169,17 @@ def test_abort_and_fail_unfinished_after_a_restart(store):
         "a": ("aborted", None),
     }
     assert store.fail_unfinished("again", finished_s=10.0) == 0
+
+
+def test_schema_is_versioned_and_migrations_are_idempotent(store):
+    from ecoserve_scheduler.store import SCHEMA_VERSION, SchemaVersion, schema_version
+
+    engine = store.engine
+    assert schema_version(engine) == SCHEMA_VERSION
+    store.add("kept", "p", 1, 8, arrival_s=0.0)
+    assert create_schema(engine) == SCHEMA_VERSION  # a restart: nothing redone, nothing lost
+    assert store.get("kept") is not None
+    with engine.begin() as conn:
+        conn.execute(SchemaVersion.__table__.update().values(version=SCHEMA_VERSION + 1))
+    with pytest.raises(RuntimeError, match="newer than this code"):
+        create_schema(engine)

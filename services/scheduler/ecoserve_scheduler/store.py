@@ -62,8 +62,49 @@ def make_engine(url: str = "sqlite:///ecoserve.db", **kw: Any) -> Engine:
     return create_engine(url, future=True, pool_pre_ping=True, **kw)
 
 
-def create_schema(engine: Engine) -> None:
-    Base.metadata.create_all(engine)
+class SchemaVersion(Base):
+    """One row: the migration the database is at (see MIGRATIONS)."""
+
+    __tablename__ = "ecoserve_schema"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+
+
+def _v1_served_requests(conn) -> None:
+    ServedRequest.__table__.create(conn, checkfirst=True)  # checkfirst: pre-versioning stores
+
+
+# Ordered, append-only: a schema change is a new function here, never an edit of an old one.
+MIGRATIONS = [(1, _v1_served_requests)]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+def schema_version(engine: Engine) -> int:
+    """The version a database is at; 0 for an empty one."""
+    with engine.connect() as conn:
+        if not engine.dialect.has_table(conn, SchemaVersion.__tablename__):
+            return 0
+        return conn.execute(select(SchemaVersion.version)).scalar() or 0
+
+
+def create_schema(engine: Engine) -> int:
+    """Bring the database to SCHEMA_VERSION, one migration per transaction; returns it.
+    A database newer than this code is refused rather than guessed at."""
+    current = schema_version(engine)
+    if current > SCHEMA_VERSION:
+        raise RuntimeError(
+            f"database schema is v{current}, newer than this code's v{SCHEMA_VERSION}: upgrade"
+        )
+    SchemaVersion.__table__.create(engine, checkfirst=True)
+    for version, migrate in MIGRATIONS:
+        if version <= current:
+            continue
+        with engine.begin() as conn:
+            migrate(conn)
+            conn.execute(SchemaVersion.__table__.delete())
+            conn.execute(SchemaVersion.__table__.insert().values(id=1, version=version))
+    return SCHEMA_VERSION
 
 
 class RequestStore:
