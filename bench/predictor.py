@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import threading
@@ -44,6 +43,7 @@ from ecoserve_predictor.data import (  # noqa: E402
 )
 from ecoserve_predictor.metrics import baselines, evaluate  # noqa: E402
 from ecoserve_predictor.runtime import PACKAGED_ARTIFACT, OnnxPredictor  # noqa: E402
+from ecoserve_scheduler.live.launcher import free_port  # noqa: E402
 
 
 def accuracy(predictor: OnnxPredictor, val) -> dict[str, float]:
@@ -73,12 +73,6 @@ def in_process_latency(predictor: OnnxPredictor, prompts: list[str]) -> dict[str
     return {"p50_ms_b1": _pct(b1, 50), "p99_ms_b1": _pct(b1, 99), "p50_ms_b32": _pct(b32, 50)}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def grpc_latency(artifact: Path, prompts: list[str], load_s: float) -> dict[str, float]:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -86,7 +80,7 @@ def grpc_latency(artifact: Path, prompts: list[str], load_s: float) -> dict[str,
     from ecoserve_predictor import predictor_pb2 as pb
     from ecoserve_predictor import predictor_pb2_grpc as pb_grpc
 
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         [

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,16 +16,12 @@ pytest.importorskip("onnxruntime")
 
 from ecoserve_scheduler.live import scheduler_pb2 as pb  # noqa: E402
 from ecoserve_scheduler.live import scheduler_pb2_grpc as pb_grpc  # noqa: E402
+from ecoserve_scheduler.live.launcher import free_port  # noqa: E402
 from ecoserve_scheduler.store import RequestStore, make_engine  # noqa: E402
 
 
 def test_up_serves_a_request_and_stops_cleanly(tmp_path):
-    ports = []
-    for _ in range(2):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
-    port, http_port = ports
+    port, http_port = free_port(), free_port()
     cmd = [sys.executable, "-m", "ecoserve_scheduler.cli", "up", "--workers", "2"]
     cmd += ["--grpc-port", str(port), "--home", str(tmp_path), "--num-blocks", "128"]
     cmd += ["--http-port", str(http_port)]
@@ -72,12 +67,6 @@ def test_up_serves_a_request_and_stops_cleanly(tmp_path):
     assert left.returncode == 1, left.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_scheduler_restart_leaves_no_request_in_limbo(tmp_path):
     """kill -9 of the scheduler with accepted requests in flight, then a restart on the same
     store: every accepted request ends failed with a reason (none stays queued or running)."""
@@ -85,12 +74,12 @@ def test_scheduler_restart_leaves_no_request_in_limbo(tmp_path):
 
     model = build_tiny_model(tmp_path / "tiny-model")
     db_url = f"sqlite:///{tmp_path / 'store.db'}"
-    port = _free_port()
+    port = free_port()
 
     def serve() -> subprocess.Popen:
         cmd = [sys.executable, "-m", "ecoserve_scheduler.cli", "serve", "--model", str(model)]
         cmd += ["--grpc-address", f"127.0.0.1:{port}", "--http-address", ""]
-        cmd += ["--worker-bind", f"tcp://127.0.0.1:{_free_port()}", "--db-url", db_url]
+        cmd += ["--worker-bind", f"tcp://127.0.0.1:{free_port()}", "--db-url", db_url]
         return subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
 
     first = serve()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -25,6 +24,7 @@ from ecoserve_scheduler.core import SchedulerCore, make_policy  # noqa: E402
 from ecoserve_scheduler.live import LiveEngine  # noqa: E402
 from ecoserve_scheduler.live.frontend import ApiLimits, Frontend  # noqa: E402
 from ecoserve_scheduler.live.http_api import create_app  # noqa: E402
+from ecoserve_scheduler.live.launcher import free_port  # noqa: E402
 from ecoserve_worker.tiny_model import build_tiny_model  # noqa: E402
 
 N = 8
@@ -46,9 +46,7 @@ def http(model_dir):
         tok = AutoTokenizer.from_pretrained(model_dir)
         limits = ApiLimits(max_model_len=2048, max_pending=max_pending, vocab_size=512)
         app = create_app(Frontend(engine, tok, None, limits), "tiny")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         server = uvicorn.Server(
             uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
         )

@@ -267,14 +267,13 @@ def test_serve_command_answers_health_then_exits_on_sigterm(artifact):
     """The real CLI process: SERVING on its port, a Predict call, exit 0 on SIGTERM."""
     import os
     import signal
-    import socket
     import subprocess
     import sys
     from pathlib import Path
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from ecoserve_scheduler.live.launcher import free_port
+
+    port = free_port()
     repo = Path(__file__).resolve().parents[1]
     env = dict(os.environ)
     env["PYTHONPATH"] = f"{repo / 'services/predictor'}:{repo / 'services/scheduler'}"

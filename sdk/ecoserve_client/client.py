@@ -46,17 +46,20 @@ class Chunk:
 
 
 def _request(
-    prompt: str | None,
-    token_ids: Sequence[int] | None,
-    max_tokens: int,
-    temperature: float,
-    top_p: float,
-    top_k: int,
-    seed: int | None,
-    stop_token_ids: Sequence[int],
-    ignore_eos: bool,
-    request_id: str,
+    prompt: str | None = None,
+    *,
+    token_ids: Sequence[int] | None = None,
+    max_tokens: int = 16,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    stop_token_ids: Sequence[int] = (),
+    ignore_eos: bool = False,
+    request_id: str = "",
 ) -> pb.GenerateRequest:
+    """The GenerateRequest every call sends: give `prompt` text or `token_ids`; an unknown
+    keyword is a TypeError."""
     return pb.GenerateRequest(
         prompt=prompt or "",
         prompt_token_ids=list(token_ids or ()),
@@ -70,6 +73,14 @@ def _request(
         ignore_eos=ignore_eos,
         request_id=request_id,
     )
+
+
+def _completion(r: pb.CompleteResponse) -> Completion:
+    return Completion(r.request_id, r.text, list(r.token_ids), r.finish_reason, r.prompt_tokens)
+
+
+def _chunk(c: pb.GenerateChunk) -> Chunk:
+    return Chunk(c.request_id, c.text, list(c.token_ids), c.finish_reason)
 
 
 def _error(e: grpc.RpcError) -> EcoServeError:
@@ -120,57 +131,19 @@ class Client(_Base):
                 time.sleep(self._delay(attempt))
         raise AssertionError("unreachable")
 
-    def complete(
-        self,
-        prompt: str | None = None,
-        *,
-        token_ids: Sequence[int] | None = None,
-        max_tokens: int = 16,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop_token_ids: Sequence[int] = (),
-        ignore_eos: bool = False,
-        request_id: str = "",
-    ) -> Completion:
-        req = _request(
-            prompt,
-            token_ids,
-            max_tokens,
-            temperature,
-            top_p,
-            top_k,
-            seed,
-            stop_token_ids,
-            ignore_eos,
-            request_id,
-        )
-        r = self._call(self._stub.Complete, req)
-        return Completion(r.request_id, r.text, list(r.token_ids), r.finish_reason, r.prompt_tokens)
+    def complete(self, prompt: str | None = None, **kw) -> Completion:
+        """One whole response; keywords as `_request` (token_ids, max_tokens, ...)."""
+        return _completion(self._call(self._stub.Complete, _request(prompt, **kw)))
 
     def generate(self, prompt: str | None = None, **kw) -> Iterator[Chunk]:
-        token_ids = kw.pop("token_ids", None)
-        req = _request(
-            prompt,
-            token_ids,
-            kw.pop("max_tokens", 16),
-            kw.pop("temperature", 0.0),
-            kw.pop("top_p", 1.0),
-            kw.pop("top_k", 0),
-            kw.pop("seed", None),
-            kw.pop("stop_token_ids", ()),
-            kw.pop("ignore_eos", False),
-            kw.pop("request_id", ""),
-        )
-        if kw:
-            raise TypeError(f"unknown arguments: {sorted(kw)}")
+        """Chunks as they are generated; keywords as `_request`."""
+        req = _request(prompt, **kw)
         for attempt in range(self.retries + 1):
             got_any = False
             try:
                 for c in self._stub.Generate(req, timeout=self.timeout_s, metadata=self._metadata):
                     got_any = True
-                    yield Chunk(c.request_id, c.text, list(c.token_ids), c.finish_reason)
+                    yield _chunk(c)
                 return
             except grpc.RpcError as e:
                 if got_any or e.code() not in RETRYABLE or attempt == self.retries:
@@ -216,19 +189,17 @@ class AsyncClient(_Base):
         raise AssertionError("unreachable")
 
     async def complete(self, prompt: str | None = None, **kw) -> Completion:
-        req = self._build(prompt, kw)
-        r = await self._call(self._stub.Complete, req)
-        return Completion(r.request_id, r.text, list(r.token_ids), r.finish_reason, r.prompt_tokens)
+        return _completion(await self._call(self._stub.Complete, _request(prompt, **kw)))
 
     async def generate(self, prompt: str | None = None, **kw) -> AsyncIterator[Chunk]:
-        req = self._build(prompt, kw)
+        req = _request(prompt, **kw)
         for attempt in range(self.retries + 1):
             got_any = False
             try:
                 call = self._stub.Generate(req, timeout=self.timeout_s, metadata=self._metadata)
                 async for c in call:
                     got_any = True
-                    yield Chunk(c.request_id, c.text, list(c.token_ids), c.finish_reason)
+                    yield _chunk(c)
                 return
             except grpc.RpcError as e:
                 if got_any or e.code() not in RETRYABLE or attempt == self.retries:
@@ -241,22 +212,3 @@ class AsyncClient(_Base):
 
     async def stats(self) -> dict:
         return json.loads((await self._call(self._stub.Stats, pb.StatsRequest())).json)
-
-    @staticmethod
-    def _build(prompt, kw: dict) -> pb.GenerateRequest:
-        kw = dict(kw)
-        req = _request(
-            prompt,
-            kw.pop("token_ids", None),
-            kw.pop("max_tokens", 16),
-            kw.pop("temperature", 0.0),
-            kw.pop("top_p", 1.0),
-            kw.pop("top_k", 0),
-            kw.pop("seed", None),
-            kw.pop("stop_token_ids", ()),
-            kw.pop("ignore_eos", False),
-            kw.pop("request_id", ""),
-        )
-        if kw:
-            raise TypeError(f"unknown arguments: {sorted(kw)}")
-        return req

@@ -15,12 +15,11 @@ import logging
 import queue
 import threading
 import time
-from concurrent import futures
 from dataclasses import dataclass, field
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+
+from ecoserve_scheduler.grpc_server import build_grpc_server
 
 from . import predictor_pb2 as pb
 from . import predictor_pb2_grpc as pb_grpc
@@ -169,17 +168,12 @@ def build_server(
 ) -> tuple[grpc.Server, int, Batcher]:
     """A started-ready (not yet started) server with Predictor, health and reflection; returns
     (server, bound port, batcher)."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
     batcher = Batcher(predictor, max_batch, max_wait_s)
-    pb_grpc.add_PredictorServicer_to_server(PredictorService(batcher), server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    service = PredictorService(batcher)
+    server, port = build_grpc_server(
+        lambda srv: pb_grpc.add_PredictorServicer_to_server(service, srv),
+        SERVICE_NAME,
+        address,
+        workers,
     )
-    port = server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"cannot bind {address}")
     return server, port, batcher

@@ -12,9 +12,8 @@ import json
 from collections.abc import Iterator
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
+from ..grpc_server import build_grpc_server
 from . import scheduler_pb2 as pb
 from . import scheduler_pb2_grpc as pb_grpc
 from .frontend import RETRY_AFTER_S, Frontend, GenerateParams, Rejected
@@ -147,19 +146,11 @@ class ApiKeyInterceptor(grpc.ServerInterceptor):
 def build_server(service: SchedulerService, address: str, workers: int = 64, api_key: str = ""):
     """(server, port) with the Scheduler service, health checking and reflection; not started.
     With `api_key`, Scheduler RPCs need it as a bearer token."""
-    from concurrent import futures
-
     interceptors = [ApiKeyInterceptor(api_key)] if api_key else []
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=interceptors)
-    pb_grpc.add_SchedulerServicer_to_server(service, server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    return build_grpc_server(
+        lambda srv: pb_grpc.add_SchedulerServicer_to_server(service, srv),
+        SERVICE_NAME,
+        address,
+        workers,
+        interceptors,
     )
-    port = server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"cannot bind {address}")
-    return server, port
