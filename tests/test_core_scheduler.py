@@ -37,9 +37,9 @@ POLICY_NAMES = ("ecoserve", "vllm", "sarathi", "orca", "sjf")
 class Driver:
     """A tiny shell around SchedulerCore: fake workers, an event log and per-step checks."""
 
-    def __init__(self, policy: str = "vllm", specs=None, **options) -> None:
+    def __init__(self, policy: str = "vllm", specs=None, placement=None, **options) -> None:
         self.policy_name = policy
-        self.core = SchedulerCore(make_policy(policy, **options))
+        self.core = SchedulerCore(make_policy(policy, **options), placement)
         self.specs: dict[str, WorkerSpec] = {}
         self.kv: dict[str, dict[int, list]] = {}  # worker -> block -> slot contents
         for spec in specs or [WorkerSpec("w0", num_blocks=64, block_size=16, token_budget=256)]:
@@ -794,7 +794,9 @@ def test_prompt_larger_than_any_kv_cache_fails_at_add() -> None:
 
 @pytest.mark.parametrize("policy", POLICY_NAMES)
 def test_remove_worker_requeues_its_requests_which_finish_elsewhere(policy: str) -> None:
-    d = Driver(policy, [spec(num_blocks=64, wid="w0"), spec(num_blocks=64, wid="w1")])
+    # first-idle: both requests start on w0, the worker this test removes.
+    specs = [spec(num_blocks=64, wid="w0"), spec(num_blocks=64, wid="w1")]
+    d = Driver(policy, specs, placement="first-idle")
     d.add("a", prompt=20, target=10)
     d.add("b", prompt=20, target=10)
     plan = d.schedule("w0")

@@ -3,6 +3,7 @@
 from .buckets import DEFAULT_EDGES, bucket_of
 from .core import SchedulerCore, WorkerSpec
 from .ledger import KVLedger, LedgerError
+from .placement import DEFAULT_PLACEMENT, PLACEMENTS, Placement, make_placement
 from .plan import (
     BatchPlan,
     BatchShape,
@@ -16,6 +17,10 @@ from .policies import POLICIES, make_policy
 from .request import SLO, Request, SamplingParams, Status
 
 __all__ = [
+    "DEFAULT_PLACEMENT",
+    "PLACEMENTS",
+    "Placement",
+    "make_placement",
     "DEFAULT_EDGES",
     "POLICIES",
     "SLO",

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from .iter_model import IterTimeModel
 from .ledger import KVLedger, Usage
+from .placement import Placement, make_placement
 from .plan import (
     BatchPlan,
     DecodeBatch,
@@ -73,8 +74,13 @@ class Counters:
 
 
 class SchedulerCore:
-    def __init__(self, policy) -> None:
+    def __init__(self, policy, placement: Placement | str | None = None) -> None:
+        """`placement`: a Placement, a registered name, or None for the default
+        (core/placement.py); it picks the worker a waiting prompt task runs on."""
         self.policy = policy
+        if not isinstance(placement, Placement):
+            placement = make_placement(placement) if placement else make_placement()
+        self.placement = placement
         # This share of each worker's blocks is held back for extensions and guest moves.
         self.reserve_share = policy.reserve_share
         self.workers: dict[str, WorkerState] = {}
@@ -266,6 +272,7 @@ class SchedulerCore:
         """Drop every piece of per-request state but the Request itself (`release` drops it)."""
         self._step_failures.pop(r.request_id, None)
         self.policy.on_done(r, now)
+        self.placement.on_done(r.request_id)
 
     def _preempt(self, w: WorkerState, r: Request, now: float, reason: str) -> PreemptEvent:
         """Recompute preemption: drop r's KV; it waits again with its outputs kept."""
@@ -314,6 +321,7 @@ class SchedulerCore:
                 for wid, u in self.usage().items()
             },
             **{k: getattr(c, k) for k in c.__dataclass_fields__},
+            "placement": self.placement.name,
         }
 
 
@@ -336,6 +344,7 @@ class Step:
         self._scheduled: set[str] = set()  # prefill chunks only; decodes are in decode_ids
         self._dropped = False  # a scheduled request was preempted: filter the columns
         self.preempted = 0  # requests preempted (or failed) while building this step
+        self.placement_best_other: float | None = None  # the placement's per-step cache
 
     @property
     def running(self) -> dict[str, Request]:

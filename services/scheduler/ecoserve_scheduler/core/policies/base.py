@@ -174,6 +174,8 @@ class Policy:
             n = step.chunk(r, self.chunked)
             if n == 0:
                 return
+            if not step.core.placement.admits(step, r):
+                return  # a less loaded worker takes it at its next step
             if not self.reserve(step, r, n):
                 return  # head of line waits: later requests must not overtake it
 
