@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from ..core import (
     DEFAULT_EDGES,
     SLO,
     FinishEvent,
+    Placement,
     PreemptEvent,
     Request,
     SamplingParams,
@@ -44,10 +46,14 @@ class SimConfig:
     policy: str
     policy_options: dict = field(default_factory=dict)
     num_workers: int = 1
+    placement: str | Placement | None = None  # None: the core's default (core/placement.py)
     token_budget: int | None = None  # None: the cost model's knee
     max_num_seqs: int = 256
     num_blocks: int | None = None  # None: the profile's KV capacity
     slo_k: float = 5.0  # JCT deadline = arrival + slo_k * unloaded JCT
+    # TTFT/TPOT SLO (DistServe's kind) instead of the JCT one when either is set (seconds).
+    slo_ttft_s: float | None = None
+    slo_tpot_s: float | None = None
     bucket_edges: tuple[int, ...] = DEFAULT_EDGES
     drain_s: float = 3600.0  # stop this long after the last arrival; unfinished = SLO missed
     seed: int = 0
@@ -75,15 +81,25 @@ def make_request(
 ) -> Request:
     prompt = min(rec.prompt_tokens, max_model_len - 1)
     pred = rl_model.predict(rec, rng)
-    unloaded = cost.unloaded_jct(prompt, rec.output_tokens)
-    slo_jct = rec.slo_jct_s if rec.slo_jct_s is not None else cfg.slo_k * unloaded
+    ttft, tpot = cfg.slo_ttft_s, cfg.slo_tpot_s
+    if ttft is None and tpot is None:
+        unloaded = cost.unloaded_jct(prompt, rec.output_tokens)
+        slo_jct = rec.slo_jct_s if rec.slo_jct_s is not None else cfg.slo_k * unloaded
+    else:
+        # Met iff TTFT <= ttft and TPOT <= tpot (metrics.py); together they imply
+        # JCT <= ttft + tpot x (outputs - 1), which the scheduler gets as the deadline (the JCT
+        # SLO uses the true length the same way, through the unloaded JCT).
+        outputs = max(1, min(rec.output_tokens, max_model_len - prompt))
+        slo_jct = math.inf if ttft is None else ttft
+        if outputs > 1:
+            slo_jct += (math.inf if tpot is None else tpot) * (outputs - 1)
     return Request(
         request_id=f"r{i}",
         prompt_len=prompt,
         arrival_s=rec.arrival_s,
         # Clients rarely know the answer's length: max_tokens is whatever the context allows.
         sampling=SamplingParams(max_tokens=max_model_len - prompt),
-        slo=SLO(jct_deadline_s=rec.arrival_s + slo_jct),
+        slo=SLO(jct_deadline_s=rec.arrival_s + slo_jct, ttft_s=ttft, tpot_s=tpot),
         eos_token_id=EOS,
         predicted_rl=pred.point,
         predicted_rl_upper=pred.upper,
@@ -94,10 +110,18 @@ def make_request(
 def simulate(
     records: Sequence[TraceRecord], cfg: SimConfig, cost: CostModel, rl_model
 ) -> tuple[RunMetrics, list[RequestMetrics]]:
+    run, per, _ = simulate_with_log(records, cfg, cost, rl_model)
+    return run, per
+
+
+def simulate_with_log(
+    records: Sequence[TraceRecord], cfg: SimConfig, cost: CostModel, rl_model
+) -> tuple[RunMetrics, list[RequestMetrics], _Sim]:
+    """`simulate`, also returning the per-step log (scheduler wall times, step times, KV)."""
     policy = make_policy(cfg.policy, **cfg.policy_options)
     if policy.wants_oracle_rl:
         rl_model = OracleRL()
-    core = SchedulerCore(policy)
+    core = SchedulerCore(policy, cfg.placement)
     profile = cost.profile
     budget = cfg.token_budget or cost.token_budget()
     num_blocks = cfg.num_blocks or profile.num_blocks()
@@ -142,7 +166,7 @@ def simulate(
             sim.idle.add(plan.worker_id)
         _dispatch(sim, now)
     run = summarize(requests, sim, core, now, budget)
-    return run, [RequestMetrics.of(r) for r in requests]
+    return run, [RequestMetrics.of(r) for r in requests], sim
 
 
 def _count_finished(events) -> int:
@@ -179,4 +203,4 @@ def _dispatch(sim: _Sim, now: float) -> None:
         heapq.heappush(sim.heap, (now + dt, next(sim.seq), "step", plan))
 
 
-__all__ = ["SimConfig", "simulate", "PreemptEvent"]
+__all__ = ["SimConfig", "simulate", "simulate_with_log", "PreemptEvent"]
