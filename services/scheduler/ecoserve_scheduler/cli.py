@@ -1,4 +1,4 @@
-"""`ecoserve` command line: simulated policy comparisons and cost-model profiles."""
+"""`ecoserve` command line: simulated policy comparisons, capacity plans, cost-model profiles."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from rich.table import Table
 
 from .core import POLICIES
 from .sim.cost_model import fit_profile, list_profiles, load_profile, load_timings, save_profile
+from .sim.links import LINKS
 from .sim.sweep import Scenario, max_rate_at_slo, run, workload
 
 COLUMNS = [
@@ -84,6 +85,73 @@ def cmd_compare(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(a: argparse.Namespace) -> int:
+    from .sim import planner
+
+    console = Console(width=max(120, Console().width))
+    systems = a.systems.split(",")
+    unknown = [s for s in systems if s not in planner.SYSTEMS]
+    if unknown:
+        console.print(f"[red]unknown systems {unknown}; known: {', '.join(planner.SYSTEMS)}")
+        return 2
+    plan = planner.Plan(
+        trace=a.trace,
+        n=a.n,
+        duration_s=a.duration,
+        seed=a.seed,
+        profile=a.profile,
+        data_dir=a.data_dir,
+        slo=a.slo,
+        slo_k=a.slo_k,
+        ttft_s=a.ttft,
+        tpot_s=a.tpot,
+        target=a.target,
+        max_gpus=a.max_gpus,
+        link=a.link,
+    )
+    _, source = planner.records_at(plan, a.rates[0])
+    console.print(f"workload: {source.rsplit('; ', 1)[0]}")
+    console.print(
+        f"profile: {plan.profile} (one instance = one GPU); SLO: {plan.slo_text()}, "
+        f">= {plan.target:.0%} of requests; requests per run: "
+        + ", ".join(f"{plan.requests_at(r)} at {r:g}" for r in a.rates)
+    )
+    results = {s: planner.plan_rates(plan, s, a.rates) for s in systems}
+    table = Table("rate (req/s)", *[f"{s} GPUs" for s in systems])
+    if "ecoserve" in systems and "distserve" in systems:
+        table.add_column("ecoserve / distserve")
+    for rate in sorted(a.rates):
+        row = [f"{rate:g}"]
+        for s in systems:
+            ans = results[s][rate]
+            cell = "> max" if ans.gpus is None else str(ans.gpus)
+            if ans.split:
+                cell += f" ({ans.split})"
+            row.append(cell)
+        if "ecoserve" in systems and "distserve" in systems:
+            r = planner.ratio(results["ecoserve"][rate].gpus, results["distserve"][rate].gpus)
+            row.append("-" if r is None else f"{r:.2f}")
+        table.add_row(*row)
+    console.print(table)
+    console.print("distserve (p:d) = prefill:decode GPUs; link " + plan.link)
+    if a.plot:
+        planner.plot(results, f"{plan.trace}; {plan.slo_text()}; {plan.profile}", a.plot)
+        console.print(f"wrote {a.plot}")
+    if a.json:
+        out = {
+            "plan": {k: v for k, v in plan.__dict__.items() if k != "sim"},
+            "slo": plan.slo_text(),
+            "workload": source,
+            "systems": {
+                s: {f"{r:g}": ans.as_dict() for r, ans in results[s].items()} for s in systems
+            },
+        }
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=2)
+        console.print(f"wrote {a.json}")
+    return 0
+
+
 def cmd_profiles(a: argparse.Namespace) -> int:
     for name in list_profiles():
         p = load_profile(name)
@@ -115,6 +183,31 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-rate", action="store_true", help="also search max rate at 90%% SLO")
     c.add_argument("--json", default=None, help="write results to this file")
     c.set_defaults(fn=cmd_compare)
+    pl = sub.add_parser("plan", help="fewest GPUs per system for a trace, SLO and target rate")
+    pl.add_argument(
+        "--trace", default="sharegpt", help="sharegpt | azure_conv | synthetic | a CSV/JSONL file"
+    )
+    pl.add_argument("--rates", type=float, nargs="+", default=[2.0, 5.0, 10.0, 20.0])
+    pl.add_argument("--systems", default="ecoserve,distserve,vllm")
+    pl.add_argument("--slo", choices=("jct", "ttft-tpot"), default="jct")
+    pl.add_argument("--slo-k", type=float, default=5.0, help="jct: JCT <= k x unloaded JCT")
+    pl.add_argument("--ttft", type=float, default=1.0, help="ttft-tpot: TTFT bound (s)")
+    pl.add_argument("--tpot", type=float, default=0.1, help="ttft-tpot: TPOT bound (s)")
+    pl.add_argument("--target", type=float, default=0.9, help="SLO attainment to reach")
+    pl.add_argument("--max-gpus", type=int, default=32)
+    pl.add_argument("--link", default="nvlink-a100", help=f"distserve KV link: {', '.join(LINKS)}")
+    pl.add_argument("--profile", default="llama-2-7b_a100-80gb")
+    pl.add_argument("--n", type=int, default=400, help="requests per run (at least)")
+    pl.add_argument(
+        "--duration", type=float, default=120.0, help="arrival window (s): n >= rate x this"
+    )
+    pl.add_argument("--seed", type=int, default=0)
+    pl.add_argument(
+        "--data-dir", default=None, help="default: $ECOSERVE_DATA_DIR or ../shared/data"
+    )
+    pl.add_argument("--plot", default=None, help="write GPUs vs rate here (PNG)")
+    pl.add_argument("--json", default=None, help="write the answers here")
+    pl.set_defaults(fn=cmd_plan)
     p = sub.add_parser("profiles", help="list shipped cost-model profiles")
     p.set_defaults(fn=cmd_profiles)
     f = sub.add_parser("fit-profile", help="fit a cost-model profile from measured step timings")
