@@ -344,7 +344,7 @@ class Step:
         self._scheduled: set[str] = set()  # prefill chunks only; decodes are in decode_ids
         self._dropped = False  # a scheduled request was preempted: filter the columns
         self.preempted = 0  # requests preempted (or failed) while building this step
-        self.placement_best_other: float | None = None  # the placement's per-step cache
+        self.placement_cache: list | None = None  # the placement's per-step cache
 
     @property
     def running(self) -> dict[str, Request]:

@@ -11,7 +11,8 @@ Placements (pick by name with `make_placement`; `SchedulerCore(policy, placement
 * `first-idle`: whichever worker schedules first takes the head (the behaviour before
   placement existed). Cheapest; piles work onto the lowest-numbered idle worker.
 * `least-loaded` (default): a worker takes the head only if its load is within `tolerance` of the
-  least-loaded worker that still has room (a free KV block and a sequence slot). Load is
+  least-loaded worker that could take it (free KV for its tokens so far plus one, and a
+  sequence slot). Load is
 
       KV held share  (blocks reserved, lent blocks included, / blocks a fresh admission may use)
     + sequence share (running requests / max_num_seqs)
@@ -22,8 +23,9 @@ Placements (pick by name with `make_placement`; `SchedulerCore(policy, placement
   A head deferred for `patience_s` (virtual or wall time, as passed in) is taken by any worker,
   so a best worker that cannot admit it (SLO guard, full budget) never starves it.
 
-Pure: no clock, no I/O. Cost: O(workers) once per `schedule` call (the other workers' best score
-is computed lazily and cached on the Step), O(1) per admission attempt.
+Pure: no clock, no I/O. Cost: O(workers log workers) once per `schedule` call that reaches
+admission (the other workers' loads are computed lazily and cached on the Step), and a short
+scan of that sorted list per admission attempt.
 """
 
 from __future__ import annotations
@@ -77,26 +79,30 @@ class LeastLoaded(Placement):
         self._deferred_since: dict[str, float] = {}
         self.deferrals = 0  # how often a worker left the head for a better one
 
-    def best_other(self, step) -> float:
-        """Lowest load among the other workers with room (cached for this step: the others
-        cannot change while this worker's step is being built)."""
-        cached = getattr(step, "placement_best_other", None)
-        if cached is not None:
-            return cached
-        me, weight = step.w, self.prefill_weight
-        best = math.inf
-        for w in step.core.workers.values():
-            if w is not me and has_room(w):
-                load = worker_load(w, weight)
-                if load < best:
-                    best = load
-        step.placement_best_other = best
-        return best
+    def others(self, step) -> list[tuple[float, int]]:
+        """(load, free blocks) of the other workers with room, least loaded first; cached for
+        this step (the others cannot change while this worker's step is being built)."""
+        cached = step.placement_cache
+        if cached is None:
+            me, weight = step.w, self.prefill_weight
+            cached = sorted(
+                (worker_load(w, weight), w.ledger.num_free)
+                for w in step.core.workers.values()
+                if w is not me and has_room(w)
+            )
+            step.placement_cache = cached
+        return cached
+
+    def best_other(self, step, r: Request) -> float:
+        """Lowest load among the other workers whose free KV holds at least r's tokens so far
+        plus one (a worker that cannot take r is no reason to leave it waiting)."""
+        need = step.ledger.blocks_for(r.num_tokens + 1)
+        return next((load for load, free in self.others(step) if free >= need), math.inf)
 
     def admits(self, step, r: Request) -> bool:
         if len(step.core.workers) < 2:
             return True
-        best = self.best_other(step)
+        best = self.best_other(step, r)
         if best == math.inf or worker_load(step.w, self.prefill_weight) <= best + self.tolerance:
             self._deferred_since.pop(r.request_id, None)
             return True
