@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 STAMP := .make/installed
 DATA_DIR ?= ../shared/data
 
-.PHONY: install test lint format proto demo demo-sim bench-sim bench-sim-quick bench-sched bench-worker bench-predictor bench-live train-predictor clean
+.PHONY: install test lint format proto demo demo-sim bench-sim bench-sim-quick bench-sched bench-cluster bench-worker bench-predictor bench-live train-predictor clean
 
 $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[dev]'
@@ -76,6 +76,11 @@ bench-live: $(STAMP)
 
 bench-sched: $(STAMP)
 	$(PYTHON) bench/sched_scale.py --out results/sched-scale
+
+# GPUs each system (ecoserve, distserve, vllm DP) needs per target rate, ShareGPT and Azure conv,
+# and plans/s of one scheduler over 1-64 simulated workers (~10 min on 2 cores; --quick: ~15 s).
+bench-cluster: $(STAMP)
+	ECOSERVE_DATA_DIR=$(DATA_DIR) $(PYTHON) bench/cluster.py --out results/cluster --data-dir $(DATA_DIR)
 
 clean:
 	rm -rf .make build *.egg-info .pytest_cache .ruff_cache
