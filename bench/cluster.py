@@ -33,6 +33,8 @@ import numpy as np
 
 from ecoserve_scheduler.core.placement import LeastLoaded
 from ecoserve_scheduler.sim import planner
+from ecoserve_scheduler.sim.cost_model import CostModel, load_profile
+from ecoserve_scheduler.sim.distserve import DistConfig, DistServeSim
 from ecoserve_scheduler.sim.engine import SimConfig, simulate_with_log
 from ecoserve_scheduler.sim.links import LINKS
 from ecoserve_scheduler.sim.rl_models import make_rl_model
@@ -41,6 +43,7 @@ from ecoserve_scheduler.sim.workload import TraceRecord, save_trace_file
 
 PROFILE = "llama-2-7b_a100-80gb"
 SYSTEMS = ("ecoserve", "distserve", "vllm")
+RL = make_rl_model("noisy")
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,8 @@ def cases(quick: bool, data_dir: str | None, out: Path) -> list[Case]:
                 ("ecoserve",),
             )
         )
+        tighter = replace(base, trace="sharegpt", slo="ttft-tpot", ttft_s=0.25, tpot_s=0.03)
+        out_cases.append(Case("sharegpt_ttft0.25_tpot0.03", tighter, (5.0, 10.0, 20.0), False))
         trace = long_prompt_trace(out / "long_prompt_trace.csv")
         long_slo = replace(base, trace=str(trace), slo="ttft-tpot", ttft_s=0.4, tpot_s=0.025)
         out_cases.append(
@@ -128,6 +133,44 @@ def plan_one(case: Case, system: str) -> tuple[str, str, dict, float]:
     answers = planner.plan_rates(case.plan, system, list(case.rates))
     dt = time.perf_counter() - t0
     return case.name, system, {f"{r:g}": a.as_dict() for r, a in answers.items()}, dt
+
+
+def utilisation(plan: planner.Plan, rate: float, row: dict) -> dict:
+    """Why the counts differ: share of time each kind of GPU computes, at each system's answer
+    (DistServe: prefill and decode GPUs apart), with mean TTFT and TPOT."""
+    records, _ = planner.records_at(plan, rate)
+    cost = CostModel(load_profile(plan.profile))
+    out: dict = {}
+    d = row["distserve"]
+    if d["gpus"]:
+        p, n = map(int, d["split"].split(":"))
+        sim = DistServeSim(
+            records, plan.sim_config("vllm"), DistConfig(p, n, link=plan.link), cost, RL
+        )
+        run, _ = sim.run()
+        out["distserve"] = {
+            "split": d["split"],
+            "prefill_busy": round(sim.busy_s["prefill"] / (run.duration_s * p), 3),
+            "decode_busy": round(sim.busy_s["decode"] / (run.duration_s * n), 3),
+            "mean_ttft_s": round(run.mean_ttft_s, 4),
+            "mean_tpot_s": round(run.mean_tpot_s, 4),
+            "mean_kv_transfer_ms": round(1e3 * float(np.mean(sim.transfer_s or [0.0])), 3),
+        }
+    e = row["ecoserve"]["gpus"]
+    if e:
+        cfg = replace(plan.sim_config("ecoserve"), num_workers=e)
+        run, _, log = simulate_with_log(records, cfg, cost, RL)
+        out["ecoserve"] = {
+            "gpus": e,
+            "busy": round(sum(log.iter_time) / (run.duration_s * e), 3),
+            "mean_ttft_s": round(run.mean_ttft_s, 4),
+            "mean_tpot_s": round(run.mean_tpot_s, 4),
+        }
+    return out
+
+
+def utilisation_task(name: str, plan: planner.Plan, rate: str, row: dict) -> tuple:
+    return name, rate, utilisation(plan, float(rate), row)
 
 
 # ---- scheduler scale ------------------------------------------------------------------------
@@ -280,6 +323,28 @@ def markdown(summary: dict) -> str:
                 f"| {rate} | {cells['ecoserve']} | {cells['distserve']} | {cells['vllm']} | "
                 f"{ratio} |"
             )
+        util = [
+            (r, row["utilisation"]) for r, row in case["rates"].items() if row.get("utilisation")
+        ]
+        if util:
+            lines += [
+                "",
+                "At each answer, share of time the GPUs run a step (a GPU holding any decoding "
+                "request always steps, so only the prefill share shows idle capacity), and "
+                "mean TTFT / TPOT:",
+                "",
+                "| rate | DistServe prefill busy | decode busy | TTFT s | TPOT s | "
+                "EcoServe busy | TTFT s | TPOT s |",
+                "|---:|---:|---:|---:|---:|---:|---:|---:|",
+            ]
+            for rate, u in util:
+                d, e = u.get("distserve", {}), u.get("ecoserve", {})
+                lines.append(
+                    f"| {rate} | {d.get('prefill_busy', '-')} | {d.get('decode_busy', '-')} | "
+                    f"{d.get('mean_ttft_s', '-')} | {d.get('mean_tpot_s', '-')} | "
+                    f"{e.get('busy', '-')} | {e.get('mean_ttft_s', '-')} | "
+                    f"{e.get('mean_tpot_s', '-')} |"
+                )
         lines += ["", f"![GPUs vs rate]({case['plot']})", ""]
     lines += [
         "## Scheduler scale",
@@ -365,6 +430,15 @@ def main() -> None:
         }
         if c.primary:
             summary["traces"][c.name] = rows
+    jobs = [
+        (c.name, c.plan, rate, row)
+        for c in all_cases
+        if c.systems == SYSTEMS
+        for rate, row in summary["cases"][c.name]["rates"].items()
+    ]
+    with ProcessPoolExecutor(max_workers=max(1, a.jobs)) as pool:
+        for name, rate, util in pool.map(utilisation_task, *zip(*jobs, strict=True)):
+            summary["cases"][name]["rates"][rate]["utilisation"] = util
     if not a.no_scale:
         workers = a.workers or ([1, 4, 16, 64] if a.quick else [1, 2, 4, 8, 16, 32, 64])
         for w in workers:

@@ -108,6 +108,7 @@ class DistServeSim:
         )
         self.transfer_s: list[float] = []  # every KV transfer's duration
         self.peak_decode_running = 0  # most requests one decode instance held at once
+        self.busy_s = {"prefill": 0.0, "decode": 0.0}  # GPU-seconds spent computing, per kind
         rng = np.random.default_rng(cfg.seed)
         self.requests: list[Request] = []
         for i, rec in enumerate(records):
@@ -170,6 +171,7 @@ class DistServeSim:
         p.busy = True
         shape = BatchShape(prefill_chunks=tuple((j.r.num_tokens, 0) for j in batch))
         dt = self.cost.iteration_time(shape)
+        self.busy_s["prefill"] += dt
         self.stats.iter_tokens.append(tokens)
         self.stats.iter_time.append(dt)
         self.stats.kv_reserved.append(1.0 - p.free / self.num_blocks)
@@ -244,6 +246,7 @@ class DistServeSim:
         ctx = sum(j.r.num_tokens for j in batch)
         dt = self.cost.iteration_time(BatchShape(decode_seqs=len(batch), decode_context_tokens=ctx))
         dec.busy = True
+        self.busy_s["decode"] += dt
         self.stats.iter_tokens.append(len(batch))
         self.stats.iter_time.append(dt)
         self.stats.kv_reserved.append(1.0 - dec.free / self.num_blocks)

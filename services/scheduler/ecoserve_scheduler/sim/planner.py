@@ -219,12 +219,14 @@ def plot(results: dict[str, dict[float, Answer]], title: str, path: str | Path) 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    styles = {"ecoserve": ("o", "-", 9), "distserve": ("s", "--", 7), "vllm": ("^", ":", 6)}
     for system, answers in results.items():
         rates = sorted(answers)
         gpus = [answers[r].gpus if answers[r].gpus is not None else math.nan for r in rates]
-        ax.plot(rates, gpus, marker="o", label=system)
+        marker, line, size = styles.get(system, ("x", "-", 6))  # equal answers stay visible
+        ax.plot(rates, gpus, marker=marker, linestyle=line, markersize=size, label=system)
     ax.set_xlabel("target rate (req/s)")
-    ax.set_ylabel("GPUs needed (>= 90% SLO attainment)")
+    ax.set_ylabel("GPUs needed (>= target SLO attainment)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
