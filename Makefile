@@ -78,7 +78,7 @@ bench-sched: $(STAMP)
 	$(PYTHON) bench/sched_scale.py --out results/sched-scale
 
 # GPUs each system (ecoserve, distserve, vllm DP) needs per target rate, ShareGPT and Azure conv,
-# and plans/s of one scheduler over 1-64 simulated workers (~10 min on 2 cores; --quick: ~15 s).
+# and plans/s of one scheduler over 1-64 simulated workers (~5 min on 2 cores; --quick: ~15 s).
 bench-cluster: $(STAMP)
 	ECOSERVE_DATA_DIR=$(DATA_DIR) $(PYTHON) bench/cluster.py --out results/cluster --data-dir $(DATA_DIR)
 
