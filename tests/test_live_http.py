@@ -148,6 +148,16 @@ def test_bad_input_and_over_capacity(http):
     assert httpx.get(base + "/health").status_code == 503  # up, but no workers
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_disconnect_aborts_its_request(http, stream):
+    _, base, engine = http(workers=())  # no worker: only an abort can end the request
+    body = {"prompt": "wait", "max_tokens": 3, "stream": stream}
+    with contextlib.suppress(httpx.ReadTimeout), httpx.Client(timeout=1) as c:
+        c.post(base + "/v1/completions", json=body)  # the client gives up and hangs up
+    wait_for(lambda: engine.pending == 0)
+    assert httpx.get(base + "/health").status_code == 503  # the server is still up
+
+
 def test_api_key_on_v1_routes(model_dir):
     from fastapi.testclient import TestClient
 

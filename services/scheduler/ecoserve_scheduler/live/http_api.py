@@ -3,16 +3,18 @@
 
 Errors use OpenAI's shape, {"error": {"message", "type", "code"}}: 400 for bad input, 429 with
 Retry-After when over capacity, 504 when the request's timeout passes. A streaming client that
-disconnects has its request aborted (the generator is closed and cancels it).
+disconnects, streaming or not, has its request aborted at once, so its KV blocks are freed in
+the engine's next iteration.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -20,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, Field
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from .frontend import RETRY_AFTER_S, Frontend, GenerateParams, Rejected
 
@@ -100,6 +103,13 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+async def _disconnected(request: Request) -> None:
+    """Return when the client closes its connection (the body is already read, so the next
+    ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def _error(status: int, message: str, kind: str, headers=None) -> JSONResponse:
     body = {"error": {"message": message, "type": kind, "code": status}}
     return JSONResponse(body, status_code=status, headers=headers)
@@ -145,9 +155,19 @@ def create_app(
             ignore_eos=body.ignore_eos,
         )
 
-    def run(params: GenerateParams, render, stream: bool):
-        try:
-            handle, prompt_len = frontend.start(params)
+    def cancel_on_disconnect(request: Request, handle) -> asyncio.Task:
+        """A task that aborts the request when its client hangs up (cancel it once done)."""
+
+        async def watch() -> None:
+            await _disconnected(request)
+            if not handle.done.is_set():
+                frontend.cancel(handle.request_id)
+
+        return asyncio.ensure_future(watch())
+
+    async def run(params: GenerateParams, render, stream: bool, request: Request):
+        try:  # validation, predictor call and store write block: off the event loop
+            handle, prompt_len = await run_in_threadpool(frontend.start, params)
         except Rejected as r:
             if r.code == "exhausted":
                 return _error(
@@ -176,7 +196,7 @@ def create_app(
         if stream:
 
             def events() -> Iterator[str]:
-                first, done = None, False
+                first = None
                 try:
                     for tokens, finish in frontend.follow(handle, timeout_s):
                         if tokens and first is None:
@@ -186,23 +206,39 @@ def create_app(
                         if finish:
                             chunk["usage"] = usage(len(handle.tokens))
                             observe(first, len(handle.tokens), finish)
-                            done = True
                         yield f"data: {json.dumps(chunk)}\n\n"
                     yield "data: [DONE]\n\n"
                 except TimeoutError as e:
                     yield f"data: {json.dumps({'error': {'message': str(e), 'code': 504}})}\n\n"
+
+            async def sse() -> AsyncIterator[str]:
+                # Nothing is sent while a request waits, so the send cannot notice a client
+                # that left: a watcher does, and the abort ends `follow` in its thread.
+                gone = cancel_on_disconnect(request, handle)
+                try:
+                    async for chunk in iterate_in_threadpool(events()):
+                        yield chunk
                 finally:
-                    if not done:  # client went away (or timed out): free its KV blocks
+                    gone.cancel()
+                    if not handle.done.is_set():
                         frontend.cancel(handle.request_id)
 
-            return StreamingResponse(events(), media_type="text/event-stream")
-        first = None
-        try:
+            return StreamingResponse(sse(), media_type="text/event-stream")
+
+        def collect() -> float | None:
+            first = None
             for tokens, _ in frontend.follow(handle, timeout_s):
                 if tokens and first is None:
                     first = time.monotonic()
+            return first
+
+        gone = cancel_on_disconnect(request, handle)
+        try:
+            first = await run_in_threadpool(collect)
         except TimeoutError as e:
             return _error(504, str(e), "timeout")
+        finally:
+            gone.cancel()
         reason = handle.finish_reason or ""
         observe(first, len(handle.tokens), reason)
         body = render(rid, created, tok.decode(handle.tokens), reason, stream=False)
@@ -248,7 +284,7 @@ def create_app(
         }
 
     @app.post("/v1/completions")
-    def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         prompt, ids = body.prompt, ()
         if isinstance(prompt, list):
             if prompt and all(isinstance(x, str) for x in prompt):
@@ -261,10 +297,10 @@ def create_app(
             params = params_of(body, prompt, ids, body.max_tokens)
         except Rejected as r:
             return _error(400, r.message, "invalid_request_error")
-        return run(params, render_completion, body.stream)
+        return await run(params, render_completion, body.stream, request)
 
     @app.post("/v1/chat/completions")
-    def chat(body: ChatRequest):
+    async def chat(body: ChatRequest, request: Request):
         messages = [m.model_dump() for m in body.messages]
         if not messages:
             return _error(400, "messages is empty", "invalid_request_error")
@@ -276,7 +312,7 @@ def create_app(
             params = params_of(body, prompt, (), body.max_completion_tokens or body.max_tokens)
         except Rejected as r:
             return _error(400, r.message, "invalid_request_error")
-        return run(params, render_chat, body.stream)
+        return await run(params, render_chat, body.stream, request)
 
     @app.get("/v1/models")
     def models() -> dict[str, Any]:
