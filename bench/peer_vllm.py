@@ -31,7 +31,7 @@ for sub in ("services/scheduler", "services/worker", "services/predictor", "sdk"
 
 import httpx  # noqa: E402
 
-from ecoserve_scheduler.live.demo import build_parser, summarize, workload  # noqa: E402
+from ecoserve_scheduler.live.demo import build_parser, summarize, timing, workload  # noqa: E402
 from ecoserve_scheduler.live.launcher import free_port, start_stack, stop_all  # noqa: E402
 
 VLLM_INSTALL = (
@@ -86,13 +86,7 @@ async def one(client, url, model, prompt, n, delay, out, i) -> None:
     except httpx.HTTPError as e:
         out[i] = {"ok": False, "error": repr(e)[:300]}
         return
-    out[i] = {
-        "ok": reason in ("length", "stop"),
-        "tokens": tokens,
-        "ttft_s": (first or end) - t0,
-        "jct_s": end - t0,
-        "tpot_s": (end - first) / (tokens - 1) if first and tokens > 1 else 0.0,
-    }
+    out[i] = timing(reason, tokens, t0, first, end)
 
 
 async def drive(base: str, model: str, items, rate: float, seed: int) -> tuple[list, float]:

@@ -55,6 +55,17 @@ def workload(a) -> tuple[str, list[tuple[str, int]]]:
     ]
 
 
+def timing(reason, tokens: int, t0: float, first: float | None, end: float) -> dict:
+    """One request's client-side result, as `summarize` reads it."""
+    return {
+        "ok": reason in ("length", "stop"),
+        "tokens": tokens,
+        "ttft_s": (first or end) - t0,
+        "jct_s": end - t0,
+        "tpot_s": (end - first) / (tokens - 1) if first and tokens > 1 else 0.0,
+    }
+
+
 def replay(address: str, items, rate: float, seed: int, progress=None) -> list[dict]:
     from ecoserve_client import Client, EcoServeError
 
@@ -73,13 +84,7 @@ def replay(address: str, items, rate: float, seed: int, progress=None) -> list[d
                 tokens += len(chunk.token_ids)
                 reason = chunk.finish_reason
             end = time.perf_counter()
-            results[i] = {
-                "ok": reason in ("length", "stop"),
-                "tokens": tokens,
-                "ttft_s": (first or end) - t0,
-                "jct_s": end - t0,
-                "tpot_s": (end - first) / (tokens - 1) if first and tokens > 1 else 0.0,
-            }
+            results[i] = timing(reason, tokens, t0, first, end)
         except EcoServeError as e:
             results[i] = {"ok": False, "error": str(e)}
         if progress:
