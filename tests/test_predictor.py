@@ -263,6 +263,14 @@ def test_packaged_artifact_loads_and_predicts():
     assert len(r.point) == 2 and np.all(r.upper >= r.point) and np.all(r.point > 0)
 
 
+def test_predictor_session_does_not_spin_between_calls():
+    """It shares a CPU host with the model workers: ORT's default spin-wait burned ~8x the
+    CPU of a call (bench/peer_vllm.py's process breakdown), so both pools are set to sleep."""
+    opts = OnnxPredictor(device="cpu").session.get_session_options()
+    for pool in ("intra_op", "inter_op"):
+        assert opts.get_session_config_entry(f"session.{pool}.allow_spinning") == "0"
+
+
 def test_serve_command_answers_health_then_exits_on_sigterm(artifact):
     """The real CLI process: SERVING on its port, a Predict call, exit 0 on SIGTERM."""
     import os
