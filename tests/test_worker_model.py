@@ -129,6 +129,49 @@ def test_non_contiguous_and_reversed_tables(runner, prompts, reference, table):
     assert decode_greedy(runner, prompts[3], table, N_NEW) == reference[3]
 
 
+@pytest.mark.parametrize("overhead", [0, 10**6])
+def test_decodes_of_different_lengths_grouped_or_padded(
+    runner, model_dir, prompts, reference, monkeypatch, overhead
+):
+    """Decode rows are attended in groups of similar context length (overhead 0: one group
+    per power-of-two class) or padded together (huge overhead): the tokens are the same."""
+    import ecoserve_worker.model_runner as mr
+
+    monkeypatch.setattr(mr, "GROUP_OVERHEAD_BLOCKS", overhead)
+    short = prompts[0][:3]  # 2 blocks against the others' 4-14
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = hf.generate(torch.tensor([short]), max_new_tokens=N_NEW, min_new_tokens=N_NEW)
+    cases = [*prompts, short]
+    expected = [*reference, out[0, len(short) :].tolist()]
+    order = [2, 4, 0, 3, 1]  # not sorted by length: groups scatter back to the right rows
+    tables = {i: list(range(i * NBLK, (i + 1) * NBLK)) for i in order}
+    seqs = [(f"r{i}", cases[i], 0, tables[i]) for i in order]
+    outs = {i: [t] for i, t in zip(order, greedy(runner.step(seqs)), strict=True)}
+    widths = [len(cases[i]) // BLOCK + 1 for i in order]
+    assert (len(mr.group_by_width(widths, overhead)) > 1) == (overhead == 0)
+    while len(outs[order[0]]) < N_NEW:
+        seqs = [
+            (f"r{i}", [outs[i][-1]], len(cases[i]) + len(outs[i]) - 1, tables[i]) for i in order
+        ]
+        for i, tok in zip(order, greedy(runner.step(seqs)), strict=True):
+            outs[i].append(tok)
+    assert [outs[i] for i in range(5)] == expected
+
+
+def test_group_by_width_partitions_rows():
+    from ecoserve_worker.model_runner import group_by_width
+
+    widths = [1, 9, 2, 3, 40, 8, 1, 33]
+    groups = group_by_width(widths, 0)
+    assert sorted(i for g in groups for i in g) == list(range(len(widths)))
+    for g in groups:  # overhead 0: nothing merged, padding at most doubles a row
+        assert max(widths[i] for i in g) < 2 * min(widths[i] for i in g)
+    assert group_by_width(widths, 10**6) == [list(range(len(widths)))]  # one group, in order
+    assert group_by_width([5, 5, 5], 0) == [[0, 1, 2]]
+    merged = group_by_width([1, 1, 2, 64], 4)  # padding 1,1 to 2 costs 2 blocks: merged
+    assert merged == [[0, 1, 2], [3]]
+
+
 def test_reused_blocks_after_garbage(runner, prompts, reference):
     """Blocks freed by another sequence (and random garbage) must not leak into attention."""
     table = list(range(96, 96 + NBLK))

@@ -43,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (ignored with --sim)")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch intra-op threads on CPU (default: torch's own, one per core); give each "
+        "worker sharing a host its share of the cores",
+    )
     p.add_argument("--num-blocks", type=int, default=1024, help="KV cache blocks")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument(
@@ -74,6 +81,8 @@ def make_backend(args: argparse.Namespace):
     from .backends import ModelBackend
     from .model_runner import ModelRunner
 
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     runner = ModelRunner(
         args.model, args.device, getattr(torch, args.dtype), args.num_blocks, args.block_size
     )

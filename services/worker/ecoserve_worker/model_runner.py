@@ -66,14 +66,23 @@ class _Prefill:
 
 
 @dataclass
+class _DecodeGroup:
+    """Decode rows of similar context length, attended in one padded call per layer."""
+
+    rows: slice | torch.Tensor  # their places among the step's decode rows
+    blocks: torch.Tensor  # [n * W] their block tables, padded with block 0 (masked out)
+    batch: int  # n
+    width: int  # W, in blocks
+    masks: dict[int | None, torch.Tensor]  # per window: [n, 1, 1, W * block_size], 0 or -inf
+
+
+@dataclass
 class _Decode:
-    """All single-token rows of a step, attended together in one padded call per layer."""
+    """All single-token rows of a step, attended in a few padded calls per layer."""
 
     rows: slice | torch.Tensor  # their token indices: a slice when they lead the batch
-    slots: torch.Tensor  # [B * C] pool slots of their contexts (padding: slot 0, masked)
     batch: int
-    width: int  # C, padded context length
-    masks: dict[int | None, torch.Tensor]  # per window: [B, 1, 1, C], 0 or -inf
+    groups: list[_DecodeGroup]
 
 
 @dataclass
@@ -123,6 +132,39 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+# A separate attention call per layer costs about what this many padded context blocks do
+# (measured on CPU: ~4 small ops per call against ~1 us per context token per step).
+GROUP_OVERHEAD_BLOCKS = 16
+
+
+def group_by_width(widths: Sequence[int], overhead: int) -> list[list[int]]:
+    """Split rows into groups padded to their widest row, wasting little on padding.
+
+    Rows are sorted by width and cut where the power-of-two size class changes (so padding
+    at most doubles a row); then neighbouring groups are merged, cheapest first, while a merge
+    pads fewer than `overhead` blocks in all (a call per group costs that much). One group,
+    in the original order, when the widths are alike: the common case pays nothing.
+    """
+    order = sorted(range(len(widths)), key=widths.__getitem__)
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and widths[i].bit_length() == widths[groups[-1][-1]].bit_length():
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    while len(groups) > 1:
+        cost = [
+            len(a) * (widths[b[-1]] - widths[a[-1]]) for a, b in zip(groups, groups[1:])
+        ]
+        k = min(range(len(cost)), key=cost.__getitem__)
+        if cost[k] >= overhead:
+            break
+        groups[k : k + 2] = [groups[k] + groups[k + 1]]
+    if len(groups) == 1:
+        return [list(range(len(widths)))]
+    return groups
+
+
 class ModelRunner:
     """Holds the model weights and the paged KV pool; ``step`` runs one scheduler iteration."""
 
@@ -170,6 +212,7 @@ class ModelRunner:
         # is computed per step instead.
         self._rope_static = "dynamic" not in str(getattr(base.rotary_emb, "rope_type", ""))
         self._cos = self._sin = torch.empty(0, self.head_dim, dtype=dtype, device=self.device)
+        self._scratch = torch.empty(0, dtype=dtype, device=self.device)
 
     def _fuse_layer(self, index: int, layer: nn.Module) -> _Layer:
         attn, mlp = layer.self_attn, layer.mlp
@@ -316,22 +359,40 @@ class ModelRunner:
         )
 
     def _decode_view(self, rows, tables: Sequence[Sequence[int]], starts) -> _Decode:
-        """Padded pool slots and masks of single-token rows at positions ``starts``."""
+        """Block tables and masks of single-token rows at positions ``starts``, grouped by
+        context length. A table may run past its position (blocks reserved for later
+        tokens): only the blocks up to the position are read."""
         bs = self.block_size
+        widths = [p // bs + 1 for p in starts]
+        groups = [
+            self._decode_group(idx, [tables[i] for i in idx], [starts[i] for i in idx], widths)
+            for idx in group_by_width(widths, GROUP_OVERHEAD_BLOCKS)
+        ]
+        return _Decode(rows, len(tables), groups)
+
+    def _decode_group(self, idx: list[int], tables, starts, widths) -> _DecodeGroup:
         dev = self.device
-        width = max(map(len, tables))
-        flat = [b for t in tables for b in (*t, *(0,) * (width - len(t)))]
-        tbl = _longs(flat, dev).view(len(tables), width)  # [B, W]
-        slots = (tbl[:, :, None] * bs + torch.arange(bs, device=dev)).view(-1)  # [B * C]
-        ctx = torch.arange(width * bs, device=dev)  # [C]
-        pos = _longs(starts, dev)[:, None]  # [B, 1]
+        width = max(widths[i] for i in idx)
+        flat = [b for t in tables for b in (*t[:width], *(0,) * (width - len(t)))]
+        ctx = torch.arange(width * self.block_size, device=dev)  # [C]
+        pos = _longs(starts, dev)[:, None]  # [n, 1]
         valid = ctx[None] <= pos
         masks = {}
         for w in set(self.windows):  # additive masks: SDPA's CPU kernel is ~2x faster than bool
             m = valid if w is None else valid & (ctx[None] > pos - w)
             bias = torch.zeros(m.shape, dtype=self.dtype, device=dev)
             masks[w] = bias.masked_fill_(~m, float("-inf"))[:, None, None, :]
-        return _Decode(rows, slots, len(tables), width * bs, masks)
+        in_order = idx == list(range(idx[0], idx[0] + len(idx)))
+        rows = slice(idx[0], idx[0] + len(idx)) if in_order else _longs(idx, dev)
+        return _DecodeGroup(rows, _longs(flat, dev), len(idx), width, masks)
+
+    def _buffer(self, numel: int) -> torch.Tensor:
+        """A scratch tensor of at least `numel` elements, kept between steps. The decode
+        gather is the largest temporary of a step (B x context x KV row); allocating it fresh
+        each layer cost page faults worth ~5x the copy itself (measured, CPU)."""
+        if self._scratch.numel() < numel:
+            self._scratch = torch.empty(numel, dtype=self.dtype, device=self.device)
+        return self._scratch[:numel]
 
     def _fresh_mask(self, n: int, window: int | None) -> torch.Tensor | None:
         """Mask of a fresh n-token prompt: None (plain causal) unless a window cuts it."""
@@ -404,34 +465,50 @@ class ModelRunner:
 
         dec = batch.decode
         if dec is not None and not batch.prefills:  # pure decode step: one call, no scatter
-            return self._decode_attention(layer, q, pool, dec)
+            return self._decode_attention(layer, q, li, dec)
         out = q.new_empty(n_tok, nh * d)
         if dec is not None:
             rows = dec.rows
             qd = q[rows] if isinstance(rows, slice) else q.index_select(0, rows)
-            out[rows] = self._decode_attention(layer, qd, pool, dec)
+            out[rows] = self._decode_attention(layer, qd, li, dec)
         for p in batch.prefills:
             self._prefill_attention(layer, q, new_kv, pool, p, out)
         return out
 
-    def _decode_attention(self, layer: _Layer, q, pool, dec: _Decode) -> torch.Tensor:
-        """One SDPA call for all single-token rows: q [B, H, D] -> [B, H * D].
+    def _decode_attention(self, layer: _Layer, q, li: int, dec: _Decode) -> torch.Tensor:
+        """Attend all single-token rows, q [B, H, D] -> [B, H * D]: one SDPA call per group.
 
         The query heads sharing a KV head ride in SDPA's query-length dimension
-        ([B, KVH, groups, D] against [B, KVH, C, D]), so K/V are never repeated; the mask
+        ([n, KVH, groups, D] against [n, KVH, C, D]), so K/V are never repeated; the mask
         covers keys only, so each of those "queries" sees exactly its row's context.
         """
-        b, kvh = dec.batch, self.num_kv_heads
-        qg = q.reshape(b, kvh, self.num_heads // kvh, self.head_dim)
-        kv = pool.index_select(0, dec.slots).view(b, dec.width, 2, kvh, self.head_dim)
+        if len(dec.groups) == 1:
+            return self._attend_group(layer, q, li, dec.groups[0])
+        out = q.new_empty(dec.batch, self.num_heads * self.head_dim)
+        for g in dec.groups:
+            qg = q[g.rows] if isinstance(g.rows, slice) else q.index_select(0, g.rows)
+            o = self._attend_group(layer, qg, li, g)
+            if isinstance(g.rows, slice):
+                out[g.rows] = o
+            else:
+                out.index_copy_(0, g.rows, o)
+        return out
+
+    def _attend_group(self, layer: _Layer, q, li: int, g: _DecodeGroup) -> torch.Tensor:
+        kvh, d, bs = self.num_kv_heads, self.head_dim, self.block_size
+        cache = self.kv_cache[li]
+        blocks = cache.view(self.num_blocks, -1)  # one row per block: gathered whole
+        kv = self._buffer(g.blocks.numel() * blocks.shape[1]).view(-1, blocks.shape[1])
+        torch.index_select(blocks, 0, g.blocks, out=kv)
+        kv = kv.view(g.batch, g.width * bs, 2, kvh, d)
         o = F.scaled_dot_product_attention(
-            qg,
-            kv[:, :, 0].transpose(1, 2),  # [B, KVH, C, D]
+            q.reshape(g.batch, kvh, self.num_heads // kvh, d),
+            kv[:, :, 0].transpose(1, 2),  # [n, KVH, C, D]
             kv[:, :, 1].transpose(1, 2),
-            attn_mask=dec.masks[layer.window],
+            attn_mask=g.masks[layer.window],
             scale=layer.scaling,
         )
-        return o.reshape(b, -1)
+        return o.reshape(g.batch, -1)
 
     def _prefill_attention(self, layer: _Layer, q, new_kv, pool, p: _Prefill, out) -> None:
         """Attend a group of prefill chunks and write their rows of ``out``."""
