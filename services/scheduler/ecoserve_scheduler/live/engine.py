@@ -95,6 +95,8 @@ class LiveEngine:
         self.core_s = 0.0  # time inside core.schedule / core.apply (scheduler overhead)
         self.forward_s = 0.0  # workers' reported step time
         self.steps = 0
+        self.decode_tokens = 0  # tokens planned: with forward_s, the workers' speed in situ
+        self.prefill_tokens = 0
         self._pending = 0  # submitted, not yet finished: admission control reads it
         self._pending_lock = threading.Lock()
         self.stats_snapshot: dict = {}  # the core's stats, refreshed by the loop
@@ -154,6 +156,8 @@ class LiveEngine:
                         "steps": self.steps,
                         "core_s": self.core_s,
                         "forward_s": self.forward_s,
+                        "decode_tokens": self.decode_tokens,
+                        "prefill_tokens": self.prefill_tokens,
                         "workers_dropped": self.workers_dropped,
                     },
                 }
@@ -184,6 +188,8 @@ class LiveEngine:
             self.core_s += time.perf_counter() - t0
             self._deliver(self.core.take_events())
             if plan is not None:
+                self.decode_tokens += len(plan.decodes)
+                self.prefill_tokens += plan.num_tokens - len(plan.decodes)
                 self._sock.send_multipart([w.routing_id, encode("scheduler", plan_to_proto(plan))])
 
     def _drop_silent(self, now: float) -> None:
