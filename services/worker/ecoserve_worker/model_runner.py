@@ -16,6 +16,7 @@ what a step costs; this path makes ~8 kernel calls per layer where HF's makes ~4
 from __future__ import annotations
 
 import array
+import itertools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,9 +154,7 @@ def group_by_width(widths: Sequence[int], overhead: int) -> list[list[int]]:
         else:
             groups.append([i])
     while len(groups) > 1:
-        cost = [
-            len(a) * (widths[b[-1]] - widths[a[-1]]) for a, b in zip(groups, groups[1:])
-        ]
+        cost = [len(a) * (widths[b[-1]] - widths[a[-1]]) for a, b in itertools.pairwise(groups)]
         k = min(range(len(cost)), key=cost.__getitem__)
         if cost[k] >= overhead:
             break
