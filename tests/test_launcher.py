@@ -16,7 +16,7 @@ pytest.importorskip("onnxruntime")
 
 from ecoserve_scheduler.live import scheduler_pb2 as pb  # noqa: E402
 from ecoserve_scheduler.live import scheduler_pb2_grpc as pb_grpc  # noqa: E402
-from ecoserve_scheduler.live.launcher import free_port  # noqa: E402
+from ecoserve_scheduler.live.launcher import free_port, worker_threads  # noqa: E402
 from ecoserve_scheduler.store import RequestStore, make_engine  # noqa: E402
 
 
@@ -136,3 +136,10 @@ def test_demo_without_data_uses_synthetic_prompts_and_says_so(tmp_path):
     summary = json.loads(out.read_text())
     assert (summary["requests"], summary["completed"], summary["failed"]) == (6, 6, 0)
     assert summary["throughput_tok_s"] > 0 and summary["ttft_p50_s"] <= summary["jct_p50_s"]
+
+
+def test_worker_threads_split_cores_and_leave_one_for_the_control_plane():
+    assert worker_threads(1, cores=2) == 1
+    assert worker_threads(2, cores=16) == 7
+    assert worker_threads(4, cores=2) == 1  # never zero
+    assert worker_threads(1, cores=1) == 1

@@ -125,6 +125,7 @@ def summarize(results: list[dict], elapsed: float, a) -> dict:
         "ttft_p50_s": pct("ttft_s", 0.5),
         "ttft_p99_s": pct("ttft_s", 0.99),
         "tpot_p50_s": statistics.median(r["tpot_s"] for r in ok) if ok else float("nan"),
+        "tpot_p99_s": pct("tpot_s", 0.99),
         "jct_p50_s": pct("jct_s", 0.5),
         "jct_p99_s": pct("jct_s", 0.99),
         "slo": {"ttft_s": a.ttft_slo_s, "tpot_s": a.tpot_slo_s},

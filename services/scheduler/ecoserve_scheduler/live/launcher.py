@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--worker-threads",
         type=int,
         default=0,
-        help="torch threads per worker (default: this host's cores / --workers, at least 1)",
+        help="torch threads per worker (default: (cores - 1) / --workers, at least 1)",
     )
     return p
 
@@ -96,10 +96,12 @@ def stop_all(procs: dict[str, subprocess.Popen]) -> None:
 
 
 def worker_threads(workers: int, cores: int | None = None) -> int:
-    """Each local worker's share of the cores. torch defaults every process to one thread per
-    core; N workers then run N x cores spinning OpenMP threads, and a step waits for its
-    slowest thread (measured on 2 cores, 2 workers: decode steps 3-5x slower than alone)."""
-    return max(1, (cores or os.cpu_count() or 1) // max(1, workers))
+    """Each local worker's share of the cores, one core left for the scheduler, predictor
+    and HTTP. torch gives every process one thread per core, and an OpenMP step waits for
+    its slowest thread: measured on 2 cores (bench/peer_vllm.py), one worker with 2 threads
+    next to the scheduler made 407 output tok/s, with 1 thread 565; two workers with 2 threads
+    each ran decode steps 3-5x slower than alone."""
+    return max(1, ((cores or os.cpu_count() or 1) - 1) // max(1, workers))
 
 
 @dataclass
