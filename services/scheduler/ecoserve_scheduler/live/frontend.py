@@ -10,6 +10,7 @@ the engine loop.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import time
 import uuid
@@ -116,25 +117,33 @@ class Frontend:
     def follow(
         self, handle: RequestHandle, timeout_s: float | None = None
     ) -> Iterator[tuple[list[int], str | None]]:
-        """(new tokens, None) per token, then ([], finish reason); records the end."""
+        """(new tokens, None) as they come, then ([], finish reason); records the end.
+
+        Tokens already queued when the caller comes back are handed over together: a reader
+        that falls behind (a busy HTTP thread pool) catches up in one hop, not one per token.
+        """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         started = False
         while True:
             wait = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                ev = handle.events.get(timeout=wait)
+                events = [handle.events.get(timeout=wait)]
             except queue.Empty:
                 self.engine.cancel(handle.request_id)
                 self.record_end(handle.request_id, "aborted", len(handle.tokens))
                 raise TimeoutError("deadline passed; request aborted") from None
-            if isinstance(ev, TokenEvent):
+            with contextlib.suppress(queue.Empty):
+                while not isinstance(events[-1], FinishEvent):
+                    events.append(handle.events.get_nowait())
+            tokens = [ev.token_id for ev in events if isinstance(ev, TokenEvent)]
+            if tokens:
                 if not started and self.store is not None:
                     self.store.mark_running(handle.request_id)
                 started = True
-                yield [ev.token_id], None
-            elif isinstance(ev, FinishEvent):
-                self.record_end(handle.request_id, ev.reason, len(handle.tokens))
-                yield [], ev.reason
+                yield tokens, None
+            if isinstance(events[-1], FinishEvent):
+                self.record_end(handle.request_id, events[-1].reason, len(handle.tokens))
+                yield [], events[-1].reason
                 return
 
     def cancel(self, request_id: str) -> None:

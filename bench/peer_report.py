@@ -1,0 +1,241 @@
+"""Markdown report and plots from bench/peer_vllm.py's summary.json.
+
+    python bench/peer_report.py results/peer
+
+Writes OUT/report.md, OUT/peer_vs_rate.png and OUT/peer_cpu.png. Every number in them comes
+from summary.json; the report says which system is the reference (vllm) and, for each EcoServe
+set-up, the ratios against it at each rate and at each system's best.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+TARGET_RATE_RATIO = 1.5  # the issue's targets: max rate at SLO90 and saturated output tok/s
+TARGET_TOKS_RATIO = 1.0
+PEER = "vllm"
+
+
+def _f(x, nd=2) -> str:
+    return "-" if x is None else f"{x:.{nd}f}"
+
+
+def _ratio(a, b) -> str:
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
+def saturated_tok_s(system: dict) -> float:
+    """Output tokens/s at saturation: the best any rate reached."""
+    return max(m["throughput_tok_s"] for m in system["rates"].values())
+
+
+def headline(systems: dict) -> list[str]:
+    peer = systems[PEER]
+    lines = [
+        "| system | set-up | max rate at SLO >= 90% (req/s) | ratio to vLLM | saturated output "
+        "tok/s | ratio to vLLM |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, s in systems.items():
+        lines.append(
+            f"| {name} | {s.get('setup', '')} | {s['max_rate_at_slo90']:g} | "
+            f"{_ratio(s['max_rate_at_slo90'], peer['max_rate_at_slo90'])} | "
+            f"{saturated_tok_s(s):.0f} | {_ratio(saturated_tok_s(s), saturated_tok_s(peer))} |"
+        )
+    return lines
+
+
+def per_rate(systems: dict) -> list[str]:
+    cols = (
+        "req/s offered | system | req/s | output tok/s | goodput req/s | SLO met | TTFT p50 / "
+        "p99 s | TPOT p50 / p99 s | JCT p50 / p99 s | KV used mean / max"
+    )
+    lines = ["| " + cols + " |", "|" + "---|" * (cols.count("|") + 1)]
+    rates = sorted({float(r) for s in systems.values() for r in s["rates"]})
+    for rate in rates:
+        for name, s in systems.items():
+            m = s["rates"].get(f"{rate:g}")
+            if m is None:
+                continue
+            lines.append(
+                f"| {rate:g} | {name} | {_f(m['throughput_req_s'])} | "
+                f"{_f(m['throughput_tok_s'], 0)} | {_f(m['goodput_req_s'])} | "
+                f"{m['slo_attainment']:.0%} | {_f(m['ttft_p50_s'])} / {_f(m['ttft_p99_s'])} | "
+                f"{_f(m['tpot_p50_s'], 3)} / {_f(m.get('tpot_p99_s'), 3)} | "
+                f"{_f(m['jct_p50_s'])} / {_f(m['jct_p99_s'])} | "
+                f"{_f(m.get('kv_usage_mean'))} / {_f(m.get('kv_usage_max'))} |"
+            )
+    return lines
+
+
+def ratios(systems: dict) -> list[str]:
+    peer = systems[PEER]["rates"]
+    lines = [
+        "| EcoServe set-up | req/s offered | output tok/s | goodput | TTFT p99 (lower is "
+        "better for EcoServe below 1) | TPOT p50 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, s in systems.items():
+        if name == PEER:
+            continue
+        for rate, m in s["rates"].items():
+            p = peer.get(rate)
+            if p is None:
+                continue
+            lines.append(
+                f"| {name} | {rate} | {_ratio(m['throughput_tok_s'], p['throughput_tok_s'])} | "
+                f"{_ratio(m['goodput_req_s'], p['goodput_req_s'])} | "
+                f"{_ratio(m['ttft_p99_s'], p['ttft_p99_s'])} | "
+                f"{_ratio(m['tpot_p50_s'], p['tpot_p50_s'])} |"
+            )
+    return lines
+
+
+def cpu_breakdown(systems: dict) -> list[str]:
+    """Where the CPU went at each system's most loaded rate, per 1,000 output tokens."""
+    lines = [
+        "| system | rate | wall s | process: CPU s per 1k output tokens | worker forward busy "
+        "| scheduler core s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, s in systems.items():
+        rate, m = max(s["rates"].items(), key=lambda kv: float(kv[0]))
+        if "cpu_s" not in m:
+            continue
+        tokens = m["throughput_tok_s"] * m["elapsed_s"]
+        procs = ", ".join(f"{p} {v / tokens * 1000:.2f}" for p, v in m["cpu_s"].items())
+        eng = m.get("engine") or {}
+        workers = sum(1 for p in m["cpu_s"] if p.startswith("worker"))
+        busy = eng.get("forward_s", 0) / (m["elapsed_s"] * workers) if workers else None
+        lines.append(
+            f"| {name} | {rate} | {m['elapsed_s']:.1f} | {procs} | "
+            f"{'-' if busy is None else f'{busy:.0%}'} | {_f(eng.get('core_s'))} |"
+        )
+    return lines
+
+
+def plots(systems: dict, slo: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("throughput_tok_s", "output tokens/s"),
+        ("goodput_req_s", "goodput (req/s meeting SLO)"),
+        ("slo_attainment", "SLO attainment"),
+        ("ttft_p99_s", "TTFT p99 (s)"),
+        ("tpot_p50_s", "TPOT p50 (s)"),
+        ("kv_usage_mean", "KV used (mean fraction)"),
+    ]
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
+    for ax, (key, label) in zip(axes.flat, panels, strict=True):
+        for name, s in systems.items():
+            rates = sorted(s["rates"], key=float)
+            ys = [s["rates"][r].get(key) for r in rates]
+            ax.plot([float(r) for r in rates], ys, marker="o", label=name)
+        ax.set_xlabel("offered rate (req/s)")
+        ax.set_title(label)
+        if key == "ttft_p99_s":
+            ax.set_yscale("log")
+            ax.axhline(slo["ttft_s"], color="grey", ls="--", lw=1)
+        if key == "tpot_p50_s":
+            ax.axhline(slo["tpot_s"], color="grey", ls="--", lw=1)
+        if key == "slo_attainment":
+            ax.axhline(0.9, color="grey", ls="--", lw=1)
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend()
+    fig.tight_layout()
+    fig.savefig(out / "peer_vs_rate.png", dpi=90)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    names = list(systems)
+    bottoms = [0.0] * len(names)
+    procs = sorted(
+        {p for s in systems.values() for m in s["rates"].values() for p in m.get("cpu_s", {})}
+    )
+    for proc in procs:
+        vals = []
+        for name in names:
+            rate, m = max(systems[name]["rates"].items(), key=lambda kv: float(kv[0]))
+            tokens = m["throughput_tok_s"] * m["elapsed_s"]
+            vals.append(m.get("cpu_s", {}).get(proc, 0.0) / tokens * 1000 if tokens else 0.0)
+        ax.bar(names, vals, bottom=bottoms, label=proc)
+        bottoms = [b + v for b, v in zip(bottoms, vals, strict=True)]
+    ax.set_ylabel("CPU s per 1k output tokens")
+    ax.set_title("CPU per process at the highest offered rate")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "peer_cpu.png", dpi=90)
+    plt.close(fig)
+
+
+def write_report(out: Path) -> str:
+    summary = json.loads((out / "summary.json").read_text())
+    systems, slo, setup = summary["systems"], summary["slo"], summary["setup"]
+    if PEER not in systems:
+        raise SystemExit(f"{out}/summary.json has no {PEER} results: run bench/peer_vllm.py")
+    plots(systems, slo, out)
+    best = {n: s["max_rate_at_slo90"] for n, s in systems.items()}
+    ours = {n: v for n, v in best.items() if n != PEER}
+    lead = max(ours, key=lambda n: (ours[n], saturated_tok_s(systems[n])))
+    rate_ratio = best[lead] / best[PEER] if best[PEER] else float("inf")
+    tok_ratio = saturated_tok_s(systems[lead]) / saturated_tok_s(systems[PEER])
+    verdict = [
+        f"- Max rate at >= 90% SLO attainment: {lead} {best[lead]:g} req/s, vLLM "
+        f"{best[PEER]:g} req/s: **{rate_ratio:.2f}x** (target {TARGET_RATE_RATIO}x: "
+        f"{'met' if rate_ratio >= TARGET_RATE_RATIO else 'not met'}).",
+        f"- Output tokens/s at saturation: {lead} {saturated_tok_s(systems[lead]):.0f}, vLLM "
+        f"{saturated_tok_s(systems[PEER]):.0f}: **{tok_ratio:.2f}x** (target "
+        f"{TARGET_TOKS_RATIO}x: {'met' if tok_ratio >= TARGET_TOKS_RATIO else 'not met'}).",
+    ]
+    text = "\n".join(
+        [
+            "# EcoServe side by side with vLLM on this machine",
+            "",
+            f"Machine: {setup['machine']}. Model: {setup['model']}. Workload: "
+            f"{setup['workload']}, {setup['requests_per_rate']} requests per rate, output "
+            f"capped at {setup['max_output_tokens']} tokens. KV capacity: "
+            f"{setup['kv_tokens']} tokens for each system. Client: {setup['load_generator']}.",
+            "",
+            f"SLO: a request meets it when its time to first token is at most {slo['ttft_s']} s "
+            f"and its mean time per output token after the first is at most {slo['tpot_s']} s, "
+            "both measured by the client; goodput is the rate of requests that met it.",
+            "",
+            "## Headline",
+            "",
+            *verdict,
+            "",
+            *headline(systems),
+            "",
+            "![per rate](peer_vs_rate.png)",
+            "",
+            "## Per rate",
+            "",
+            *per_rate(systems),
+            "",
+            "## EcoServe / vLLM at each rate",
+            "",
+            *ratios(systems),
+            "",
+            "## Where the CPU went (highest offered rate)",
+            "",
+            "CPU seconds of each process (with its children) while the rate ran, per 1,000 "
+            "output tokens; for EcoServe also the share of wall time the workers spent in "
+            "forward passes and the scheduler core's own time.",
+            "",
+            *cpu_breakdown(systems),
+            "",
+            "![cpu](peer_cpu.png)",
+            "",
+        ]
+    )
+    (out / "report.md").write_text(text)
+    return text
+
+
+if __name__ == "__main__":
+    print(write_report(Path(sys.argv[1] if len(sys.argv) > 1 else "results/peer")))
