@@ -73,8 +73,8 @@ def per_rate(systems: dict) -> list[str]:
 def ratios(systems: dict) -> list[str]:
     peer = systems[PEER]["rates"]
     lines = [
-        "| EcoServe set-up | req/s offered | output tok/s | goodput | TTFT p99 (lower is "
-        "better for EcoServe below 1) | TPOT p50 |",
+        "| EcoServe set-up | req/s offered | output tok/s | goodput | TTFT p99 (below 1x: "
+        "EcoServe's is lower) | TPOT p50 (below 1x: EcoServe's is lower) |",
         "|---|---|---|---|---|---|",
     ]
     for name, s in systems.items():
@@ -214,6 +214,9 @@ def write_report(out: Path) -> str:
             "![per rate](peer_vs_rate.png)",
             "",
             "## Per rate",
+            "",
+            "KV used is sampled from each server's /metrics: for EcoServe the blocks it holds, "
+            "reservations for predicted output included; for vLLM the blocks allocated.",
             "",
             *per_rate(systems),
             "",
