@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import tempfile
@@ -97,6 +98,34 @@ def ecoserve_decode(runner: ModelRunner, prompts: list[list[int]], steps: int) -
     _sync(runner.device)
     elapsed = time.perf_counter() - t0
     return {"tok_s": len(prompts) * steps / elapsed, "step_s": elapsed / steps}
+
+
+def mixed_contexts(batch: int, seed: int, cap: int = 1280) -> list[int]:
+    """Context lengths like a ShareGPT decode batch: lognormal, median ~200, a long tail."""
+    rng = random.Random(seed)
+    return [min(cap, max(1, int(rng.lognormvariate(5.3, 0.8)))) for _ in range(batch)]
+
+
+def decode_step_mixed(runner: ModelRunner, contexts: list[int], repeats: int, padded: bool):
+    """Median time of one decode step whose rows sit at different context lengths (what the
+    pool holds does not change the cost). `padded` forces the single padded attention call
+    (every row padded to the longest) that grouping by length replaced."""
+    import ecoserve_worker.model_runner as mr
+
+    bs, start, seqs = runner.block_size, 0, []
+    for i, ctx in enumerate(contexts):
+        n = ctx // bs + 1
+        seqs.append((f"r{i}", [1], ctx, list(range(start, start + n))))
+        start += n
+    if start > runner.num_blocks:
+        raise ValueError("runner pool too small for these contexts")
+    saved = mr.GROUP_OVERHEAD_BLOCKS
+    mr.GROUP_OVERHEAD_BLOCKS = 10**9 if padded else saved
+    try:
+        runner.step(seqs)
+        return _median_time(lambda: runner.step(seqs), repeats, str(runner.device))
+    finally:
+        mr.GROUP_OVERHEAD_BLOCKS = saved
 
 
 def ecoserve_prefill(runner: ModelRunner, prompts: list[list[int]], repeats: int) -> float:
@@ -417,6 +446,16 @@ def run_bench(
         }
         if 32 in batches:
             summary["speedup_b32"] = eco["decode_tok_s_b32"] / tra["decode_tok_s_b32"]
+        # Rows of one decode step at ShareGPT-like, unequal context lengths: grouped by length
+        # (what runs) against one call padded to the longest row.
+        contexts = mixed_contexts(32, seed=0)
+        summary["decode_mixed_ctx_b32"] = {
+            "contexts_mean": sum(contexts) / len(contexts),
+            "contexts_max": max(contexts),
+            "step_s_grouped": decode_step_mixed(runner, contexts, repeats * 5, padded=False),
+            "step_s_padded": decode_step_mixed(runner, contexts, repeats * 5, padded=True),
+        }
+        log(f"mixed-context decode b32: {summary['decode_mixed_ctx_b32']}")
         (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
         return summary
     finally:

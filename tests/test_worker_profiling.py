@@ -181,6 +181,9 @@ def test_bench_core_writes_summary(model_dir, tmp_path):
             assert data[side][key] > 0
     assert data["zmq_roundtrip_share_b32"] > 0
     assert data["speedup_b32"] > 0
+    mixed = data["decode_mixed_ctx_b32"]
+    assert mixed["step_s_grouped"] > 0 and mixed["step_s_padded"] > 0
+    assert mixed["contexts_max"] > 2 * mixed["contexts_mean"]  # unequal rows, as intended
     assert data["machine"]["torch_threads"] >= 1
     assert data["model"]["hidden_size"] == 64
     assert data["token_budget"] in (16, 32)
