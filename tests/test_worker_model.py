@@ -158,6 +158,22 @@ def test_decodes_of_different_lengths_grouped_or_padded(
     assert [outs[i] for i in range(5)] == expected
 
 
+def test_prepacked_projections_match_plain_linear(model_dir, prompts):
+    """On CPU fp32 the projections run through oneDNN-prepacked weights by default; the
+    logits stay within float rounding of F.linear's and greedy tokens are the same."""
+    from ecoserve_worker.model_runner import can_prepack
+
+    if not can_prepack(torch.device("cpu"), torch.float32):
+        pytest.skip("this torch build has no oneDNN prepacked linear")
+    packed = ModelRunner(model_dir, num_blocks=64, block_size=BLOCK)
+    plain = ModelRunner(model_dir, num_blocks=64, block_size=BLOCK, prepack=False)
+    assert packed.prepack and not plain.prepack
+    seqs = [(f"r{i}", p, 0, list(range(i * NBLK, (i + 1) * NBLK))) for i, p in enumerate(prompts)]
+    a, b = packed.step(seqs), plain.step(seqs)
+    assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+    assert greedy(a) == greedy(b)
+
+
 def test_group_by_width_partitions_rows():
     from ecoserve_worker.model_runner import group_by_width
 

@@ -33,6 +33,39 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SeqInput = tuple[str, Sequence[int], int, Sequence[int]]
 
 
+class _Proj:
+    """One projection, y = x W^T + b. On CPU in fp32 the weight is also kept prepacked in
+    oneDNN's blocked layout (the layout torch.compile's CPU backend uses): measured on 2 cores,
+    1 thread, a 5-row x [2048, 256] projection took 87 us against 171 us through F.linear, and
+    decode steps are mostly such small projections. That copy costs the layers' weight memory
+    once more, so it is only made where the model is small enough to serve from a CPU."""
+
+    __slots__ = ("weight", "bias", "packed")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, prepack: bool) -> None:
+        self.weight, self.bias, self.packed = weight, bias, None
+        if prepack:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS_HINT)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            return F.linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+PACK_ROWS_HINT = 16  # oneDNN picks its blocking for about this many rows; any count runs
+
+
+def can_prepack(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether _Proj can use oneDNN's prepacked fp32 weights here."""
+    return (
+        device.type == "cpu"
+        and dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    )
+
+
 @dataclass
 class _Layer:
     """One decoder layer's weights, fused where HF keeps them apart."""
@@ -40,14 +73,10 @@ class _Layer:
     in_norm: torch.Tensor
     post_norm: torch.Tensor
     eps: float
-    qkv: torch.Tensor  # [(H + 2 * KVH) * D, hidden]: q, then k, then v rows
-    qkv_bias: torch.Tensor | None
-    o_proj: torch.Tensor
-    o_bias: torch.Tensor | None
-    gate_up: torch.Tensor  # [2 * I, hidden]: gate rows, then up rows
-    gate_up_bias: torch.Tensor | None
-    down: torch.Tensor
-    down_bias: torch.Tensor | None
+    qkv: _Proj  # [(H + 2 * KVH) * D, hidden]: q, then k, then v rows
+    o_proj: _Proj
+    gate_up: _Proj  # [2 * I, hidden]: gate rows, then up rows
+    down: _Proj
     act: Callable[[torch.Tensor], torch.Tensor]
     window: int | None  # sliding window, None for full attention
     scaling: float
@@ -174,6 +203,7 @@ class ModelRunner:
         dtype: torch.dtype = torch.float32,
         num_blocks: int = 256,
         block_size: int = 16,
+        prepack: bool | None = None,
     ) -> None:
         path = Path(model_dir)
         if not (path / "config.json").is_file():
@@ -201,6 +231,11 @@ class ModelRunner:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.hidden_size = config.hidden_size
         base = self.model.model
+        # None: prepack where it can (CPU, fp32) and the decoder weights are under 2 GiB.
+        layer_bytes = sum(p.numel() for p in base.layers.parameters()) * 4
+        if prepack is None:
+            prepack = can_prepack(self.device, dtype) and layer_bytes < 2**31
+        self.prepack = prepack
         self.layers = [self._fuse_layer(i, layer) for i, layer in enumerate(base.layers)]
         self.windows = [layer.window for layer in self.layers]
         self.norm_eps = _eps(base.norm)
@@ -217,18 +252,15 @@ class ModelRunner:
         attn, mlp = layer.self_attn, layer.mlp
         qkv, qkv_bias = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
         gate_up, gate_up_bias = _fuse([mlp.gate_proj, mlp.up_proj])
+        pack = self.prepack
         return _Layer(
             layer.input_layernorm.weight,
             layer.post_attention_layernorm.weight,
             _eps(layer.input_layernorm),
-            qkv,
-            qkv_bias,
-            attn.o_proj.weight,
-            attn.o_proj.bias,
-            gate_up,
-            gate_up_bias,
-            mlp.down_proj.weight,
-            mlp.down_proj.bias,
+            _Proj(qkv, qkv_bias, pack),
+            _Proj(attn.o_proj.weight, attn.o_proj.bias, pack),
+            _Proj(gate_up, gate_up_bias, pack),
+            _Proj(mlp.down_proj.weight, mlp.down_proj.bias, pack),
             F.silu if isinstance(mlp.act_fn, nn.SiLU) else mlp.act_fn,
             self._layer_window(index),
             float(attn.scaling),
@@ -436,10 +468,10 @@ class ModelRunner:
         for li, layer in enumerate(self.layers):
             h = F.rms_norm(x, (hidden,), layer.in_norm, layer.eps)
             attn = self._attention(li, layer, h, cos, sin, batch)
-            x = x + F.linear(attn, layer.o_proj, layer.o_bias)
+            x = x + layer.o_proj(attn)
             h = F.rms_norm(x, (hidden,), layer.post_norm, layer.eps)
-            gate, up = F.linear(h, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
-            x = x + F.linear(layer.act(gate) * up, layer.down, layer.down_bias)
+            gate, up = layer.gate_up(h).chunk(2, dim=-1)
+            x = x + layer.down(layer.act(gate) * up)
         if batch.last is not None:
             x = x.index_select(0, batch.last)
         x = F.rms_norm(x, (hidden,), base.norm.weight, self.norm_eps)
@@ -453,7 +485,7 @@ class ModelRunner:
         """
         n_tok = h.shape[0]
         nh, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = F.linear(h, layer.qkv, layer.qkv_bias).view(n_tok, nh + 2 * kvh, d)
+        qkv = layer.qkv(h).view(n_tok, nh + 2 * kvh, d)
         qk = qkv[:, : nh + kvh]
         rotated = _rotate_half(qk).mul_(sin).addcmul_(qk, cos)
         qk.copy_(rotated)  # q and k rotated in place, so k lands next to v for one write
