@@ -4,10 +4,16 @@ PIP := $(PYTHON) -m pip
 STAMP := .make/installed
 DATA_DIR ?= ../shared/data
 
-.PHONY: install test lint format proto demo demo-sim bench-sim bench-sim-quick bench-sched bench-cluster bench-worker bench-predictor bench-live bench-peer bench-peer-short train-predictor clean
+.PHONY: install test lint format check-split proto demo demo-sim bench-sim bench-sim-quick bench-sched bench-cluster bench-worker bench-predictor bench-live bench-peer bench-peer-short train-predictor clean
 
-$(STAMP): pyproject.toml
-	$(PIP) install -q -e '.[dev]'
+# One distribution per service (each installs only its own dependencies; the Dockerfiles install
+# one each); for development all of them go editable into one environment.
+DISTS := services/common services/scheduler services/worker services/predictor sdk stack
+PYPROJECTS := $(addsuffix /pyproject.toml,$(DISTS))
+
+$(STAMP): $(PYPROJECTS) requirements-dev.txt
+	$(PIP) install -q -e services/common -e services/scheduler -e services/worker \
+		-e 'services/predictor[train]' -e sdk -e stack -r requirements-dev.txt
 	@mkdir -p .make && touch $(STAMP)
 
 install: $(STAMP)
@@ -15,28 +21,25 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PYTHON) -m pytest
 
+SRC := services sdk stack bench tests
+
 lint: $(STAMP)
-	$(PYTHON) -m ruff check services sdk bench tests
-	$(PYTHON) -m ruff format --check services sdk bench tests
+	$(PYTHON) -m ruff check $(SRC)
+	$(PYTHON) -m ruff format --check $(SRC)
+	$(PYTHON) -m mypy
 
 format: $(STAMP)
-	$(PYTHON) -m ruff format services sdk bench tests
-	$(PYTHON) -m ruff check --fix services sdk bench tests
+	$(PYTHON) -m ruff format $(SRC)
+	$(PYTHON) -m ruff check --fix $(SRC)
 
-# Regenerate the protobuf code checked in beside the services (a test checks it is current).
+# A fresh venv per light distribution, without torch: the SDK alone, the scheduler alone; each
+# imports and runs its smoke test (tests/smoke/). CI runs it (.ci/run).
+check-split:
+	$(PYTHON) tests/smoke/check_split.py
+
+# Regenerate the contract's protobuf / gRPC code (tests/test_contract.py checks it is current).
 proto: $(STAMP)
-	$(PYTHON) -m grpc_tools.protoc -Iproto --python_out=services/worker/ecoserve_worker/wire \
-		--pyi_out=services/worker/ecoserve_worker/wire proto/worker.proto
-	$(PYTHON) -m grpc_tools.protoc -Iproto --python_out=services/predictor/ecoserve_predictor \
-		--pyi_out=services/predictor/ecoserve_predictor \
-		--grpc_python_out=services/predictor/ecoserve_predictor proto/predictor.proto
-	sed -i 's/^import predictor_pb2 as/from . import predictor_pb2 as/' \
-		services/predictor/ecoserve_predictor/predictor_pb2_grpc.py
-	$(PYTHON) -m grpc_tools.protoc -Iproto --python_out=services/scheduler/ecoserve_scheduler/live \
-		--pyi_out=services/scheduler/ecoserve_scheduler/live \
-		--grpc_python_out=services/scheduler/ecoserve_scheduler/live proto/scheduler.proto
-	sed -i 's/^import scheduler_pb2 as/from . import scheduler_pb2 as/' \
-		services/scheduler/ecoserve_scheduler/live/scheduler_pb2_grpc.py
+	PYTHON=$(PYTHON) services/common/gen_proto.sh
 
 # Main job: the live stack (predictor, scheduler, 2 CPU workers on the tiny model, SQLite)
 # serving a ShareGPT slice (synthetic prompts if $(DATA_DIR) is absent; the output says which).
@@ -107,4 +110,5 @@ bench-cluster: $(STAMP)
 	ECOSERVE_DATA_DIR=$(DATA_DIR) $(PYTHON) bench/cluster.py --out results/cluster --data-dir $(DATA_DIR)
 
 clean:
-	rm -rf .make build *.egg-info .pytest_cache .ruff_cache
+	rm -rf .make build .pytest_cache .ruff_cache .mypy_cache
+	find services sdk stack -name '*.egg-info' -prune -exec rm -rf {} +

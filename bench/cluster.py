@@ -31,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ecoserve_common.cost import CostModel, load_profile
 from ecoserve_scheduler.core.placement import LeastLoaded
 from ecoserve_scheduler.sim import planner
-from ecoserve_scheduler.sim.cost_model import CostModel, load_profile
 from ecoserve_scheduler.sim.distserve import DistConfig, DistServeSim
 from ecoserve_scheduler.sim.engine import SimConfig, simulate_with_log
 from ecoserve_scheduler.sim.links import LINKS

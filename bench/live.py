@@ -26,8 +26,8 @@ for sub in ("services/scheduler", "services/worker", "services/predictor", "sdk"
     sys.path.insert(0, str(REPO / sub))
 
 from ecoserve_client import Client  # noqa: E402
-from ecoserve_scheduler.live.demo import build_parser, replay, summarize, workload  # noqa: E402
-from ecoserve_scheduler.live.launcher import free_port, start_stack, stop_all  # noqa: E402
+from ecoserve_stack.demo import build_parser, replay, summarize, workload  # noqa: E402
+from ecoserve_stack.launcher import free_port, start_stack, stop_all  # noqa: E402
 
 
 def sample_kv(address: str, stop: threading.Event, out: list[float]) -> None:

@@ -32,8 +32,8 @@ for sub in ("services/scheduler", "services/worker", "services/predictor", "sdk"
 
 import httpx  # noqa: E402
 
-from ecoserve_scheduler.live.demo import build_parser, summarize, timing, workload  # noqa: E402
-from ecoserve_scheduler.live.launcher import (  # noqa: E402
+from ecoserve_stack.demo import build_parser, summarize, timing, workload  # noqa: E402
+from ecoserve_stack.launcher import (  # noqa: E402
     free_port,
     start_stack,
     stop_all,
@@ -266,8 +266,8 @@ def sweep(name: str, base: str, items, a, pids: dict[str, int], engine=None) -> 
 def engine_counters(grpc_address: str):
     import grpc
 
-    from ecoserve_scheduler.live import scheduler_pb2 as pb
-    from ecoserve_scheduler.live import scheduler_pb2_grpc as pb_grpc
+    from ecoserve_common.pb import scheduler_pb2 as pb
+    from ecoserve_common.pb import scheduler_pb2_grpc as pb_grpc
 
     stub = pb_grpc.SchedulerStub(grpc.insecure_channel(grpc_address))
     return lambda: json.loads(stub.Stats(pb.StatsRequest(), timeout=5).json)["engine"]

@@ -43,7 +43,7 @@ from ecoserve_predictor.data import (  # noqa: E402
 )
 from ecoserve_predictor.metrics import baselines, evaluate  # noqa: E402
 from ecoserve_predictor.runtime import PACKAGED_ARTIFACT, OnnxPredictor  # noqa: E402
-from ecoserve_scheduler.live.launcher import free_port  # noqa: E402
+from ecoserve_stack.launcher import free_port  # noqa: E402
 
 
 def accuracy(predictor: OnnxPredictor, val) -> dict[str, float]:
@@ -77,8 +77,8 @@ def grpc_latency(artifact: Path, prompts: list[str], load_s: float) -> dict[str,
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from ecoserve_predictor import predictor_pb2 as pb
-    from ecoserve_predictor import predictor_pb2_grpc as pb_grpc
+    from ecoserve_common.pb import predictor_pb2 as pb
+    from ecoserve_common.pb import predictor_pb2_grpc as pb_grpc
 
     port = free_port()
     env = dict(os.environ)

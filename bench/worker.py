@@ -225,8 +225,8 @@ def zmq_roundtrip(plan, iters: int) -> dict[str, float]:
 
     import zmq
 
-    from ecoserve_scheduler.core import StepResult
-    from ecoserve_worker.wire import (
+    from ecoserve_common.pb import worker_pb2 as pb
+    from ecoserve_common.wire import (
         decode,
         encode,
         plan_from_proto,
@@ -234,7 +234,7 @@ def zmq_roundtrip(plan, iters: int) -> dict[str, float]:
         result_from_proto,
         result_to_proto,
     )
-    from ecoserve_worker.wire import worker_pb2 as pb
+    from ecoserve_scheduler.core import StepResult
 
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)

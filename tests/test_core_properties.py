@@ -344,7 +344,7 @@ class CoreRun:
             assert rid in self.core.requests, f"event for unknown request {rid}"
             if isinstance(e, TokenEvent):
                 seen = self.tokens[rid]
-                assert e.index == len(seen), f"{rid}: token index {e.index} after {len(seen)}"
+                assert e.output_index == len(seen), f"{rid}: token index {e.output_index} after {len(seen)}"
                 assert rid not in self.finished, f"{rid}: token after its finish"
                 seen.append(e.token_id)
             elif isinstance(e, FinishEvent):

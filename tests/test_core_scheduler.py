@@ -100,9 +100,9 @@ class Driver:
         for e in events:
             if isinstance(e, TokenEvent):
                 seen = self.tokens[e.request_id]
-                assert e.index == len(seen), f"{e.request_id}: token index {e.index} after {seen}"
+                assert e.output_index == len(seen), f"{e.request_id}: token index {e.output_index} after {seen}"
                 assert e.request_id not in self.finishes
-                seen.append(e.index)
+                seen.append(e.output_index)
             elif isinstance(e, FinishEvent):
                 assert e.request_id not in self.finishes, f"{e.request_id} finished twice"
                 assert e.reason

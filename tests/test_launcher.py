@@ -14,15 +14,17 @@ grpc = pytest.importorskip("grpc")
 pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
-from ecoserve_scheduler.live import scheduler_pb2 as pb  # noqa: E402
-from ecoserve_scheduler.live import scheduler_pb2_grpc as pb_grpc  # noqa: E402
-from ecoserve_scheduler.live.launcher import free_port, worker_threads  # noqa: E402
+from conftest import free_port  # noqa: E402
+
+from ecoserve_common.pb import scheduler_pb2 as pb  # noqa: E402
+from ecoserve_common.pb import scheduler_pb2_grpc as pb_grpc  # noqa: E402
 from ecoserve_scheduler.store import RequestStore, make_engine  # noqa: E402
+from ecoserve_stack.launcher import worker_threads  # noqa: E402
 
 
 def test_up_serves_a_request_and_stops_cleanly(tmp_path):
     port, http_port = free_port(), free_port()
-    cmd = [sys.executable, "-m", "ecoserve_scheduler.cli", "up", "--workers", "2"]
+    cmd = [sys.executable, "-m", "ecoserve_stack.cli", "up", "--workers", "2"]
     cmd += ["--grpc-port", str(port), "--home", str(tmp_path), "--num-blocks", "128"]
     cmd += ["--http-port", str(http_port)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -125,7 +127,7 @@ def test_scheduler_restart_leaves_no_request_in_limbo(tmp_path):
 
 def test_demo_without_data_uses_synthetic_prompts_and_says_so(tmp_path):
     out = tmp_path / "demo.json"
-    cmd = [sys.executable, "-m", "ecoserve_scheduler.cli", "demo", "--n", "6", "--rate", "20"]
+    cmd = [sys.executable, "-m", "ecoserve_stack.cli", "demo", "--n", "6", "--rate", "20"]
     cmd += ["--workers", "1", "--home", str(tmp_path), "--data-dir", str(tmp_path / "none")]
     cmd += ["--max-output", "8", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

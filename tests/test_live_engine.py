@@ -19,21 +19,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 zmq = pytest.importorskip("zmq")
 torch = pytest.importorskip("torch")
 
+from ecoserve_common.pb import worker_pb2 as pb  # noqa: E402
+from ecoserve_common.wire import decode, encode  # noqa: E402
 from ecoserve_scheduler.core import Request, SamplingParams, SchedulerCore, make_policy  # noqa: E402
 from ecoserve_scheduler.live import LiveEngine  # noqa: E402
 from ecoserve_worker.model_runner import ModelRunner, greedy  # noqa: E402
-from ecoserve_worker.tiny_model import build_tiny_model  # noqa: E402
-from ecoserve_worker.wire import decode, encode  # noqa: E402
-from ecoserve_worker.wire import worker_pb2 as pb  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_TOKENS = 12
 WAIT_S = 120  # only reached when something is broken
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")

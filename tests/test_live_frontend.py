@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ecoserve_scheduler.core.plan import FinishEvent, PreemptEvent, TokenEvent
+from ecoserve_scheduler.core.events import FinishEvent, PreemptEvent, TokenEvent
 from ecoserve_scheduler.live.engine import RequestHandle
 from ecoserve_scheduler.live.frontend import Frontend
 

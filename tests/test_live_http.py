@@ -16,6 +16,7 @@ uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("torch")
 
+from conftest import free_port  # noqa: E402
 from test_live_api import reference  # noqa: E402
 from test_live_engine import start_worker, wait_for  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
@@ -24,15 +25,8 @@ from ecoserve_scheduler.core import SchedulerCore, make_policy  # noqa: E402
 from ecoserve_scheduler.live import LiveEngine  # noqa: E402
 from ecoserve_scheduler.live.frontend import ApiLimits, Frontend  # noqa: E402
 from ecoserve_scheduler.live.http_api import create_app  # noqa: E402
-from ecoserve_scheduler.live.launcher import free_port  # noqa: E402
-from ecoserve_worker.tiny_model import build_tiny_model  # noqa: E402
 
 N = 8
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture

@@ -17,8 +17,8 @@ pytest.importorskip("onnxruntime")
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
-from ecoserve_predictor import predictor_pb2 as pb  # noqa: E402
-from ecoserve_predictor import predictor_pb2_grpc as pb_grpc  # noqa: E402
+from ecoserve_common.pb import predictor_pb2 as pb  # noqa: E402
+from ecoserve_common.pb import predictor_pb2_grpc as pb_grpc  # noqa: E402
 from ecoserve_predictor.__main__ import main  # noqa: E402
 from ecoserve_predictor.data import split, synthetic_pairs  # noqa: E402
 from ecoserve_predictor.features import Encoder, bucket_of  # noqa: E402
@@ -194,6 +194,7 @@ def test_concurrent_calls_share_a_batch_and_expired_ones_are_dropped(service, ar
 
 
 def test_retrain_from_the_request_store(tmp_path, pairs):
+    from ecoserve_scheduler.cli import main as scheduler_cli
     from ecoserve_scheduler.store import RequestStore, create_schema, make_engine
 
     url = f"sqlite:///{tmp_path / 'store.db'}"
@@ -204,42 +205,17 @@ def test_retrain_from_the_request_store(tmp_path, pairs):
         store.add(f"q{i}", p.prompt, len(p.prompt.split()), 1024, float(i))
         if i % 10:  # every tenth request never finished: not training data
             store.finish(f"q{i}", p.response_tokens, float(i) + 1)
+    served = tmp_path / "served.jsonl"
+    assert scheduler_cli(["export-pairs", "--db", url, "--out", str(served)]) == 0
     out = tmp_path / "retrained"
-    args = ["retrain", "--db", url, "--out", str(out), "--epochs", "3", "--vocab-size", "300"]
+    args = ["retrain", "--pairs", str(served), "--out", str(out), "--epochs", "3"]
+    args += ["--vocab-size", "300"]
     assert main([*args, "--min-rows", "1000"]) == 2  # too few rows: refused, nothing written
     assert not out.exists()
     assert main([*args, "--min-rows", "100"]) == 0
     meta = OnnxPredictor(out, device="cpu").meta
     used = meta["train_pairs"] + meta["calibration_pairs"] + meta["val_pairs"]
     assert meta["source"] == "store" and used == 360
-
-
-def test_checked_in_grpc_code_matches_the_proto(tmp_path):
-    import importlib.util
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    if importlib.util.find_spec("grpc_tools") is None:
-        pytest.skip("grpcio-tools absent")
-    repo = Path(__file__).resolve().parents[1]
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "grpc_tools.protoc",
-            f"-I{repo / 'proto'}",
-            f"--python_out={tmp_path}",
-            f"--grpc_python_out={tmp_path}",
-            str(repo / "proto" / "predictor.proto"),
-        ],
-        check=True,
-    )
-    pkg = repo / "services/predictor/ecoserve_predictor"
-    assert (tmp_path / "predictor_pb2.py").read_text() == (pkg / "predictor_pb2.py").read_text()
-    grpc_code = (tmp_path / "predictor_pb2_grpc.py").read_text()
-    grpc_code = grpc_code.replace("\nimport predictor_pb2 as", "\nfrom . import predictor_pb2 as")
-    assert grpc_code == (pkg / "predictor_pb2_grpc.py").read_text(), "run `make proto`"
 
 
 def test_upper_bound_is_calibrated_on_held_out_pairs(artifact):
@@ -279,7 +255,7 @@ def test_serve_command_answers_health_then_exits_on_sigterm(artifact):
     import sys
     from pathlib import Path
 
-    from ecoserve_scheduler.live.launcher import free_port
+    from conftest import free_port
 
     port = free_port()
     repo = Path(__file__).resolve().parents[1]

@@ -18,20 +18,14 @@ from test_live_engine import start_worker, wait_for  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from ecoserve_client import AsyncClient, Client, EcoServeError  # noqa: E402
+from ecoserve_common.pb import scheduler_pb2 as pb  # noqa: E402
+from ecoserve_common.pb import scheduler_pb2_grpc as pb_grpc  # noqa: E402
 from ecoserve_scheduler.core import SchedulerCore, make_policy  # noqa: E402
 from ecoserve_scheduler.live import LiveEngine  # noqa: E402
-from ecoserve_scheduler.live import scheduler_pb2 as pb  # noqa: E402
-from ecoserve_scheduler.live import scheduler_pb2_grpc as pb_grpc  # noqa: E402
 from ecoserve_scheduler.live.api import SchedulerService, build_server  # noqa: E402
 from ecoserve_scheduler.live.frontend import ApiLimits, Frontend  # noqa: E402
-from ecoserve_worker.tiny_model import build_tiny_model  # noqa: E402
 
 PROMPT = [11, 22, 33, 44, 55]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")

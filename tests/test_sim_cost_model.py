@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ecoserve_scheduler.core.plan import BatchShape
+from ecoserve_common.plan import BatchShape
 from ecoserve_scheduler.sim.cost_model import (
     COEFFICIENTS,
     CostModel,

@@ -18,7 +18,6 @@ pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config  # noqa: E402
 
 from ecoserve_worker.model_runner import ModelRunner, greedy, make_generator, sample  # noqa: E402
-from ecoserve_worker.tiny_model import build_tiny_model  # noqa: E402
 
 BLOCK = 4  # small blocks so short prompts span many of them
 NBLK = 16  # blocks per sequence: enough for the longest prompt (35 tokens) + N_NEW
@@ -29,11 +28,6 @@ TEXTS = [
     "Short requests may borrow the empty tail of a long request.",
     "Numbers matter too: 1, 2, 3, 42.",
 ]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")

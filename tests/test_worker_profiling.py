@@ -19,7 +19,6 @@ from ecoserve_worker.profiling import (  # noqa: E402
     token_budget,
     write_timings,
 )
-from ecoserve_worker.tiny_model import build_tiny_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = {
@@ -38,13 +37,6 @@ SMALL_SHAPES = [
     (32, 0, 4, 32),
     (32, 16, 0, 0),
 ]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny") / "model"
-    build_tiny_model(out)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 zmq = pytest.importorskip("zmq")
 torch = pytest.importorskip("torch")
 
+from ecoserve_common.cost import CostModel, load_profile  # noqa: E402
+from ecoserve_common.pb import worker_pb2 as pb  # noqa: E402
+from ecoserve_common.wire import (  # noqa: E402
+    PROTOCOL_VERSION,
+    decode,
+    encode,
+    plan_to_proto,
+    result_from_proto,
+)
 from ecoserve_scheduler.core import (  # noqa: E402
     Request,
     SamplingParams,
@@ -30,7 +39,6 @@ from ecoserve_scheduler.core import (  # noqa: E402
     WorkerSpec,
     make_policy,
 )
-from ecoserve_scheduler.sim.cost_model import CostModel, load_profile  # noqa: E402
 from ecoserve_worker.__main__ import (  # noqa: E402
     DEFAULT_TOKEN_BUDGET,
     build_parser,
@@ -40,15 +48,6 @@ from ecoserve_worker.__main__ import (  # noqa: E402
 from ecoserve_worker.backends import EchoBackend, ModelBackend, SimBackend  # noqa: E402
 from ecoserve_worker.model_runner import ModelRunner, greedy  # noqa: E402
 from ecoserve_worker.server import EXIT_OK, EXIT_REFUSED, WorkerServer  # noqa: E402
-from ecoserve_worker.tiny_model import build_tiny_model  # noqa: E402
-from ecoserve_worker.wire import (  # noqa: E402
-    PROTOCOL_VERSION,
-    decode,
-    encode,
-    plan_to_proto,
-    result_from_proto,
-)
-from ecoserve_worker.wire import worker_pb2 as pb  # noqa: E402
 
 BLOCK = 4
 NUM_BLOCKS = 64
@@ -57,11 +56,6 @@ MAX_TOKENS = 8
 PROFILE = "llama-2-7b/a100-80gb"
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_MS = 5000  # a frame the test waits for; only reached when something is broken
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,6 @@ with Client("127.0.0.1:50051") as c:
         print(chunk.text, end="", flush=True)
 """
 
-from .client import AsyncClient, Chunk, Client, Completion, EcoServeError
+from .client import AsyncClient, Chunk, Client, Completion, EcoServeError, InvalidSampling
 
-__all__ = ["AsyncClient", "Chunk", "Client", "Completion", "EcoServeError"]
+__all__ = ["AsyncClient", "Chunk", "Client", "Completion", "EcoServeError", "InvalidSampling"]

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import grpc
 import grpc.aio
 
-from ecoserve_scheduler.live import scheduler_pb2 as pb
-from ecoserve_scheduler.live import scheduler_pb2_grpc as pb_grpc
+from ecoserve_common.pb import scheduler_pb2 as pb
+from ecoserve_common.pb import scheduler_pb2_grpc as pb_grpc
+from ecoserve_common.sampling import InvalidSampling, SamplingParams  # noqa: F401 (re-exported)
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
 
@@ -59,18 +60,28 @@ def _request(
     request_id: str = "",
 ) -> pb.GenerateRequest:
     """The GenerateRequest every call sends: give `prompt` text or `token_ids`; an unknown
-    keyword is a TypeError."""
-    return pb.GenerateRequest(
-        prompt=prompt or "",
-        prompt_token_ids=list(token_ids or ()),
+    keyword is a TypeError, an out-of-range sampling value an InvalidSampling (a ValueError
+    naming the field) before anything is sent: the contract's one validation."""
+    sp = SamplingParams.checked(
         max_tokens=max_tokens,
         temperature=temperature,
         top_p=top_p,
         top_k=top_k,
-        has_seed=seed is not None,
-        seed=seed or 0,
-        stop_token_ids=list(stop_token_ids),
+        seed=seed,
+        stop_token_ids=stop_token_ids,
         ignore_eos=ignore_eos,
+    )
+    return pb.GenerateRequest(
+        prompt=prompt or "",
+        prompt_token_ids=list(token_ids or ()),
+        max_tokens=sp.max_tokens,
+        temperature=sp.temperature,
+        top_p=sp.top_p,
+        top_k=sp.top_k,
+        has_seed=sp.seed is not None,
+        seed=sp.seed or 0,
+        stop_token_ids=list(sp.stop_token_ids),
+        ignore_eos=sp.ignore_eos,
         request_id=request_id,
     )
 

@@ -1,7 +1,8 @@
-"""ecoserve-predictor: train, retrain from the request store, or serve over gRPC.
+"""ecoserve-predictor: train, retrain on served requests, or serve over gRPC.
 
 ecoserve-predictor train --out DIR [--data-dir ../shared/data] [--kind encoder|bag]
-ecoserve-predictor retrain --db sqlite:///ecoserve.db --out DIR [--min-rows 1000]
+ecoserve-predictor retrain --pairs served.jsonl --out DIR [--min-rows 1000]
+    (served.jsonl: `ecoserve-scheduler export-pairs --db URL --out served.jsonl`)
 ecoserve-predictor serve [--artifact DIR] [--address 0.0.0.0:50061] [--device auto|cpu|cuda]
 """
 
@@ -33,11 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data-dir", default=None, help="folder with sharegpt_v3_pairs.jsonl.gz")
     t.add_argument("--synthetic", type=int, default=0, help="N synthetic pairs instead")
 
-    r = sub.add_parser("retrain", help="train on the served requests of a request store")
+    r = sub.add_parser("retrain", help="train on served requests (ecoserve-scheduler export-pairs)")
     training(r)
-    r.add_argument("--db", required=True, help="SQLAlchemy URL of the scheduler's store")
-    r.add_argument("--model-id", default=None, help="only requests served by this model")
-    r.add_argument("--limit", type=int, default=None, help="newest N finished requests")
+    r.add_argument(
+        "--pairs", required=True, help="JSONL of {prompt, response_tokens}, one served request each"
+    )
     r.add_argument("--min-rows", type=int, default=1000, help="refuse with fewer rows")
 
     s = sub.add_parser("serve", help="serve an artifact over gRPC")
@@ -68,14 +69,18 @@ def cmd_train(a) -> int:
 
 
 def cmd_retrain(a) -> int:
-    from ecoserve_scheduler.store import RequestStore, make_engine
+    import json
+    from pathlib import Path
 
     from .data import Pair, split
     from .train import train_artifact
 
-    rows = RequestStore(make_engine(a.db)).finished_pairs(limit=a.limit, model_id=a.model_id)
+    # The scheduler owns the store; it exports what it served (`export-pairs`), so the predictor
+    # reads a file and never the scheduler's database schema.
+    with Path(a.pairs).open() as f:
+        rows = [(r["prompt"], int(r["response_tokens"])) for r in map(json.loads, f) if r]
     if len(rows) < a.min_rows:
-        log.error("store has %d finished requests; --min-rows is %d", len(rows), a.min_rows)
+        log.error("%s has %d served requests; --min-rows is %d", a.pairs, len(rows), a.min_rows)
         return 2
     # Served requests carry no conversation id: each is its own group in the split.
     pairs = [Pair(f"r{i}", prompt, n) for i, (prompt, n) in enumerate(rows) if prompt.strip()]

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.stats import spearmanr
 
-from ecoserve_scheduler.core.buckets import DEFAULT_EDGES
+from ecoserve_common.buckets import DEFAULT_EDGES
 
 from .features import bucket_of
 

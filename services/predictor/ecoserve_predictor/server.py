@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from ecoserve_scheduler.grpc_server import build_grpc_server
+from ecoserve_common.grpc_server import build_grpc_server
+from ecoserve_common.pb import predictor_pb2 as pb
+from ecoserve_common.pb import predictor_pb2_grpc as pb_grpc
 
-from . import predictor_pb2 as pb
-from . import predictor_pb2_grpc as pb_grpc
 from .runtime import OnnxPredictor, Predictions
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ecoserve_scheduler.core.buckets import DEFAULT_EDGES
+from ecoserve_common.buckets import DEFAULT_EDGES
 
 from .data import Pair, split
 from .features import Encoder, pad, train_tokenizer

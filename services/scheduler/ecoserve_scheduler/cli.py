@@ -166,6 +166,18 @@ def cmd_fit(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_pairs(a: argparse.Namespace) -> int:
+    """What `ecoserve-predictor retrain --pairs` reads: one finished request per line."""
+    from .store import RequestStore, make_engine
+
+    rows = RequestStore(make_engine(a.db)).finished_pairs(limit=a.limit, model_id=a.model_id)
+    with open(a.out, "w") as f:
+        for prompt, tokens in rows:
+            f.write(json.dumps({"prompt": prompt, "response_tokens": tokens}) + "\n")
+    print(f"{len(rows)} served requests -> {a.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ecoserve", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -215,9 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--timings", required=True, help="JSONL/CSV of step timings")
     f.add_argument("--out", required=True)
     f.set_defaults(fn=cmd_fit)
+    e = sub.add_parser("export-pairs", help="served (prompt, response tokens) as JSONL")
+    e.add_argument("--db", required=True, help="SQLAlchemy URL of the request store")
+    e.add_argument("--out", required=True, help="JSONL file to write")
+    e.add_argument("--model-id", default=None, help="only requests served by this model")
+    e.add_argument("--limit", type=int, default=None, help="newest N finished requests")
+    e.set_defaults(fn=cmd_export_pairs)
     sub.add_parser("serve", help="run the scheduler service (ecoserve serve --help)")
-    sub.add_parser("up", help="start predictor, scheduler and workers locally (ecoserve up --help)")
-    sub.add_parser("demo", help="replay ShareGPT against the local stack (ecoserve demo --help)")
     return ap
 
 
@@ -227,14 +243,6 @@ def main(argv: list[str] | None = None) -> int:
         from .live.serve import main as serve_main
 
         return serve_main(argv[1:])
-    if argv[:1] == ["demo"]:
-        from .live.demo import main as demo_main
-
-        return demo_main(argv[1:])
-    if argv[:1] == ["up"]:
-        from .live.launcher import main as up_main
-
-        return up_main(argv[1:])
     a = build_parser().parse_args(argv)
     return a.fn(a)
 

@@ -19,9 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ecoserve_scheduler.core.plan import BatchPlan, StepResult
-from ecoserve_scheduler.core.request import SamplingParams
-from ecoserve_scheduler.sim.cost_model import CostModel, load_profile
+from ecoserve_common.cost import CostModel, load_profile
+from ecoserve_common.plan import BatchPlan, StepResult
+from ecoserve_common.sampling import SamplingParams
 
 if TYPE_CHECKING:
     import torch

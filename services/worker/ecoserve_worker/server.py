@@ -24,10 +24,9 @@ from typing import Any, Protocol
 
 import zmq
 
-from ecoserve_scheduler.core.plan import BatchPlan, StepResult
-
-from .wire import WireError, decode, encode, plan_from_proto, result_to_proto
-from .wire import worker_pb2 as pb
+from ecoserve_common.pb import worker_pb2 as pb
+from ecoserve_common.plan import BatchPlan, StepResult
+from ecoserve_common.wire import WireError, decode, encode, plan_from_proto, result_to_proto
 
 log = logging.getLogger(__name__)
 

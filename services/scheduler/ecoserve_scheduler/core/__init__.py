@@ -1,18 +1,12 @@
 """The pure scheduler core: no I/O, no clock, no torch/zmq/grpc/sqlalchemy (a test enforces it)."""
 
-from .buckets import DEFAULT_EDGES, bucket_of
+from ecoserve_common.buckets import DEFAULT_EDGES, bucket_of
+from ecoserve_common.plan import BatchPlan, BatchShape, ScheduledSeq, StepResult
+
 from .core import SchedulerCore, WorkerSpec
+from .events import FinishEvent, PreemptEvent, TokenEvent
 from .ledger import KVLedger, LedgerError
 from .placement import DEFAULT_PLACEMENT, PLACEMENTS, Placement, make_placement
-from .plan import (
-    BatchPlan,
-    BatchShape,
-    FinishEvent,
-    PreemptEvent,
-    ScheduledSeq,
-    StepResult,
-    TokenEvent,
-)
 from .policies import POLICIES, make_policy
 from .request import SLO, Request, SamplingParams, Status
 

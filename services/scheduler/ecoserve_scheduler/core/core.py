@@ -18,19 +18,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ecoserve_common.plan import BatchPlan, DecodeBatch, ScheduledSeq, StepResult
+
+from .events import Event, FinishEvent, PreemptEvent, TokenEvent
 from .iter_model import IterTimeModel
 from .ledger import KVLedger, Usage
 from .placement import Placement, make_placement
-from .plan import (
-    BatchPlan,
-    DecodeBatch,
-    Event,
-    FinishEvent,
-    PreemptEvent,
-    ScheduledSeq,
-    StepResult,
-    TokenEvent,
-)
 from .request import Request, Status
 
 MAX_STEP_FAILURES = 3  # a request in this many failed steps fails instead of being retried
@@ -197,19 +190,19 @@ class SchedulerCore:
         # Prefill chunks; the last chunk of a prompt samples the first token.
         sampled = iter(tokens[n_dec:])
         for s in plan.prefills:
-            r = self.requests.get(s.request_id)
-            token = next(sampled) if s.sample else None
-            if r is None or r.status is not running or r.worker_id != wid:
+            pr = self.requests.get(s.request_id)
+            first = next(sampled) if s.sample else None
+            if pr is None or pr.status is not running or pr.worker_id != wid:
                 continue
-            r.num_computed = s.start_pos + s.num_tokens
-            if token is None:
+            pr.num_computed = s.start_pos + s.num_tokens
+            if first is None:
                 continue
-            r.output_token_ids.append(token)
-            w.decoding[r.request_id] = r
-            if r.first_token_s is None:
-                r.first_token_s = now
-            append(TokenEvent(r.request_id, token, r.num_output - 1))
-            self._maybe_stop(w, r, token, now, events)
+            pr.output_token_ids.append(first)
+            w.decoding[pr.request_id] = pr
+            if pr.first_token_s is None:
+                pr.first_token_s = now
+            append(TokenEvent(pr.request_id, first, pr.num_output - 1))
+            self._maybe_stop(w, pr, first, now, events)
         return events
 
     def _maybe_stop(self, w: WorkerState, r: Request, token: int, now: float, events) -> None:

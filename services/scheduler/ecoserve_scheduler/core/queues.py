@@ -112,8 +112,11 @@ class GroupedQueue:
         best_key: tuple | None = None
         for q in self._groups.values():
             head = q.peek(now)
-            if head is not None and (best_key is None or q.head_key() < best_key):
-                best, best_key = head, q.head_key()
+            if head is None:
+                continue
+            key = q.head_key()
+            if best_key is None or (key is not None and key < best_key):
+                best, best_key = head, key
         return best
 
     def pop(self, r: Request, admitted: bool = True) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from ecoserve_common.sampling import SamplingParams
+
 
 class Status(enum.Enum):
     WAITING = "waiting"  # in the prompt-task queue, holds no KV blocks
@@ -20,17 +22,6 @@ class Status(enum.Enum):
     @property
     def done(self) -> bool:
         return self in (Status.FINISHED, Status.FAILED, Status.ABORTED)
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = disabled
-    seed: int | None = None
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,10 @@ from collections.abc import Iterator
 
 import grpc
 
-from ..grpc_server import build_grpc_server
-from . import scheduler_pb2 as pb
-from . import scheduler_pb2_grpc as pb_grpc
+from ecoserve_common.grpc_server import build_grpc_server
+from ecoserve_common.pb import scheduler_pb2 as pb
+from ecoserve_common.pb import scheduler_pb2_grpc as pb_grpc
+
 from .frontend import RETRY_AFTER_S, Frontend, GenerateParams, Rejected
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Scheduler"].full_name

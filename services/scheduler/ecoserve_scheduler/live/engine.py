@@ -31,11 +31,11 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from ecoserve_worker.wire import WireError, decode, encode, plan_to_proto, result_from_proto
-from ecoserve_worker.wire import worker_pb2 as pb
+from ecoserve_common.pb import worker_pb2 as pb
+from ecoserve_common.wire import WireError, decode, encode, plan_to_proto, result_from_proto
 
 from ..core import SchedulerCore, StepResult, WorkerSpec
-from ..core.plan import FinishEvent, PreemptEvent, TokenEvent
+from ..core.events import FinishEvent, PreemptEvent, TokenEvent
 from ..core.request import Request
 
 log = logging.getLogger(__name__)

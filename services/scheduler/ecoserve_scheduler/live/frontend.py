@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from ..core.plan import FinishEvent, TokenEvent
+from ..core.events import FinishEvent, TokenEvent
 from ..core.request import Request, SamplingParams
 from .engine import LiveEngine, RequestHandle
 from .prediction import PredictorClient

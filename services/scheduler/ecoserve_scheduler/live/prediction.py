@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from ecoserve_predictor import predictor_pb2 as pb
-from ecoserve_predictor import predictor_pb2_grpc as pb_grpc
+from ecoserve_common.pb import predictor_pb2 as pb
+from ecoserve_common.pb import predictor_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 

@@ -22,12 +22,11 @@ log = logging.getLogger("ecoserve_scheduler")
 
 
 def run(settings: SchedulerSettings, ready: threading.Event | None = None) -> int:
-    from transformers import AutoConfig, AutoTokenizer
-
     from .api import SchedulerService, build_server
     from .engine import LiveEngine
     from .frontend import ApiLimits, Frontend
     from .prediction import PredictorClient
+    from .tokenizer import ModelTokenizer
 
     db = make_engine(settings.db_url)
     create_schema(db)
@@ -35,8 +34,7 @@ def run(settings: SchedulerSettings, ready: threading.Event | None = None) -> in
     lost = store.fail_unfinished("scheduler restarted before it finished", time.time())
     if lost:
         log.warning("%d requests of a previous run failed: scheduler restarted", lost)
-    tokenizer = AutoTokenizer.from_pretrained(settings.model)
-    config = AutoConfig.from_pretrained(settings.model)
+    tokenizer = ModelTokenizer(settings.model)
     engine = LiveEngine(
         SchedulerCore(make_policy(settings.policy)),
         settings.worker_bind,
@@ -50,9 +48,9 @@ def run(settings: SchedulerSettings, ready: threading.Event | None = None) -> in
         2 * settings.default_response_tokens,
     )
     limits = ApiLimits(
-        max_model_len=int(getattr(config, "max_position_embeddings", 4096)),
+        max_model_len=tokenizer.max_model_len,
         max_pending=settings.max_pending,
-        vocab_size=int(config.vocab_size),
+        vocab_size=tokenizer.vocab_size,
     )
     frontend = Frontend(engine, tokenizer, store, limits, predictor)
     server, port = build_server(

@@ -118,7 +118,7 @@ class EcoServePolicy(Policy):
         if self.ordering:
             key = lambda r: (self._slack_class(self._latest[r.request_id]), r.predicted_rl)  # noqa: E731
         else:
-            key = lambda r: (r.arrival_s,)  # noqa: E731
+            key = lambda r: (r.arrival_s, 0)  # noqa: E731
         if self.synced_groups:
             return GroupedQueue(key, lambda r: r.rl_bucket)
         return KeyedQueue(key) if self.ordering else FifoQueue()

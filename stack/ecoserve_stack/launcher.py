@@ -60,8 +60,8 @@ def _python(module: str, *args: str) -> list[str]:
 def _wait_ready(address: str, workers: int, procs: dict[str, subprocess.Popen]) -> None:
     import grpc
 
-    from . import scheduler_pb2 as pb
-    from . import scheduler_pb2_grpc as pb_grpc
+    from ecoserve_common.pb import scheduler_pb2 as pb
+    from ecoserve_common.pb import scheduler_pb2_grpc as pb_grpc
 
     deadline = time.monotonic() + READY_TIMEOUT_S
     with grpc.insecure_channel(address) as channel:

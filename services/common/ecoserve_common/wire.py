@@ -10,10 +10,9 @@ from itertools import accumulate, chain
 
 from google.protobuf.message import DecodeError
 
-from ecoserve_scheduler.core.plan import BatchPlan, DecodeBatch, ScheduledSeq, StepResult
-from ecoserve_scheduler.core.request import SamplingParams
-
-from . import worker_pb2 as pb
+from .pb import worker_pb2 as pb
+from .plan import BatchPlan, DecodeBatch, ScheduledSeq, StepResult
+from .sampling import SamplingParams
 
 PROTOCOL_VERSION = 2  # 2: DecodeBatch as packed columns
 BODIES = frozenset(f.name for f in pb.Envelope.DESCRIPTOR.oneofs_by_name["body"].fields)

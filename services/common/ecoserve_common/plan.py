@@ -1,11 +1,11 @@
-"""What one iteration runs (BatchPlan), what comes back (StepResult), what it caused (events)."""
+"""What one iteration runs (BatchPlan) and what comes back (StepResult): the scheduler builds
+plans, the wire codec carries them, a worker runs them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
-from .request import SamplingParams
+from .sampling import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -100,26 +100,3 @@ class StepResult:
     tokens: tuple[int, ...] | list[int] = ()
     forward_s: float = 0.0
     error: str | None = None
-
-
-# ---- events returned by SchedulerCore.apply / abort -------------------------------------------
-# NamedTuples: apply creates one TokenEvent per sequence per step, the hottest allocation.
-
-
-class TokenEvent(NamedTuple):
-    request_id: str
-    token_id: int
-    index: int  # 0 = first output token
-
-
-class FinishEvent(NamedTuple):
-    request_id: str
-    reason: str  # "stop", "length", "aborted", or "failed: <why>"
-
-
-class PreemptEvent(NamedTuple):
-    request_id: str
-    reason: str
-
-
-Event = TokenEvent | FinishEvent | PreemptEvent

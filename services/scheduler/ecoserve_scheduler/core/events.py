@@ -1,0 +1,27 @@
+"""What `SchedulerCore.apply` / `abort` report: tokens, finishes, preemptions."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+# ---- events returned by SchedulerCore.apply / abort -------------------------------------------
+# NamedTuples: apply creates one TokenEvent per sequence per step, the hottest allocation.
+
+
+class TokenEvent(NamedTuple):
+    request_id: str
+    token_id: int
+    output_index: int  # 0 = first output token (not `index`: that is tuple.index)
+
+
+class FinishEvent(NamedTuple):
+    request_id: str
+    reason: str  # "stop", "length", "aborted", or "failed: <why>"
+
+
+class PreemptEvent(NamedTuple):
+    request_id: str
+    reason: str
+
+
+Event = TokenEvent | FinishEvent | PreemptEvent
