@@ -4,6 +4,7 @@ smoke test there. Non-editable installs, so only what each distribution ships is
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,6 +27,8 @@ def run(name: str, dists: list[Path], smoke: str) -> None:
             [py, "-m", "pip", "install", "-q", "--disable-pip-version-check", *map(str, dists)],
             check=True,
         )
+        for d in dists:  # setuptools builds in the source tree; leave it as it was
+            shutil.rmtree(d / "build", ignore_errors=True)
         # Run from the temp dir so the repository's sources are not on the path.
         subprocess.run([py, str(Path(__file__).parent / smoke)], check=True, cwd=tmp)
 
