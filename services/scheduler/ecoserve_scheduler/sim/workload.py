@@ -1,6 +1,7 @@
-"""Workloads for the simulator: one trace format (DESIGN.md section 8) and adapters onto it.
+"""Workloads for the simulator: adapters from the real data sets onto one trace format.
 
-Every loader yields `TraceRecord`s sorted by arrival. Real data is read at run time from
+Every loader yields `TraceRecord`s (`sim.trace`, re-exported here with the trace-file reader and
+writer) sorted by arrival. Real data is read at run time from
 `../shared/data` (or `$ECOSERVE_DATA_DIR`); a missing file raises `DataMissing` so callers can
 skip cleanly. Randomness comes only from the seed: the same seed gives the same workload.
 """
@@ -11,15 +12,47 @@ import csv
 import dataclasses
 import gzip
 import json
-import math
 import os
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
+
+from .trace import (
+    DataMissing,
+    LengthSample,
+    TraceRecord,
+    cap_lengths,
+    load_trace_file,
+    mean_rate,
+    save_trace_file,
+)
+
+__all__ = [
+    "ALPACA_COLUMNS",
+    "ALPACA_FILE",
+    "AZURE_CONV_FILE",
+    "SHAREGPT_FILE",
+    "WORKLOADS",
+    "AlpacaLengths",
+    "DataMissing",
+    "LengthSample",
+    "TraceRecord",
+    "build_workload",
+    "cap_lengths",
+    "data_dir",
+    "gamma_arrivals",
+    "load_alpaca_lengths",
+    "load_azure_conv",
+    "load_sharegpt",
+    "load_trace_file",
+    "mean_rate",
+    "poisson_arrivals",
+    "save_trace_file",
+    "synthetic_sharegpt_like",
+]
 
 DEFAULT_DATA_DIR = Path("../shared/data")
 SHAREGPT_FILE = "sharegpt_v3_pairs.jsonl.gz"
@@ -42,30 +75,6 @@ SHAREGPT_LENGTH_QUANTILES = {
     "prompt": (1, 1, 1, 3, 5, 7, 8, 9, 11, 12, 14, 16, 18, 20, 24, 28, 34, 43, 57, 79, 134, 332,
                676, 1307, 1946, 3471, 4095),
 }  # fmt: skip
-
-
-@dataclass(frozen=True)
-class TraceRecord:
-    """One request: when it arrives and how long its prompt and its response are (tokens)."""
-
-    arrival_s: float
-    prompt_tokens: int
-    output_tokens: int
-    slo_jct_s: float | None = None
-    prompt_text: str | None = None
-    alpaca_row: int | None = None
-
-
-class LengthSample(NamedTuple):
-    """Request lengths without an arrival time; `prompt_text` is the last human message only."""
-
-    prompt_tokens: int
-    output_tokens: int
-    prompt_text: str | None = None
-
-
-class DataMissing(FileNotFoundError):
-    """A real-data file is not where we looked; tests and tools skip or fall back on this."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -98,19 +107,6 @@ def _data_file(directory: str | Path | None, name: str) -> Path:
     if not path.is_file():
         raise DataMissing(f"{folder} absent: {path} not found (pass data_dir or ECOSERVE_DATA_DIR)")
     return path
-
-
-def cap_lengths(inp: int, out: int, max_context: int) -> tuple[int, int]:
-    """Fit a request into `max_context` tokens, shortening the input first.
-
-    The output keeps its length unless it exceeds both the room the input leaves and
-    max_context // 2; then the input is cut to what is left (at least 1 token). Requests that
-    already fit are unchanged. Result: inp + out <= max_context, inp >= 1, out >= 1.
-    """
-    if max_context < 2:
-        raise ValueError(f"max_context must be >= 2, got {max_context}")
-    out = min(out, max(max_context - inp, max_context // 2))
-    return min(inp, max_context - out), out
 
 
 @lru_cache(maxsize=4)
@@ -251,12 +247,6 @@ def synthetic_sharegpt_like(n: int, rng: np.random.Generator) -> list[LengthSamp
     return [LengthSample(int(p), int(o)) for p, o in zip(inp, out, strict=True)]
 
 
-def mean_rate(records: list[TraceRecord]) -> float:
-    """Requests per second over the span of a trace: (n - 1) / (last - first arrival)."""
-    span = records[-1].arrival_s - records[0].arrival_s if records else 0.0
-    return (len(records) - 1) / span if span > 0 else math.inf
-
-
 def build_workload(
     name: str,
     rate: float | None,
@@ -358,90 +348,3 @@ def _azure_workload(
     scale = rate / mean_rate(records)
     scaled = [dataclasses.replace(r, arrival_s=r.arrival_s / scale) for r in records]
     return scaled, f"{source}; real gaps scaled to {rate:g} req/s (rate x{scale:.3g})"
-
-
-# ---- user trace files (CSV or JSONL with the TraceRecord columns) ----
-
-_FIELDS = [f.name for f in dataclasses.fields(TraceRecord)]
-_REQUIRED = ("arrival_s", "prompt_tokens", "output_tokens")
-
-
-def _is_jsonl(path: Path) -> bool:
-    return path.suffix.lower() in (".jsonl", ".json", ".ndjson")
-
-
-def _as_int(value: object, name: str, minimum: int) -> int:
-    number = float(value)  # accepts "12", 12 and 12.0; rejects "abc"
-    if not number.is_integer() or number < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(number)
-
-
-def _record_from(row: dict, where: str) -> TraceRecord:
-    """Validate one row (dict of column -> value, '' or None meaning absent)."""
-    try:
-        missing = [c for c in _REQUIRED if row.get(c) in (None, "")]
-        if missing:
-            raise ValueError(f"missing {', '.join(missing)}")
-        arrival = float(row["arrival_s"])
-        if not math.isfinite(arrival) or arrival < 0:
-            raise ValueError(f"arrival_s must be finite and >= 0, got {row['arrival_s']!r}")
-        slo = row.get("slo_jct_s")
-        slo = None if slo in (None, "") else float(slo)
-        if slo is not None and not slo > 0:
-            raise ValueError(f"slo_jct_s must be > 0, got {row['slo_jct_s']!r}")
-        alpaca = row.get("alpaca_row")
-        return TraceRecord(
-            arrival_s=arrival,
-            prompt_tokens=_as_int(row["prompt_tokens"], "prompt_tokens", 1),
-            output_tokens=_as_int(row["output_tokens"], "output_tokens", 1),
-            slo_jct_s=slo,
-            prompt_text=row.get("prompt_text") or None,
-            alpaca_row=None if alpaca in (None, "") else _as_int(alpaca, "alpaca_row", 0),
-        )
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{where}: bad trace row: {exc}") from None
-
-
-def load_trace_file(path: str | Path) -> list[TraceRecord]:
-    """Read a user's trace (.csv, or .jsonl/.json one object per line); sorted by arrival.
-
-    Empty cells or nulls mean "absent" (an empty prompt_text reads back as None). A bad row
-    raises ValueError naming the file and line.
-    """
-    path = Path(path)
-    records = []
-    with open(path, newline="", encoding="utf-8") as f:
-        if _is_jsonl(path):
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}: line {lineno}: bad JSON: {exc}") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}: line {lineno}: expected a JSON object")
-                records.append(_record_from(row, f"{path}: line {lineno}"))
-        else:
-            reader = csv.DictReader(f)
-            absent = [c for c in _REQUIRED if c not in (reader.fieldnames or [])]
-            if absent:
-                raise ValueError(f"{path}: line 1: header lacks column(s) {', '.join(absent)}")
-            for row in reader:
-                records.append(_record_from(row, f"{path}: line {reader.line_num}"))
-    return sorted(records, key=lambda r: r.arrival_s)
-
-
-def save_trace_file(records: list[TraceRecord], path: str | Path) -> None:
-    """Write records as CSV or JSONL (by suffix) so `load_trace_file` reads them back exactly."""
-    path = Path(path)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        if _is_jsonl(path):
-            for r in records:
-                f.write(json.dumps(dataclasses.asdict(r), ensure_ascii=False) + "\n")
-        else:
-            writer = csv.writer(f)
-            writer.writerow(_FIELDS)
-            for r in records:
-                writer.writerow(["" if v is None else v for v in dataclasses.astuple(r)])
