@@ -12,7 +12,8 @@
    natural step rate (W / mean simulated step time).
 
 Writes results/cluster/summary.json (`traces` and `scale` in the issue's shape, more beside),
-summary.md and gpus_vs_rate_<scenario>.png.
+summary.md and gpus_vs_rate_<scenario>.png. The scale measurement is in cluster_scale.py, the
+targets and the report in cluster_report.py.
 
     python bench/cluster.py [--quick] [--out results/cluster] [--data-dir D] [--jobs N]
 """
@@ -32,17 +33,33 @@ from pathlib import Path
 import numpy as np
 
 from ecoserve_common.cost import CostModel, load_profile
-from ecoserve_scheduler.core.placement import LeastLoaded
 from ecoserve_scheduler.sim import planner
 from ecoserve_scheduler.sim.distserve import DistConfig, DistServeSim
-from ecoserve_scheduler.sim.engine import SimConfig, simulate_with_log
-from ecoserve_scheduler.sim.links import LINKS
+from ecoserve_scheduler.sim.engine import simulate_with_log
 from ecoserve_scheduler.sim.rl_models import make_rl_model
-from ecoserve_scheduler.sim.sweep import Scenario, workload
 from ecoserve_scheduler.sim.workload import TraceRecord, save_trace_file
 
-PROFILE = "llama-2-7b_a100-80gb"
-SYSTEMS = ("ecoserve", "distserve", "vllm")
+# The scale measurement and the report are this script's sibling modules (bench/ is no package):
+# importable however this file is run or loaded.
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cluster_report import PROFILE, SYSTEMS, markdown, targets  # noqa: E402
+from cluster_scale import TimedLeastLoaded, measure_scale  # noqa: E402
+
+__all__ = [
+    "PROFILE",
+    "SYSTEMS",
+    "Case",
+    "TimedLeastLoaded",
+    "cases",
+    "main",
+    "markdown",
+    "measure_scale",
+    "plan_one",
+    "targets",
+    "utilisation",
+]
+
 RL = make_rl_model("noisy")
 
 
@@ -171,209 +188,6 @@ def utilisation(plan: planner.Plan, rate: float, row: dict) -> dict:
 
 def utilisation_task(name: str, plan: planner.Plan, rate: str, row: dict) -> tuple:
     return name, rate, utilisation(plan, float(rate), row)
-
-
-# ---- scheduler scale ------------------------------------------------------------------------
-
-
-class TimedLeastLoaded(LeastLoaded):
-    """The default placement with a wall-clock meter (the core itself never reads a clock)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seconds = 0.0
-        self.calls = 0
-
-    def admits(self, step, r) -> bool:
-        t0 = time.perf_counter()
-        ok = super().admits(step, r)
-        self.seconds += time.perf_counter() - t0
-        self.calls += 1
-        return ok
-
-
-def measure_scale(workers: int, per_worker_rate: float, duration_s: float, data_dir) -> dict:
-    rate = per_worker_rate * workers
-    n = max(100, int(rate * duration_s))
-    sc = Scenario(trace="sharegpt", n=n, profile=PROFILE, data_dir=data_dir)
-    records, _ = workload(sc, rate)
-    placement = TimedLeastLoaded()
-    cfg = SimConfig(policy="ecoserve", num_workers=workers, placement=placement)
-    t0 = time.perf_counter()
-    run, _, sim = simulate_with_log(records, cfg, sc.cost_model(), make_rl_model("noisy"))
-    wall = time.perf_counter() - t0
-    plans = len(sim.sched_us)
-    sched_s = sum(sim.sched_us) / 1e6
-    apply_s = sum(sim.apply_us) / 1e6
-    core_s = sched_s + apply_s
-    mean_step = float(np.mean(sim.iter_time))
-    plans_per_s = plans / core_s
-    needed = workers / mean_step
-    return {
-        "workers": workers,
-        "rate_rps": rate,
-        "requests": n,
-        "plans": plans,
-        "plans_per_s": round(plans_per_s, 1),
-        "needed_plans_per_s": round(needed, 1),
-        "sustains": plans_per_s >= needed,
-        "headroom": round(plans_per_s / needed, 2),
-        "mean_step_ms": round(mean_step * 1e3, 2),
-        "schedule_us_per_plan": round((sched_s - placement.seconds) / plans * 1e6, 1),
-        "placement_us_per_plan": round(placement.seconds / plans * 1e6, 1),
-        "apply_us_per_plan": round(apply_s / plans * 1e6, 1),
-        "schedule_us_p99": round(run.sched_us_per_iter_p99, 1),
-        "share": {
-            "schedule": round((sched_s - placement.seconds) / core_s, 3),
-            "placement": round(placement.seconds / core_s, 3),
-            "apply": round(apply_s / core_s, 3),
-        },
-        "placement_deferrals": placement.deferrals,
-        "slo_attainment": round(run.slo_attainment, 4),
-        "sim_wall_s": round(wall, 2),
-    }
-
-
-# ---- report ---------------------------------------------------------------------------------
-
-
-def targets(summary: dict) -> dict:
-    """The issue's targets, read off the measured answers (no answer is adjusted)."""
-    out: dict = {"per_trace": {}}
-    for trace, rows in summary["traces"].items():
-        ratios, worse_than_vllm = {}, []
-        for rate, row in rows.items():
-            e, d, v = (row[s]["gpus"] for s in SYSTEMS)
-            if e and d:
-                ratios[rate] = round(e / d, 3)
-            if e and v and e > v or e is None and v is not None:
-                worse_than_vllm.append(rate)
-        best = min(ratios.values()) if ratios else None
-        out["per_trace"][trace] = {
-            "ecoserve_over_distserve_gpus": ratios,
-            "best_ratio": best,
-            "rates_at_or_below_half": [r for r, x in ratios.items() if x <= 0.5],
-            "rates_where_ecoserve_needs_more_than_vllm": worse_than_vllm,
-        }
-    per = out["per_trace"].values()
-    out["half_of_distserve_on_some_trace"] = any(t["rates_at_or_below_half"] for t in per)
-    # DistServe cannot run on fewer than 2 GPUs (1 prefill + 1 decode): a 1-vs-2 answer is
-    # that floor, not efficiency.
-    out["half_only_at_distserve_floor"] = all(
-        summary["traces"][k][r]["ecoserve"]["gpus"] == 1
-        for k, v in out["per_trace"].items()
-        for r in v["rates_at_or_below_half"]
-    )
-    out["never_more_than_vllm"] = not any(
-        t["rates_where_ecoserve_needs_more_than_vllm"] for t in per
-    )
-    scale = summary["scale"]
-    out["sustained_workers"] = max((int(w) for w, m in scale.items() if m["sustains"]), default=0)
-    return out
-
-
-def markdown(summary: dict) -> str:
-    t = summary["targets"]
-    lines = [
-        f"# Cluster scale ({summary['mode']})",
-        "",
-        "Targets (measured): EcoServe <= 50% of DistServe's GPUs on some trace: "
-        f"{'yes' if t['half_of_distserve_on_some_trace'] else 'no'} (at rates "
-        + "; ".join(
-            f"{k}: {', '.join(v['rates_at_or_below_half']) or 'none'}"
-            for k, v in t["per_trace"].items()
-        )
-        + (
-            "; every such point is 1 GPU vs DistServe's floor of 2 (1 prefill + 1 decode)"
-            if t["half_only_at_distserve_floor"] and t["half_of_distserve_on_some_trace"]
-            else ""
-        )
-        + "); never more GPUs than vLLM DP: "
-        f"{'yes' if t['never_more_than_vllm'] else 'no'}; one scheduler sustains "
-        f"{t['sustained_workers']} workers at their natural step rate.",
-        "",
-        f"Profile {PROFILE}: one instance = one GPU (Llama-2-7B fits one A100-80GB). "
-        f"Machine: {summary['machine']}; wall time {summary['wall_s']:.0f} s.",
-        "",
-        "Systems: `ecoserve` = one scheduler over N workers (EcoServe policy, least-loaded "
-        "placement); `distserve` = p prefill + d decode GPUs, KV shipped over "
-        f"{summary['link']} (every split searched, first passing one shown); `vllm` = N "
-        "independent vLLM replicas behind a least-loaded router. GPUs needed = fewest with "
-        ">= 90% of requests meeting the SLO; n-1 was run and failed (see summary.json).",
-        "",
-    ]
-    for name, case in summary["cases"].items():
-        lines += [
-            f"## {name}",
-            "",
-            f"SLO: {case['slo']}. DistServe link: {case['link']}; EcoServe placement: "
-            f"{case['placement']}. Requests per run: {case['requests']}.",
-            "",
-            "| rate (req/s) | ecoserve | distserve (p:d) | vllm DP | ecoserve / distserve |",
-            "|---:|---:|---:|---:|---:|",
-        ]
-        for rate, row in case["rates"].items():
-            gpus = {k: row[k]["gpus"] if k in row else None for k in SYSTEMS}
-            cells = {k: "-" if k not in row else gpus[k] or "> max" for k in SYSTEMS}
-            if gpus["distserve"]:
-                cells["distserve"] = f"{gpus['distserve']} ({row['distserve']['split']})"
-            e, d = gpus["ecoserve"], gpus["distserve"]
-            ratio = f"{e / d:.2f}" if e and d else "-"
-            lines.append(
-                f"| {rate} | {cells['ecoserve']} | {cells['distserve']} | {cells['vllm']} | "
-                f"{ratio} |"
-            )
-        util = [
-            (r, row["utilisation"]) for r, row in case["rates"].items() if row.get("utilisation")
-        ]
-        if util:
-            lines += [
-                "",
-                "At each answer, share of time the GPUs run a step (a GPU holding any decoding "
-                "request always steps, so only the prefill share shows idle capacity), and "
-                "mean TTFT / TPOT:",
-                "",
-                "| rate | DistServe prefill busy | decode busy | TTFT s | TPOT s | "
-                "EcoServe busy | TTFT s | TPOT s |",
-                "|---:|---:|---:|---:|---:|---:|---:|---:|",
-            ]
-            for rate, u in util:
-                d, e = u.get("distserve", {}), u.get("ecoserve", {})
-                lines.append(
-                    f"| {rate} | {d.get('prefill_busy', '-')} | {d.get('decode_busy', '-')} | "
-                    f"{d.get('mean_ttft_s', '-')} | {d.get('mean_tpot_s', '-')} | "
-                    f"{e.get('busy', '-')} | {e.get('mean_ttft_s', '-')} | "
-                    f"{e.get('mean_tpot_s', '-')} |"
-                )
-        lines += ["", f"![GPUs vs rate]({case['plot']})", ""]
-    lines += [
-        "## Scheduler scale",
-        "",
-        "One SchedulerCore (EcoServe policy, least-loaded placement) over W simulated workers "
-        "at ~5 req/s each (ShareGPT). plans/s = plans / (wall time in schedule + apply); "
-        "needed = W / mean simulated step time. Only the core's work is counted (the live "
-        "engine adds ZeroMQ/protobuf per plan).",
-        "",
-        "| workers | plans/s | needed plans/s | headroom | step ms | schedule us | "
-        "placement us | apply us | SLO att. |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for w, m in summary["scale"].items():
-        lines.append(
-            f"| {w} | {m['plans_per_s']:.0f} | {m['needed_plans_per_s']:.0f} | "
-            f"{m['headroom']:.2f} | {m['mean_step_ms']:.1f} | {m['schedule_us_per_plan']:.0f} | "
-            f"{m['placement_us_per_plan']:.1f} | {m['apply_us_per_plan']:.0f} | "
-            f"{m['slo_attainment']:.3f} |"
-        )
-    lines += [
-        "",
-        "## Links (DistServe KV transfer)",
-        "",
-        "| link | GB/s | source |",
-        "|---|---:|---|",
-    ]
-    lines += [f"| {k} | {v.gb_per_s:g} | {v.source} |" for k, v in LINKS.items()]
-    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
