@@ -110,7 +110,7 @@ def decode_step_mixed(runner: ModelRunner, contexts: list[int], repeats: int, pa
     """Median time of one decode step whose rows sit at different context lengths (what the
     pool holds does not change the cost). `padded` forces the single padded attention call
     (every row padded to the longest) that grouping by length replaced."""
-    import ecoserve_worker.model_runner as mr
+    import ecoserve_worker.attention as mr
 
     bs, start, seqs = runner.block_size, 0, []
     for i, ctx in enumerate(contexts):
@@ -207,12 +207,12 @@ def decode_plan(batch: int, prompt_len: int, vocab: int):
         sp = SamplingParams(max_tokens=64)
         core.add(Request(f"r{i}", prompt_len, 0.0, sp, prompt_token_ids=tuple(p)), 0.0)
     for t in range(32):
-        plan = core.schedule("w0", float(t))
+        plan = core.schedule("w0", float(t)).plan
         if plan is None:
             break
         if len(plan.decodes) == batch and not plan.prefills:
             return plan
-        core.apply(StepResult(plan.step_id, "w0", [5] * len(plan.sampled_ids())), t + 0.5)
+        core.update(StepResult(plan.step_id, "w0", [5] * len(plan.sampled_ids())), t + 0.5)
     raise RuntimeError(f"scheduler produced no batch-{batch} decode plan")
 
 

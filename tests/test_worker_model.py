@@ -129,9 +129,9 @@ def test_decodes_of_different_lengths_grouped_or_padded(
 ):
     """Decode rows are attended in groups of similar context length (overhead 0: one group
     per power-of-two class) or padded together (huge overhead): the tokens are the same."""
-    import ecoserve_worker.model_runner as mr
+    import ecoserve_worker.attention as attn
 
-    monkeypatch.setattr(mr, "GROUP_OVERHEAD_BLOCKS", overhead)
+    monkeypatch.setattr(attn, "GROUP_OVERHEAD_BLOCKS", overhead)
     short = prompts[0][:3]  # 2 blocks against the others' 4-14
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     out = hf.generate(torch.tensor([short]), max_new_tokens=N_NEW, min_new_tokens=N_NEW)
@@ -142,7 +142,7 @@ def test_decodes_of_different_lengths_grouped_or_padded(
     seqs = [(f"r{i}", cases[i], 0, tables[i]) for i in order]
     outs = {i: [t] for i, t in zip(order, greedy(runner.step(seqs)), strict=True)}
     widths = [len(cases[i]) // BLOCK + 1 for i in order]
-    assert (len(mr.group_by_width(widths, overhead)) > 1) == (overhead == 0)
+    assert (len(attn.group_by_width(widths, overhead)) > 1) == (overhead == 0)
     while len(outs[order[0]]) < N_NEW:
         seqs = [
             (f"r{i}", [outs[i][-1]], len(cases[i]) + len(outs[i]) - 1, tables[i]) for i in order
@@ -169,7 +169,7 @@ def test_prepacked_projections_match_plain_linear(model_dir, prompts):
 
 
 def test_group_by_width_partitions_rows():
-    from ecoserve_worker.model_runner import group_by_width
+    from ecoserve_worker.attention import group_by_width
 
     widths = [1, 9, 2, 3, 40, 8, 1, 33]
     groups = group_by_width(widths, 0)

@@ -135,7 +135,7 @@ def make_core(prompts: dict[str, list[int]], sampling: SamplingParams | None = N
 def drive(sched: FakeScheduler, core: SchedulerCore, max_steps: int = 100) -> int:
     """Schedule, send each plan to the worker, apply its result; return the steps run."""
     for t in range(max_steps):
-        plan = core.schedule("w0", float(t))
+        plan = core.schedule("w0", float(t)).plan
         if plan is None or not plan.num_tokens:
             return t
         sched.send(plan_to_proto(plan))
@@ -144,7 +144,7 @@ def drive(sched: FakeScheduler, core: SchedulerCore, max_steps: int = 100) -> in
         result = result_from_proto(env.result, "w0")
         assert not result.error and result.step_id == plan.step_id
         assert len(result.tokens) == len(plan.sampled_ids())
-        core.apply(result, t + 0.5)
+        core.update(result, t + 0.5)
     raise AssertionError("requests did not finish")
 
 
@@ -243,7 +243,7 @@ def test_drain_refuses_later_plans_then_shutdown(runner, serve):
     sched, server, thread, out = serve(ModelBackend(runner, token_budget=BUDGET))
     sched.accept()
     core = make_core({"short": PROMPTS["short"]})
-    plan = core.schedule("w0", 0.0)
+    plan = core.schedule("w0", 0.0).plan
     sched.send(plan_to_proto(plan))
     sched.send(pb.Drain())
     sched.send(plan_to_proto(plan))
@@ -279,11 +279,11 @@ def sim_plans(steps: int = 5):
     for i, n in enumerate((100, 30, 7)):
         core.add(Request(f"r{i}", n, 0.0, SamplingParams(max_tokens=4)), 0.0)
     for t in range(steps):
-        plan = core.schedule("w0", float(t))
+        plan = core.schedule("w0", float(t)).plan
         if plan is None:
             return
         yield plan
-        core.apply(StepResult(plan.step_id, "w0", [1] * len(plan.sampled_ids())), t + 0.5)
+        core.update(StepResult(plan.step_id, "w0", [1] * len(plan.sampled_ids())), t + 0.5)
 
 
 def test_sim_backend_sleeps_cost_model_time():
@@ -310,7 +310,7 @@ def test_sim_backend_sleeps_cost_model_time():
 def test_model_backend_failure_is_a_step_error(runner):
     backend = ModelBackend(runner)
     core = make_core({"short": PROMPTS["short"]})
-    plan = core.schedule("w0", 0.0)
+    plan = core.schedule("w0", 0.0).plan
     broken = type(plan)(plan.step_id, "w0", plan.decodes, plan.prefills, ((0, NUM_BLOCKS + 5),))
     result = backend.execute(broken)
     assert result.error and result.tokens == () and result.step_id == plan.step_id
@@ -323,9 +323,9 @@ def test_seeded_sampling_is_reproducible(runner):
         backend = ModelBackend(runner, max_generators=max_generators)
         core = make_core({"short": PROMPTS["short"]}, sp)
         for t in range(MAX_TOKENS):
-            plan = core.schedule("w0", float(t))
-            core.apply(backend.execute(plan), t + 0.5)
-        assert list(backend._generators) == ["short"]
+            plan = core.schedule("w0", float(t)).plan
+            core.update(backend.execute(plan), t + 0.5)
+        assert list(backend.sampler.generators) == ["short"]
         return core.requests["short"].output_token_ids
 
     first = run_once()
@@ -336,8 +336,8 @@ def test_seeded_sampling_is_reproducible(runner):
 def test_generator_dict_is_lru_bounded(runner):
     backend = ModelBackend(runner, max_generators=2)
     for rid in ("a", "b", "a", "c"):
-        backend._generator(rid, 1)
-    assert list(backend._generators) == ["a", "c"]
+        backend.sampler.generator(rid, 1)
+    assert list(backend.sampler.generators) == ["a", "c"]
 
 
 def test_cli_help_and_args(capsys):
@@ -410,7 +410,7 @@ def test_cli_process_serves_and_exits_on_sigterm(ctx):
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
     try:
         assert sched.accept().device == "sim"
-        plan = make_core(PROMPTS).schedule("w0", 0.0)
+        plan = make_core(PROMPTS).schedule("w0", 0.0).plan
         sched.send(plan_to_proto(plan))
         env_, body = sched.recv()
         assert body == "result" and list(env_.result.tokens) == [1] * len(plan.sampled_ids())

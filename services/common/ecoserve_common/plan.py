@@ -100,3 +100,107 @@ class StepResult:
     tokens: tuple[int, ...] | list[int] = ()
     forward_s: float = 0.0
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """A plan as a worker runs it: flat columns, one row per sequence (the plan's decode rows
+    first, then its prefill chunks), built once from the wire (`wire.step_inputs_from_proto`)
+    or from a BatchPlan (`from_plan`) and read by the model runner and the sampler as they are.
+
+    Row r feeds `token_ids[tok_off[r] : tok_off[r] + query_len(r)]` at positions starting at
+    `positions[r]`; its block table is `block_ids[tbl_off[r] : tbl_off[r] + table_lens[r]]`.
+    Offsets are not stored: the runner walks the rows once and accumulates them."""
+
+    step_id: int
+    worker_id: str
+    request_ids: list[str]  # per row
+    positions: list[int]  # per row: the position of its first new token
+    token_ids: list[int]  # every row's new tokens, concatenated
+    table_lens: list[int]  # per row
+    block_ids: list[int]  # every row's block table, concatenated
+    # The rows that sample a token this step, in result order, each with an index into
+    # `sampling_sets` (the step's distinct settings: "all greedy" is a check of a few sets).
+    sampling_sets: list[SamplingParams]
+    sampling_index: list[int]  # per sampling row
+    num_decodes: int  # leading rows that came from the plan's DecodeBatch
+    # Per row token counts; None when every row feeds one token (a pure decode step).
+    query_lens: list[int] | None = None
+    # Sampling rows; None when every row samples (then sampling_index has one entry per row).
+    sample_rows: list[int] | None = None
+    block_copies: list[tuple[int, int]] | tuple[tuple[int, int], ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.request_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    def sampled_ids(self) -> list[str]:
+        """Request ids that sample a token this step, in the order results are expected."""
+        if self.sample_rows is None:
+            return list(self.request_ids)
+        return [self.request_ids[r] for r in self.sample_rows]
+
+    def shape(self) -> BatchShape:
+        """The same BatchShape as the plan's: its prefill chunks and decode rows."""
+        nd = self.num_decodes
+        lens = self.query_lens
+        chunks = tuple(
+            (lens[r] if lens is not None else 1, self.positions[r]) for r in range(nd, len(self))
+        )
+        return BatchShape(chunks, nd, sum(self.positions[:nd]) + nd)
+
+    @classmethod
+    def from_plan(cls, plan: BatchPlan) -> StepInputs:
+        """The columns of an in-process plan (a simulator plan, without token ids, has none)."""
+        d = plan.decodes
+        nd = len(d)
+        if nd and d.token_ids is None:
+            raise ValueError("plan has no decode token ids (a simulator plan cannot run a model)")
+        rids = list(d.request_ids)
+        positions = list(d.positions)
+        tokens = list(d.token_ids or ())
+        table_lens = [len(t) for t in d.block_tables]
+        blocks = [b for t in d.block_tables for b in t]
+        sets: list[SamplingParams] = []
+        seen: dict[int, int] = {}
+        index = []
+        for sp in (*d.sampling, *(s.sampling for s in plan.prefills if s.sample)):
+            i = seen.get(id(sp))
+            if i is None:
+                i = seen[id(sp)] = len(sets)
+                sets.append(sp)
+            index.append(i)
+        lens = None
+        rows = None
+        if plan.prefills:
+            lens = [1] * nd
+            rows = list(range(nd))
+            for k, s in enumerate(plan.prefills):
+                if not s.token_ids:
+                    raise ValueError(f"prefill of {s.request_id} has no token ids")
+                rids.append(s.request_id)
+                positions.append(s.start_pos)
+                tokens.extend(s.token_ids)
+                lens.append(len(s.token_ids))
+                table_lens.append(len(s.block_table))
+                blocks.extend(s.block_table)
+                if s.sample:
+                    rows.append(nd + k)
+        return cls(
+            plan.step_id,
+            plan.worker_id,
+            rids,
+            positions,
+            tokens,
+            table_lens,
+            blocks,
+            sets,
+            index,
+            nd,
+            lens,
+            rows,
+            plan.block_copies,
+        )

@@ -11,7 +11,7 @@ from itertools import accumulate, chain
 from google.protobuf.message import DecodeError
 
 from .pb import worker_pb2 as pb
-from .plan import BatchPlan, DecodeBatch, ScheduledSeq, StepResult
+from .plan import BatchPlan, DecodeBatch, ScheduledSeq, StepInputs, StepResult
 from .sampling import SamplingParams
 
 PROTOCOL_VERSION = 2  # 2: DecodeBatch as packed columns
@@ -175,6 +175,62 @@ def plan_from_proto(m: pb.BatchPlan, worker_id: str) -> BatchPlan:
         )
     copies = tuple((c.src, c.dst) for c in m.block_copies)
     return BatchPlan(m.step_id, worker_id, decodes, tuple(prefills), copies)
+
+
+def step_inputs_from_proto(m: pb.BatchPlan, worker_id: str) -> StepInputs:
+    """A worker's view of a plan: the decode columns as they come off the wire (no row
+    objects, no per-row SamplingParams), the prefill chunks appended as rows. Checked like
+    `plan_from_proto`; what only the pool can check (table bounds) is the runner's."""
+    d = m.decodes
+    n = len(d.request_ids)
+    lens = list(d.table_lens)
+    index = list(d.sampling_index)
+    tokens = list(d.token_ids)
+    positions = list(d.positions)
+    if not (len(positions) == len(lens) == len(index) == len(tokens) == n):
+        raise WireError("invalid", f"step {m.step_id}: decode columns differ in length")
+    blocks = list(d.block_ids)
+    if sum(lens) != len(blocks):
+        raise WireError("invalid", f"step {m.step_id}: table_lens do not cover block_ids")
+    sets = [_sampling_from_proto(s) for s in d.sampling_sets]
+    if index and max(index) >= len(sets):
+        raise WireError("invalid", f"step {m.step_id}: sampling_index past sampling_sets")
+    rids = list(d.request_ids)
+    query_lens = rows = None
+    if m.prefills:
+        query_lens = [1] * n
+        rows = list(range(n))
+        for k, p in enumerate(m.prefills):
+            if not p.token_ids:
+                raise WireError(
+                    "invalid", f"step {m.step_id}: prefill of {p.request_id} has no tokens"
+                )
+            rids.append(p.request_id)
+            positions.append(p.start_pos)
+            tokens.extend(p.token_ids)
+            query_lens.append(len(p.token_ids))
+            lens.append(len(p.block_table.blocks))
+            blocks.extend(p.block_table.blocks)
+            if p.sample:
+                rows.append(n + k)
+                index.append(len(sets))
+                sets.append(_sampling_from_proto(p.sampling))
+    copies = [(c.src, c.dst) for c in m.block_copies]
+    return StepInputs(
+        m.step_id,
+        worker_id,
+        rids,
+        positions,
+        tokens,
+        lens,
+        blocks,
+        sets,
+        index,
+        n,
+        query_lens,
+        rows,
+        copies,
+    )
 
 
 def result_to_proto(r: StepResult) -> pb.StepResult:

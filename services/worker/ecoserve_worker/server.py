@@ -1,5 +1,6 @@
 """The worker process loop: a ZeroMQ DEALER that registers with the scheduler's ROUTER, then
-executes every BatchPlan it is sent and answers with a StepResult.
+executes every BatchPlan it is sent (decoded straight into StepInputs columns) and answers with
+a StepResult.
 
 Protocol (one protobuf Envelope per frame, see proto/worker.proto):
 
@@ -25,8 +26,8 @@ from typing import Any, Protocol
 import zmq
 
 from ecoserve_common.pb import worker_pb2 as pb
-from ecoserve_common.plan import BatchPlan, StepResult
-from ecoserve_common.wire import WireError, decode, encode, plan_from_proto, result_to_proto
+from ecoserve_common.plan import StepInputs, StepResult
+from ecoserve_common.wire import WireError, decode, encode, result_to_proto, step_inputs_from_proto
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ EXIT_REFUSED = 1
 class Backend(Protocol):
     def info(self) -> dict[str, Any]: ...
 
-    def execute(self, plan: BatchPlan) -> StepResult: ...
+    def execute(self, step: StepInputs) -> StepResult: ...
 
 
 class WorkerServer:
@@ -162,13 +163,13 @@ class WorkerServer:
         if self.draining:
             self._send_error("draining", "worker is draining", msg.step_id)
             return
-        try:
-            plan = plan_from_proto(msg, self.worker_id)
+        try:  # the plan's columns, as they are on the wire: the backend reads them as such
+            step = step_inputs_from_proto(msg, self.worker_id)
         except WireError as e:
             log.warning("bad plan %d: %s", msg.step_id, e)
             self._send_error(e.code, e.message, msg.step_id)
             return
-        result = self.backend.execute(plan)
+        result = self.backend.execute(step)
         self.steps_done += 1
         self._send(result_to_proto(result))
 
