@@ -1,6 +1,6 @@
 """Trace records and user trace files: the one trace format every workload yields.
 
-A trace is a list of `TraceRecord`s sorted by arrival (DESIGN.md section 8). `load_trace_file` and
+A trace is a list of `TraceRecord`s sorted by arrival. `load_trace_file` and
 `save_trace_file` read and write it as CSV or JSONL; `sim.workload` builds traces from the real
 data sets and re-exports everything here.
 """
