@@ -297,3 +297,29 @@ def test_bad_plans_raise(runner, prompts):
         runner.step([("a", p, 0, list(range(NBLK))), ("b", p, 0, list(range(NBLK)))])
     with pytest.raises(ValueError, match="no tokens"):
         runner.step([("r", [], 0, [0])])
+
+
+def test_a_tiny_temperature_samples_its_greedy_limit():
+    """logits / 1e-45 overflows float32: the draw is the argmax, not a softmax of infinities."""
+    logits = torch.randn(40, generator=torch.Generator().manual_seed(0))
+    for t in (1e-45, 1e-300):
+        assert sample(logits, temperature=t, generator=make_generator(1)) == int(logits.argmax())
+
+
+def test_one_rows_sampling_failure_spares_the_other_rows():
+    """A row whose sampling raises (here NaN logits) is reported by request id; every other
+    row is still drawn."""
+    from dataclasses import replace
+
+    from ecoserve_common.sampling import SamplingParams
+    from ecoserve_worker.model_runner import inputs_from_rows
+    from ecoserve_worker.sampling import RowErrors, Sampler
+
+    inp = inputs_from_rows([(rid, [1], 0, [i]) for i, rid in enumerate("abc")])
+    inp = replace(inp, sampling_sets=[SamplingParams(temperature=1.0, seed=5)])
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(0))
+    logits[1] = float("nan")
+    with pytest.raises(RowErrors, match="request 'b'") as e:
+        Sampler("cpu", 8).sample(logits, inp)
+    assert list(e.value.errors) == ["b"]
+    assert e.value.tokens[1] is None and all(isinstance(e.value.tokens[i], int) for i in (0, 2))

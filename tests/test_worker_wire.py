@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from ecoserve_common.pb import worker_pb2 as pb
+from ecoserve_common.plan import StepInputs
 from ecoserve_common.wire import (
     PROTOCOL_VERSION,
     WireError,
@@ -16,6 +17,7 @@ from ecoserve_common.wire import (
     plan_to_proto,
     result_from_proto,
     result_to_proto,
+    step_inputs_from_proto,
 )
 from ecoserve_scheduler.core import (
     Request,
@@ -40,9 +42,9 @@ def live_plans(steps: int = 4):
     core.add(Request("b", 20, 0.0, sp, prompt_token_ids=tuple(range(100, 120))), 0)
     plans = []
     for t in range(steps):
-        plan = core.schedule("w0", float(t))
+        plan = core.schedule("w0", float(t)).plan
         plans.append(plan)
-        core.apply(StepResult(plan.step_id, "w0", [7] * len(plan.sampled_ids())), t + 0.5)
+        core.update(StepResult(plan.step_id, "w0", [7] * len(plan.sampled_ids())), t + 0.5)
     return plans
 
 
@@ -128,21 +130,62 @@ def test_decode_columns_split_back_into_rows():
         ({"sampling_index": [0, 1]}, "past sampling_sets"),
     ],
 )
-def test_inconsistent_decode_columns_are_invalid(overrides, match):
+@pytest.mark.parametrize("from_proto", [plan_from_proto, step_inputs_from_proto])
+def test_inconsistent_decode_columns_are_invalid(overrides, match, from_proto):
     m = pb.BatchPlan(step_id=3, decodes=_decodes(**overrides))
     with pytest.raises(WireError, match=match) as e:
-        plan_from_proto(m, "w0")
+        from_proto(m, "w0")
     assert e.value.code == "invalid"
+
+
+def test_step_inputs_off_the_wire_are_the_plans_columns():
+    """What the worker runs (columns straight from the protobuf) is the plan it was sent."""
+    plans = live_plans()
+    assert any(p.prefills and len(p.decodes) for p in plans)  # mixed steps too
+    for plan in plans:
+        env, _ = decode(encode("w0", plan_to_proto(plan)))
+        got = step_inputs_from_proto(env.plan, "w0")
+        want = StepInputs.from_plan(plan)
+        for field in (
+            "step_id",
+            "worker_id",
+            "request_ids",
+            "positions",
+            "token_ids",
+            "table_lens",
+            "block_ids",
+            "num_decodes",
+            "query_lens",
+            "sample_rows",
+        ):
+            assert getattr(got, field) == getattr(want, field), field
+        assert list(got.block_copies) == list(want.block_copies)
+
+        def settings(inp):
+            rows = (inp.sampling_sets[i] for i in inp.sampling_index)
+            return [(round(s.temperature, 5), round(s.top_p, 5), s.top_k, s.seed) for s in rows]
+
+        assert settings(got) == settings(want)
+        assert got.sampled_ids() == want.sampled_ids() == plan.sampled_ids()
+        assert got.shape() == want.shape() == plan.shape()
+        assert got.num_tokens == plan.num_tokens
+
+
+def test_prefill_without_tokens_is_invalid():
+    chunk = pb.PrefillChunk(request_id="p", start_pos=0, block_table=pb.BlockTable(blocks=[0]))
+    m = pb.BatchPlan(step_id=4, decodes=_decodes(), prefills=[chunk])
+    with pytest.raises(WireError, match="has no tokens"):
+        step_inputs_from_proto(m, "w0")
 
 
 def test_simulator_plans_cannot_be_sent():
     core = SchedulerCore(make_policy("vllm"))
     core.add_worker(WorkerSpec("w0", num_blocks=8, block_size=4, token_budget=16))
     core.add(Request("a", 3, 0.0), 0.0)  # no prompt ids: a simulator request
-    plan = core.schedule("w0", 0.0)
-    core.apply(StepResult(plan.step_id, "w0", [1]), 0.1)
+    plan = core.schedule("w0", 0.0).plan
+    core.update(StepResult(plan.step_id, "w0", [1]), 0.1)
     with pytest.raises(ValueError, match="token ids"):
-        plan_to_proto(core.schedule("w0", 0.2))
+        plan_to_proto(core.schedule("w0", 0.2).plan)
 
 
 def test_encode_rejects_a_non_body_message():
