@@ -21,7 +21,9 @@ Same model, device and dtype (fp32) for both sides. Without --model the tiny ran
   step time. wire_codec_s_b32 is the in-process encode + decode of both messages.
 * the start-up profiler's timings (timings.jsonl) and the token budget it measures.
 
-Writes OUT/summary.json and OUT/timings.jsonl.
+Writes OUT/summary.json and OUT/timings.jsonl. The measurements live in worker_measure.py
+(runner and transformers) and worker_wire.py (the ZeroMQ round trip); worker_step.py times one
+step through the serving loop's own path (plan protobuf in, result frame out).
 """
 
 from __future__ import annotations
@@ -30,8 +32,6 @@ import argparse
 import json
 import os
 import platform
-import random
-import statistics
 import sys
 import tempfile
 import time
@@ -43,251 +43,26 @@ for sub in ("services/worker", "services/scheduler"):
     p = str(REPO / sub)
     if p not in sys.path:
         sys.path.insert(0, p)
+BENCH = str(Path(__file__).resolve().parent)
+if BENCH not in sys.path:  # its sibling modules, also when loaded from a file path
+    sys.path.insert(0, BENCH)
 
 import torch  # noqa: E402
+from worker_measure import (  # noqa: E402
+    decode_step_mixed,
+    ecoserve_decode,
+    ecoserve_prefill,
+    hf_decode,
+    hf_prefill,
+    mixed_contexts,
+    prompts_for,
+)
+from worker_wire import decode_plan, zmq_roundtrip  # noqa: E402
 
-from ecoserve_worker.model_runner import ModelRunner, greedy  # noqa: E402
+from ecoserve_worker.model_runner import ModelRunner  # noqa: E402
 from ecoserve_worker.profiling import profile_runner, token_budget, write_timings  # noqa: E402
 
 BATCHES = (1, 8, 32, 128)
-
-
-def _sync(device: str) -> None:
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    # Skip the first few ids (special tokens of the tiny tokenizer).
-    return torch.randint(4, vocab, (batch, length), generator=g).tolist()
-
-
-def _median_time(fn, repeats: int, device: str) -> float:
-    fn()
-    _sync(device)
-    samples = []
-    for _ in range(max(1, repeats)):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        samples.append(time.perf_counter() - t0)
-    return float(statistics.median(samples))
-
-
-# ---- ecoserve runner ---------------------------------------------------------------------------
-
-
-def ecoserve_decode(runner: ModelRunner, prompts: list[list[int]], steps: int) -> dict[str, float]:
-    """Prefill the batch in one step, then time `steps` decode steps; tok/s and step time."""
-    bs = runner.block_size
-    length = len(prompts[0])
-    per_seq = -(-(length + steps + 1) // bs)
-    tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(len(prompts))]
-    if len(prompts) * per_seq > runner.num_blocks:
-        raise ValueError("runner pool too small for this batch")
-    rids = [f"r{i}" for i in range(len(prompts))]
-    seqs = [(rid, p, 0, t) for rid, p, t in zip(rids, prompts, tables, strict=True)]
-    nxt = greedy(runner.step(seqs))
-    _sync(runner.device)
-    t0 = time.perf_counter()
-    for s in range(steps):
-        pos = length + s
-        seqs = [(rid, [tok], pos, t) for rid, tok, t in zip(rids, nxt, tables, strict=True)]
-        nxt = greedy(runner.step(seqs))
-    _sync(runner.device)
-    elapsed = time.perf_counter() - t0
-    return {"tok_s": len(prompts) * steps / elapsed, "step_s": elapsed / steps}
-
-
-def mixed_contexts(batch: int, seed: int, cap: int = 1280) -> list[int]:
-    """Context lengths like a ShareGPT decode batch: lognormal, median ~200, a long tail."""
-    rng = random.Random(seed)
-    return [min(cap, max(1, int(rng.lognormvariate(5.3, 0.8)))) for _ in range(batch)]
-
-
-def decode_step_mixed(runner: ModelRunner, contexts: list[int], repeats: int, padded: bool):
-    """Median time of one decode step whose rows sit at different context lengths (what the
-    pool holds does not change the cost). `padded` forces the single padded attention call
-    (every row padded to the longest) that grouping by length replaced."""
-    import ecoserve_worker.attention as mr
-
-    bs, start, seqs = runner.block_size, 0, []
-    for i, ctx in enumerate(contexts):
-        n = ctx // bs + 1
-        seqs.append((f"r{i}", [1], ctx, list(range(start, start + n))))
-        start += n
-    if start > runner.num_blocks:
-        raise ValueError("runner pool too small for these contexts")
-    saved = mr.GROUP_OVERHEAD_BLOCKS
-    mr.GROUP_OVERHEAD_BLOCKS = 10**9 if padded else saved
-    try:
-        runner.step(seqs)
-        return _median_time(lambda: runner.step(seqs), repeats, str(runner.device))
-    finally:
-        mr.GROUP_OVERHEAD_BLOCKS = saved
-
-
-def ecoserve_prefill(runner: ModelRunner, prompts: list[list[int]], repeats: int) -> float:
-    bs = runner.block_size
-    per_seq = -(-len(prompts[0]) // bs)
-    seqs = [
-        (f"p{i}", p, 0, list(range(i * per_seq, (i + 1) * per_seq))) for i, p in enumerate(prompts)
-    ]
-    t = _median_time(lambda: runner.step(seqs), repeats, str(runner.device))
-    return sum(len(p) for p in prompts) / t
-
-
-# ---- plain transformers ------------------------------------------------------------------------
-
-
-def hf_decode(
-    model,
-    prompts: list[list[int]],
-    steps: int,
-    pad_id: int,
-    device: str,
-    runs: int = 1,
-    warmup: bool = True,
-) -> float:
-    ids = torch.tensor(prompts, dtype=torch.long, device=device)  # equal length: no padding
-    mask = torch.ones_like(ids)
-
-    def gen(k: int) -> float:
-        _sync(device)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                do_sample=False,
-                min_new_tokens=k,
-                max_new_tokens=k,
-                pad_token_id=pad_id,
-            )
-        _sync(device)
-        return time.perf_counter() - t0
-
-    if warmup:
-        gen(min(8, steps) + 1)
-    t_full = min(gen(steps + 1) for _ in range(max(1, runs)))
-    t_first = min(gen(1) for _ in range(2))
-    return len(prompts) * steps / max(t_full - t_first, 1e-9)
-
-
-def hf_prefill(model, prompts: list[list[int]], repeats: int, device: str) -> float:
-    ids = torch.tensor(prompts, dtype=torch.long, device=device)
-
-    def fwd():
-        with torch.inference_mode():
-            model(input_ids=ids, use_cache=False)
-
-    return ids.numel() / _median_time(fwd, repeats, device)
-
-
-# ---- ZeroMQ round trip -------------------------------------------------------------------------
-
-
-def decode_plan(batch: int, prompt_len: int, vocab: int):
-    """A real batch-`batch` decode plan from a SchedulerCore (vllm policy)."""
-    from ecoserve_scheduler.core import (
-        Request,
-        SamplingParams,
-        SchedulerCore,
-        StepResult,
-        WorkerSpec,
-        make_policy,
-    )
-
-    core = SchedulerCore(make_policy("vllm"))
-    core.add_worker(
-        WorkerSpec("w0", num_blocks=4096, block_size=16, token_budget=4096, max_num_seqs=256)
-    )
-    for i, p in enumerate(_prompts(batch, prompt_len, vocab, seed=7)):
-        sp = SamplingParams(max_tokens=64)
-        core.add(Request(f"r{i}", prompt_len, 0.0, sp, prompt_token_ids=tuple(p)), 0.0)
-    for t in range(32):
-        plan = core.schedule("w0", float(t)).plan
-        if plan is None:
-            break
-        if len(plan.decodes) == batch and not plan.prefills:
-            return plan
-        core.update(StepResult(plan.step_id, "w0", [5] * len(plan.sampled_ids())), t + 0.5)
-    raise RuntimeError(f"scheduler produced no batch-{batch} decode plan")
-
-
-def zmq_roundtrip(plan, iters: int) -> dict[str, float]:
-    """Median seconds from sending `plan` to holding its decoded StepResult, through a real
-    worker process (`ecoserve-worker --echo`: the whole receive -> decode -> execute -> encode
-    -> send loop with nothing inside), over tcp on 127.0.0.1 from a ROUTER as the scheduler
-    has. Also the in-process codec share: encode + decode of the plan and of the result."""
-    import subprocess
-
-    import zmq
-
-    from ecoserve_common.pb import worker_pb2 as pb
-    from ecoserve_common.wire import (
-        decode,
-        encode,
-        plan_from_proto,
-        plan_to_proto,
-        result_from_proto,
-        result_to_proto,
-    )
-    from ecoserve_scheduler.core import StepResult
-
-    ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    addr = f"tcp://127.0.0.1:{router.bind_to_random_port('tcp://127.0.0.1')}"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(REPO / "services/worker"), str(REPO / "services/scheduler"), env.get("PYTHONPATH", "")]
-    )
-    cmd = [sys.executable, "-m", "ecoserve_worker", "--scheduler", addr, "--worker-id", "echo"]
-    cmd += ["--echo", "--heartbeat-s", "3600", "--log-level", "WARNING"]
-    proc = subprocess.Popen(cmd, env=env)
-
-    def recv(body_wanted: str) -> pb.Envelope:
-        while True:
-            if not router.poll(30_000):
-                raise RuntimeError("echo worker did not answer within 30 s")
-            peer, frame = router.recv_multipart()
-            env_, body = decode(frame)
-            if body == body_wanted:
-                return peer, env_
-
-    samples = []
-    try:
-        peer, _ = recv("register")
-        router.send_multipart([peer, encode("scheduler", pb.Registered(accepted=True))])
-        for i in range(iters + 20):
-            t0 = time.perf_counter()
-            router.send_multipart([peer, encode("scheduler", plan_to_proto(plan))])
-            _, env_ = recv("result")
-            res = result_from_proto(env_.result, "echo")
-            dt = time.perf_counter() - t0
-            assert len(res.tokens) == len(plan.sampled_ids())
-            if i >= 20:
-                samples.append(dt)
-        router.send_multipart([peer, encode("scheduler", pb.Shutdown())])
-        proc.wait(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        router.close()
-        ctx.term()
-
-    result = StepResult(plan.step_id, "w0", [1] * len(plan.sampled_ids()), 0.0)
-
-    def codec() -> None:
-        env_, _ = decode(encode("scheduler", plan_to_proto(plan)))
-        plan_from_proto(env_.plan, "w0")
-        env_, _ = decode(encode("w0", result_to_proto(result)))
-        result_from_proto(env_.result, "w0")
-
-    codec_s = _median_time(codec, 200, "cpu")
-    return {"roundtrip_s": float(statistics.median(samples)), "codec_s": codec_s}
 
 
 # ---- driver ------------------------------------------------------------------------------------
@@ -364,12 +139,12 @@ def run_bench(
         tra: dict[str, float] = {}
         step_s: dict[int, float] = {}
         # Process-wide warm-up (thread pools, allocator, kernels) before anything is timed.
-        warm = _prompts(min(8, max(batches)), prompt_len, vocab, seed=0)
+        warm = prompts_for(min(8, max(batches)), prompt_len, vocab, seed=0)
         for _ in range(2 if warmup else 0):
             ecoserve_decode(runner, warm, min(4, decode_steps))
             hf_decode(hf, warm, min(4, decode_steps), pad_id, device)
         for b in batches:
-            prompts = _prompts(b, prompt_len, vocab, seed=b)
+            prompts = prompts_for(b, prompt_len, vocab, seed=b)
             # Best of `decode_runs` rounds, the two sides interleaved so that both see the same
             # background load (this box may be shared); each round times the whole workload.
             if warmup:
@@ -386,7 +161,7 @@ def run_bench(
                 f"decode b{b}: ecoserve {eco[f'decode_tok_s_b{b}']:.0f} tok/s, "
                 f"transformers {tra[f'decode_tok_s_b{b}']:.0f} tok/s"
             )
-        pre = _prompts(prefill_prompts, prefill_len, vocab, seed=99)
+        pre = prompts_for(prefill_prompts, prefill_len, vocab, seed=99)
         eco["prefill_tok_s"] = ecoserve_prefill(runner, pre, repeats)
         tra["prefill_tok_s"] = hf_prefill(hf, pre, repeats, device)
         log(
@@ -396,7 +171,7 @@ def run_bench(
         if zmq_batch in step_s:
             zstep = step_s[zmq_batch]
         else:
-            zprompts = _prompts(zmq_batch, prompt_len, vocab, seed=zmq_batch)
+            zprompts = prompts_for(zmq_batch, prompt_len, vocab, seed=zmq_batch)
             zstep = ecoserve_decode(runner, zprompts, decode_steps)["step_s"]
         wire = zmq_roundtrip(decode_plan(zmq_batch, prompt_len, vocab), zmq_iters)
         rt = wire["roundtrip_s"]
