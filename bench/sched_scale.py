@@ -74,9 +74,9 @@ def build(policy: str, running: int, queued: int, seed: int = 0):
         add(i, now)
     # Prefill everything so the batch is all decodes, then queue the rest.
     while any(r.pending > 1 for r in core.requests.values()) or core.num_waiting:
-        plan = core.schedule("w0", now)
+        plan = core.schedule("w0", now).plan
         now += 0.01
-        core.apply(StepResult(plan.step_id, "w0", [1] * len(plan.sampled_ids())), now)
+        core.update(StepResult(plan.step_id, "w0", [1] * len(plan.sampled_ids())), now)
     for i in range(running, running + queued):
         add(i, now)
     return core, now
@@ -87,12 +87,12 @@ def measure(policy: str, running: int, queued: int, iters: int) -> dict:
     sched, apply_ = [], []
     for _ in range(iters):
         t0 = time.perf_counter()
-        plan = core.schedule("w0", now)
+        plan = core.schedule("w0", now).plan
         t1 = time.perf_counter()
         result = StepResult(plan.step_id, "w0", [1] * len(plan.sampled_ids()))
         now += 0.03
         t2 = time.perf_counter()
-        core.apply(result, now)
+        core.update(result, now)
         t3 = time.perf_counter()
         sched.append((t1 - t0) * 1e6)
         apply_.append((t3 - t2) * 1e6)

@@ -68,11 +68,11 @@ def test_least_loaded_sends_work_away_from_a_worker_whose_kv_is_held() -> None:
     core = cluster("ecoserve", 2, "least-loaded", num_blocks=64)
     core.add(req(0, prompt=600, rl=300), 0.0)  # 57 of w0's 64 blocks; chunks 256, 256, 88
     for t in (0.0, 0.01):
-        plan = core.schedule("w0", t)
-        core.apply(StepResult(plan.step_id, "w0", []), t + 0.01)
+        plan = core.schedule("w0", t).plan
+        core.update(StepResult(plan.step_id, "w0", []), t + 0.01)
     assert admitted_on(core) == {"w0": 1, "w1": 0}
     core.add(req(1), 0.02)  # fits w0's 7 free blocks and its leftover budget, yet:
-    assert core.schedule("w0", 0.02) is not None  # w0 runs its last chunk and defers r1
+    assert core.schedule("w0", 0.02).plan is not None  # w0 runs its last chunk and defers r1
     assert admitted_on(core) == {"w0": 1, "w1": 0} and core.num_waiting == 1
     core.schedule("w1", 0.02)
     assert admitted_on(core) == {"w0": 1, "w1": 1}

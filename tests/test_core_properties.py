@@ -422,7 +422,7 @@ class CoreRun:
         error = "injected worker error" if self.rng.random() < self.error_rate else None
         # A failed step may have done nothing at all, block copies included.
         sampled = {} if error else self.execute(plan)
-        self.record(self.core.apply(make_result(plan, sampled, error), self.now))
+        self.record(self.core.update(make_result(plan, sampled, error), self.now))
         self.check_state()
 
     def round(self) -> None:
@@ -432,8 +432,8 @@ class CoreRun:
             if wid in self.in_flight and self.rng.random() < 0.8:
                 self.deliver(wid)
             if wid not in self.in_flight:
-                plan = self.core.schedule(wid, self.now)
-                self.record(self.core.take_events())
+                plan, events = self.core.schedule(wid, self.now)
+                self.record(events)
                 self.check_state()
                 if plan is not None:
                     self.check_plan(plan)
@@ -445,7 +445,7 @@ class CoreRun:
         plan = self.in_flight.pop(wid, None)
         self.record(self.core.remove_worker(wid, self.now))
         if plan is not None:  # the dead worker's late result is ignored
-            assert self.core.apply(make_result(plan, {}, "dead"), self.now) == []
+            assert self.core.update(make_result(plan, {}, "dead"), self.now) == []
         del self.kv[wid]
         self.check_state()
 

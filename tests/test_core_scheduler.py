@@ -114,8 +114,8 @@ class Driver:
     # ---- one iteration ---------------------------------------------------------------------
 
     def schedule(self, wid: str = "w0") -> BatchPlan | None:
-        plan = self.core.schedule(wid, self.now)
-        self.record(self.core.take_events())
+        plan, events = self.core.schedule(wid, self.now)
+        self.record(events)
         self.check_ledgers()
         if plan is None:
             return None
@@ -129,7 +129,7 @@ class Driver:
         return make_result(plan, {} if error else sampled, error)
 
     def apply(self, result: StepResult) -> list:
-        events = self.core.apply(result, self.now)
+        events = self.core.update(result, self.now)
         self.record(events)
         self.check_ledgers()
         return events
@@ -812,7 +812,7 @@ def test_remove_worker_requeues_its_requests_which_finish_elsewhere(policy: str)
         r = d.core.requests[rid]
         assert r.status is Status.WAITING and r.worker_id is None and r.num_computed == 0
     assert d.core.num_waiting == 2
-    assert d.core.apply(d.result(plan), d.now) == []  # the dead worker's late result
+    assert d.core.update(d.result(plan), d.now) == []  # the dead worker's late result
     d.run()
     for rid in on_w0:
         assert d.core.requests[rid].status is Status.FINISHED
@@ -872,12 +872,12 @@ def test_a_result_for_an_unknown_step_is_ignored() -> None:
     d = Driver("vllm", [spec(num_blocks=64)])
     d.add("a", prompt=20, target=3)
     plan = d.schedule()
-    assert d.core.apply(StepResult(plan.step_id + 100, "w0", tokens=(EOS,)), d.now) == []
-    assert d.core.apply(StepResult(plan.step_id, "nope", tokens=(EOS,)), d.now) == []
+    assert d.core.update(StepResult(plan.step_id + 100, "w0", tokens=(EOS,)), d.now) == []
+    assert d.core.update(StepResult(plan.step_id, "nope", tokens=(EOS,)), d.now) == []
     assert d.core.workers["w0"].in_flight is plan
     assert d.core.requests["a"].num_output == 0
     d.apply(d.result(plan))
-    assert d.core.apply(StepResult(plan.step_id, "w0", tokens=(EOS,)), d.now) == []  # twice
+    assert d.core.update(StepResult(plan.step_id, "w0", tokens=(EOS,)), d.now) == []  # twice
     d.run()
     d.check_done()
 
@@ -943,7 +943,7 @@ def test_a_preempted_decode_is_not_readmitted_into_the_same_step(policy: str) ->
     for rid in "ab":
         core.add(Request(rid, prompt_len=1, arrival_s=0.0, eos_token_id=EOS, predicted_rl=1), 0.0)
     for step in range(8):
-        plan = core.schedule("w0", float(step))
+        plan = core.schedule("w0", float(step)).plan
         if plan is None:
             break
         ids = [s.request_id for s in plan.seqs]
@@ -952,7 +952,7 @@ def test_a_preempted_decode_is_not_readmitted_into_the_same_step(policy: str) ->
             r = core.requests[s.request_id]
             if s.request_id in plan.decodes.request_ids:  # right after what is in the cache
                 assert s.start_pos == r.num_tokens - 1 > 0
-        core.apply(make_result(plan, dict.fromkeys(plan.sampled_ids(), TOKEN)), step + 0.5)
+        core.update(make_result(plan, dict.fromkeys(plan.sampled_ids(), TOKEN)), step + 0.5)
         for r in core.requests.values():
             assert r.num_output <= step + 1
 
@@ -1059,4 +1059,4 @@ def test_no_per_request_state_survives_release() -> None:
         d.core.release(rid)
     assert not d.core.requests
     assert not d.core._step_failures
-    assert not d.core.policy._latest
+    assert not d.core.policy.queue._latest  # type: ignore[attr-defined]

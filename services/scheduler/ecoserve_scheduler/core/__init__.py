@@ -3,12 +3,13 @@
 from ecoserve_common.buckets import DEFAULT_EDGES, bucket_of
 from ecoserve_common.plan import BatchPlan, BatchShape, ScheduledSeq, StepResult
 
-from .core import SchedulerCore, WorkerSpec
 from .events import FinishEvent, PreemptEvent, TokenEvent
 from .ledger import KVLedger, LedgerError
 from .placement import DEFAULT_PLACEMENT, PLACEMENTS, Placement, make_placement
 from .policies import POLICIES, make_policy
 from .request import SLO, Request, SamplingParams, Status
+from .scheduler import SchedulerCore
+from .state import ScheduleOutput, WorkerSpec
 
 __all__ = [
     "DEFAULT_PLACEMENT",
@@ -27,6 +28,7 @@ __all__ = [
     "Request",
     "SamplingParams",
     "ScheduledSeq",
+    "ScheduleOutput",
     "SchedulerCore",
     "Status",
     "StepResult",

@@ -31,14 +31,19 @@ scan of that sorted list per admission attempt.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 from .request import Request
+from .state import WorkerState
+
+if TYPE_CHECKING:
+    from .step import Step
 
 
 class Placement:
     name = "base"
 
-    def admits(self, step, r: Request) -> bool:
+    def admits(self, step: Step, r: Request) -> bool:
         """Whether the worker building `step` should admit waiting request `r` now."""
         raise NotImplementedError
 
@@ -49,11 +54,11 @@ class Placement:
 class FirstIdle(Placement):
     name = "first-idle"
 
-    def admits(self, step, r: Request) -> bool:
+    def admits(self, step: Step, r: Request) -> bool:
         return True
 
 
-def worker_load(w, prefill_weight: float) -> float:
+def worker_load(w: WorkerState, prefill_weight: float) -> float:
     """Load score of a WorkerState (see the module docstring); lower is less loaded."""
     ledger = w.ledger
     usable = max(1, ledger.num_blocks - ledger.reserve_blocks)
@@ -63,7 +68,7 @@ def worker_load(w, prefill_weight: float) -> float:
     return kv + running / w.spec.max_num_seqs + prefill_weight * prefilling
 
 
-def has_room(w) -> bool:
+def has_room(w: WorkerState) -> bool:
     return w.ledger.num_free > 0 and len(w.running) < w.spec.max_num_seqs
 
 
@@ -79,7 +84,7 @@ class LeastLoaded(Placement):
         self._deferred_since: dict[str, float] = {}
         self.deferrals = 0  # how often a worker left the head for a better one
 
-    def others(self, step) -> list[tuple[float, int]]:
+    def others(self, step: Step) -> list[tuple[float, int]]:
         """(load, free blocks) of the other workers with room, least loaded first; cached for
         this step (the others cannot change while this worker's step is being built)."""
         cached = step.placement_cache
@@ -87,20 +92,20 @@ class LeastLoaded(Placement):
             me, weight = step.w, self.prefill_weight
             cached = sorted(
                 (worker_load(w, weight), w.ledger.num_free)
-                for w in step.core.workers.values()
+                for w in step.workers.values()
                 if w is not me and has_room(w)
             )
             step.placement_cache = cached
         return cached
 
-    def best_other(self, step, r: Request) -> float:
+    def best_other(self, step: Step, r: Request) -> float:
         """Lowest load among the other workers whose free KV holds at least r's tokens so far
         plus one (a worker that cannot take r is no reason to leave it waiting)."""
         need = step.ledger.blocks_for(r.num_tokens + 1)
         return next((load for load, free in self.others(step) if free >= need), math.inf)
 
-    def admits(self, step, r: Request) -> bool:
-        if len(step.core.workers) < 2:
+    def admits(self, step: Step, r: Request) -> bool:
+        if len(step.workers) < 2:
             return True
         best = self.best_other(step, r)
         if best == math.inf or worker_load(step.w, self.prefill_weight) <= best + self.tolerance:
@@ -121,7 +126,7 @@ PLACEMENTS: dict[str, type[Placement]] = {p.name: p for p in (FirstIdle, LeastLo
 DEFAULT_PLACEMENT = "least-loaded"
 
 
-def make_placement(name: str = DEFAULT_PLACEMENT, **options) -> Placement:
+def make_placement(name: str = DEFAULT_PLACEMENT, **options: float) -> Placement:
     try:
         cls = PLACEMENTS[name]
     except KeyError:

@@ -11,8 +11,20 @@ import heapq
 import itertools
 from collections import deque
 from collections.abc import Callable, Hashable
+from typing import Protocol
 
 from .request import Request, Status
+
+Key = Callable[[Request], tuple[float, ...]]
+
+
+class WaitQueue(Protocol):
+    """What the policies' queue orders build on."""
+
+    def push(self, r: Request, now: float) -> None: ...
+    def peek(self, now: float) -> Request | None: ...
+    def pop(self, r: Request, admitted: bool = True) -> None: ...
+    def begin_step(self) -> None: ...
 
 
 def _live(r: Request) -> bool:
@@ -40,6 +52,9 @@ class FifoQueue:
         assert self._q and self._q[0] is r
         self._q.popleft()
 
+    def begin_step(self) -> None:
+        pass
+
     def __len__(self) -> int:
         return len(self._q)
 
@@ -47,9 +62,9 @@ class FifoQueue:
 class KeyedQueue:
     """Smallest key first. Keys must not change while a request waits (they are taken at push)."""
 
-    def __init__(self, key: Callable[[Request], tuple]) -> None:
+    def __init__(self, key: Key) -> None:
         self._key = key
-        self._heap: list[tuple] = []
+        self._heap: list[tuple[tuple[float, ...], int, Request]] = []
         self._seq = itertools.count()
 
     def push(self, r: Request, now: float) -> None:
@@ -66,7 +81,10 @@ class KeyedQueue:
         assert self._heap and self._heap[0][2] is r
         heapq.heappop(self._heap)
 
-    def head_key(self) -> tuple | None:
+    def begin_step(self) -> None:
+        pass
+
+    def head_key(self) -> tuple[float, ...] | None:
         return self._heap[0][0] if self._heap else None
 
     def __len__(self) -> int:
@@ -79,7 +97,7 @@ class GroupedQueue:
     that same-bucket requests are admitted together (time-synced groups). Cost per peek is
     O(number of groups), independent of how many requests wait."""
 
-    def __init__(self, key: Callable[[Request], tuple], group: Callable[[Request], Hashable]):
+    def __init__(self, key: Key, group: Callable[[Request], Hashable]) -> None:
         self._key = key
         self._group = group
         self._groups: dict[Hashable, KeyedQueue] = {}
@@ -102,6 +120,8 @@ class GroupedQueue:
     def close_group(self) -> None:
         self._open, self._open_left = None, 0
 
+    begin_step = close_group
+
     def peek(self, now: float) -> Request | None:
         if self._open is not None and self._open_left > 0:
             head = self._groups[self._open].peek(now)
@@ -109,7 +129,7 @@ class GroupedQueue:
                 return head
         self.close_group()
         best: Request | None = None
-        best_key: tuple | None = None
+        best_key: tuple[float, ...] | None = None
         for q in self._groups.values():
             head = q.peek(now)
             if head is None:

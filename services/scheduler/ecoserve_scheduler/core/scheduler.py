@@ -1,13 +1,15 @@
 """SchedulerCore: the one owner of scheduling state, shared by the live service and the simulator.
 
-    core.add(request, now)              # after prediction
-    plan = core.schedule(worker, now)   # -> BatchPlan | None
-    events = core.apply(result, now)    # -> TokenEvent / FinishEvent / PreemptEvent
+    core.add(request, now)                     # after prediction
+    plan, events = core.schedule(worker, now)  # -> ScheduleOutput(BatchPlan | None, events)
+    events = core.update(result, now)          # -> TokenEvent / FinishEvent / PreemptEvent
     core.abort(request_id, now)
 
-Pure logic: no I/O, no clock (time is passed in). The mechanism lives here (ledger updates,
-preemption, token bookkeeping); every decision that differs between systems (queue order, what
-to reserve, whom to evict, KV lending) is a policy hook (see policies/base.py).
+vLLM v1's schedule()/update_from_output() contract, one iteration top to bottom in this file:
+guest collisions, decodes, running prefills, admissions; growing a block table (grow, else evict
+a victim) and the request lifecycle. Pure logic: no I/O, no clock (time is passed in). What
+differs between systems (queue order, what to reserve, the prefill budget, whom to evict, KV
+lending) is a policy hook (policies/base.py) called with what it needs.
 
 Invariant: a worker has at most one plan in flight; `schedule` for a worker is only called after
 the previous plan's result was applied, so nothing a plan references changes under it except
@@ -16,93 +18,50 @@ through abort (whose late tokens are ignored).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-from ecoserve_common.plan import BatchPlan, DecodeBatch, ScheduledSeq, StepResult
+from ecoserve_common.plan import BatchPlan, StepResult
 
 from .events import Event, FinishEvent, PreemptEvent, TokenEvent
-from .iter_model import IterTimeModel
 from .ledger import KVLedger, Usage
 from .placement import Placement, make_placement
+from .policies.base import Policy
 from .request import Request, Status
+from .state import Counters, ScheduleOutput, WorkerSpec, WorkerState
+from .step import Step
 
 MAX_STEP_FAILURES = 3  # a request in this many failed steps fails instead of being retried
 
 
-@dataclass(frozen=True)
-class WorkerSpec:
-    worker_id: str
-    num_blocks: int
-    block_size: int = 16
-    token_budget: int = 512
-    max_num_seqs: int = 256
-    max_model_len: int = 4096
-
-
-@dataclass
-class WorkerState:
-    spec: WorkerSpec
-    ledger: KVLedger
-    running: dict[str, Request] = field(default_factory=dict)  # admission order
-    decoding: dict[str, Request] = field(default_factory=dict)  # of running: prefill done
-    in_flight: BatchPlan | None = None
-    in_flight_reqs: list[Request] = field(default_factory=list)  # aligned with its decodes
-    sent_s: float = 0.0
-    iter_model: IterTimeModel = field(default_factory=IterTimeModel)
-
-
-@dataclass
-class Counters:
-    admitted: int = 0
-    finished: int = 0
-    failed: int = 0
-    aborted: int = 0
-    preemptions: int = 0
-    extensions: int = 0
-    loans: int = 0
-    guest_moves: int = 0
-    guest_preemptions: int = 0
-    steps: int = 0
-    step_errors: int = 0
-
-
 class SchedulerCore:
-    def __init__(self, policy, placement: Placement | str | None = None) -> None:
+    def __init__(self, policy: Policy, placement: Placement | str | None = None) -> None:
         """`placement`: a Placement, a registered name, or None for the default
         (core/placement.py); it picks the worker a waiting prompt task runs on."""
         self.policy = policy
         if not isinstance(placement, Placement):
             placement = make_placement(placement) if placement else make_placement()
         self.placement = placement
-        # This share of each worker's blocks is held back for extensions and guest moves.
-        self.reserve_share = policy.reserve_share
         self.workers: dict[str, WorkerState] = {}
         self.requests: dict[str, Request] = {}
         self.counters = Counters()
         self.num_waiting = 0
-        self.iter_time_ema_s = 0.0  # measured from schedule->apply, seeds slack estimates
+        self.iter_time_ema_s = 0.0  # measured from schedule->update, seeds slack estimates
         self._step_ids = 0
         self._step_failures: dict[str, int] = {}
-        self._outbox: list[Event] = []  # events raised while scheduling (preemptions, failures)
 
-    # ---- workers ---------------------------------------------------------------------------
+    # ---- workers and requests --------------------------------------------------------------
 
     def add_worker(self, spec: WorkerSpec) -> None:
         if spec.worker_id in self.workers:
             raise ValueError(f"worker {spec.worker_id} already registered")
-        reserve = int(spec.num_blocks * self.reserve_share)
-        ledger = KVLedger(spec.num_blocks, spec.block_size, reserve)
-        self.workers[spec.worker_id] = WorkerState(spec, ledger)
+        # This share of each worker's blocks is held back for extensions and guest moves.
+        reserve = int(spec.num_blocks * self.policy.admission.reserve_share)
+        self.workers[spec.worker_id] = WorkerState(
+            spec, KVLedger(spec.num_blocks, spec.block_size, reserve)
+        )
 
     def remove_worker(self, worker_id: str, now: float) -> list[Event]:
         """Drop a worker (dead or drained): its requests are recomputed elsewhere."""
         w = self.workers.pop(worker_id)
-        events: list[Event] = []
-        for r in list(w.running.values()):
-            events.append(self._preempt(w, r, now, "worker removed"))
-        return events
-
-    # ---- requests --------------------------------------------------------------------------
+        return [self._preempt(r, now, "worker removed") for r in list(w.running.values())]
 
     def add(self, r: Request, now: float) -> list[Event]:
         """Queue a request (after prediction). A request no worker could ever hold fails now."""
@@ -114,7 +73,7 @@ class SchedulerCore:
             return [self._fail(r, now, why)]
         r.status = Status.WAITING
         self.num_waiting += 1
-        self.policy.push(r, now, self)
+        self.policy.queue.push(r, now, self.iter_time_ema_s)
         return []
 
     def abort(self, request_id: str, now: float) -> list[Event]:
@@ -127,7 +86,7 @@ class SchedulerCore:
             self._release(r)
         r.status, r.finished_s, r.finish_reason = Status.ABORTED, now, "aborted"
         self.counters.aborted += 1
-        self._forget(r, now)
+        self._forget(r)
         return [FinishEvent(request_id, "aborted")]
 
     def release(self, request_id: str) -> None:
@@ -136,26 +95,167 @@ class SchedulerCore:
         if r is not None and r.status.done:
             del self.requests[request_id]
 
-    # ---- one iteration ---------------------------------------------------------------------
+    # ---- schedule: build one step for a worker ---------------------------------------------
 
-    def schedule(self, worker_id: str, now: float) -> BatchPlan | None:
+    def schedule(self, worker_id: str, now: float) -> ScheduleOutput:
+        """Decodes first (each takes one token), then running prefills, then admissions.
+
+        vLLM v1 visits running requests in admission order instead; the two differ only when an
+        earlier-admitted request is still prefilling, which after admission-order prefill is
+        only a recomputing request, so every policy shares this order (Sarathi's stall-free
+        batching)."""
         w = self.workers[worker_id]
         if w.in_flight is not None:
             raise RuntimeError(
                 f"worker {worker_id} already has step {w.in_flight.step_id} in flight"
             )
-        step = Step(self, w, now)
-        self.policy.schedule(step)
+        policy, step = self.policy, Step(w, now, self.iter_time_ema_s, self.workers)
+        policy.queue.begin_step()
+        # 1. KVCPipe: a host about to write into its loan first has the guest moved away.
+        ledger, lookahead = w.ledger, policy.lending.collision_lookahead
+        for host_id in ledger.hosts():
+            need = ledger.written(host_id) + 1 + lookahead
+            while ledger.guests_of(host_id) and ledger.writable(host_id) < need:
+                self._evict_guest(step, self.requests[ledger.guests_of(host_id)[0]])
+        # 2. Decodes: one token each; those whose table is full grow (or evict) first.
+        for r in step.run_decodes(list(w.decoding.values())):
+            live = r.status is Status.RUNNING and not step.full
+            if live and self._make_room(step, r, r.num_computed + 1):
+                step.run(r, 1)
+        step.context_tokens = sum(r.num_computed for r in step.decode_reqs)
+        step.budget = policy.budget.prefill_budget(step)
+        # 3. Running prefills, in the policy's order, a chunk each.
+        prefills = [r for r in w.running.values() if r.request_id not in w.decoding]
+        for r in policy.queue.prefill_order(step, prefills):
+            if r.status is not Status.RUNNING or step.full:
+                continue  # preempted as a victim earlier in this loop
+            n = step.chunk(r, policy.chunked)
+            if n and (
+                r.num_computed + n <= ledger.limit[r.request_id]
+                or self._make_room(step, r, r.num_computed + n)
+            ):
+                step.run(r, n)
+        # 4. Admissions, in queue order. As vLLM v1: none in a step that preempted (a victim
+        # must not come straight back into the step it was removed from).
+        while not step.full and not step.preempted:
+            head = policy.queue.peek(now)
+            if head is None:
+                break
+            n = step.chunk(head, policy.chunked)
+            if n == 0 or not self.placement.admits(step, head):
+                break  # a less loaded worker takes it at its next step
+            if not policy.budget.admits(step, head):
+                break  # its context would slow the running requests past their deadlines
+            step.context_tokens += head.prompt_len
+            if not self._reserve(step, head, n):
+                break  # head of line waits: later requests must not overtake it
         if not step.prefills and not step.decode_ids:
-            return None
+            return ScheduleOutput(None, step.events)
         self._step_ids += 1
         plan = BatchPlan(
             self._step_ids, worker_id, step.decode_batch(), tuple(step.prefills), tuple(step.copies)
         )
         w.in_flight, w.in_flight_reqs, w.sent_s = plan, step.decode_reqs, now
-        return plan
+        return ScheduleOutput(plan, step.events)
 
-    def apply(self, result: StepResult, now: float) -> list[Event]:
+    def _reserve(self, step: Step, r: Request, n: int) -> bool:
+        """Admit r into this worker if its admission reservation fits; False to stop admitting.
+
+        The reservation is capped at what one sequence may hold; a request whose next token
+        cannot fit on any worker fails, one that fits only another worker waits for it."""
+        policy, ledger = self.policy, step.ledger
+        need = max(r.num_computed + n, r.num_tokens + 1 if n == r.pending else 0)
+        cap = policy.capacity_tokens(ledger)
+        if need > cap:
+            if any(need <= policy.capacity_tokens(o.ledger) for o in self.workers.values()):
+                return False
+            policy.queue.pop(r)
+            self.num_waiting -= 1
+            step.events.append(
+                self._fail(r, step.now, "failed: needs more KV cache than any worker has")
+            )
+            return True
+        blocks = ledger.blocks_for(min(max(policy.admission.admission_tokens(r, n), need), cap))
+        headroom = int(policy.admission.headroom_share * ledger.num_blocks)
+        if ledger.can_allocate(blocks + headroom):
+            ledger.allocate(r.request_id, blocks)
+        elif policy.lending.lend(step, r, blocks):
+            self.counters.loans += 1
+        else:
+            return False
+        policy.queue.pop(r)
+        r.status, r.worker_id = Status.RUNNING, step.spec.worker_id
+        r.output_cap = min(r.sampling.max_tokens, step.spec.max_model_len - r.prompt_len)
+        if r.admitted_s is None:
+            r.admitted_s = step.now
+        step.running[r.request_id] = r
+        self.num_waiting -= 1
+        self.counters.admitted += 1
+        step.run(r, n)
+        return True
+
+    def _make_room(self, step: Step, r: Request, tokens: int) -> bool:
+        """Make r's writable region hold `tokens`; False if r had to be preempted or failed."""
+        ledger, rid = step.ledger, r.request_id
+        while ledger.writable(rid) < tokens:
+            guests = ledger.guests_of(rid)
+            if guests:
+                self._evict_guest(step, self.requests[guests[0]])
+                continue
+            if self._grow(step, r, tokens):
+                continue
+            if tokens > self.policy.capacity_tokens(ledger):
+                step.unschedule(r)
+                self._release(r)
+                step.events.append(self._fail(r, step.now, "failed: sequence outgrew the KV cache"))
+                return False
+            victim = self.policy.victims.victim(step, r)
+            if victim is None or victim is r:
+                self._preempt_in_step(step, r, "out of KV cache")
+                return False
+            self._preempt_in_step(step, victim, f"KV cache needed by {rid}")
+        return True
+
+    def _grow(self, step: Step, r: Request, tokens: int) -> bool:
+        """Lengthen r's table: to the policy's growth target, else to the exact need; from
+        free blocks first, then (if the policy may) the reserve pool. A guest moves instead."""
+        ledger, rid, admission = step.ledger, r.request_id, self.policy.admission
+        targets = dict.fromkeys(
+            (ledger.blocks_for(admission.growth_tokens(r, tokens)), ledger.blocks_for(tokens))
+        )
+        for use_reserve in (False, True) if admission.use_reserve else (False,):
+            for want in targets:
+                if ledger.is_guest(rid):
+                    copies = ledger.move_guest(rid, want, use_reserve=use_reserve)
+                    if copies is not None:
+                        step.copies.extend(copies)
+                        self.counters.guest_moves += 1
+                        return True
+                elif ledger.extend(rid, want - len(ledger.table(rid)), use_reserve=use_reserve):
+                    self.counters.extensions += 1
+                    r.extensions += 1
+                    return True
+        return False
+
+    def _evict_guest(self, step: Step, guest: Request) -> None:
+        """Move a guest off its host's blocks (fresh blocks, then reserve), else preempt it."""
+        ledger = step.ledger
+        want = ledger.blocks_for(self.policy.admission.admission_tokens(guest, 0))
+        copies = ledger.move_guest(guest.request_id, want, use_reserve=True)
+        if copies is None:
+            self.counters.guest_preemptions += 1
+            self._preempt_in_step(step, guest, "KVCPipe collision: no free blocks to move to")
+        else:
+            step.copies.extend(copies)
+            self.counters.guest_moves += 1
+
+    def _preempt_in_step(self, step: Step, r: Request, reason: str) -> None:
+        step.unschedule(r)
+        step.events.append(self._preempt(r, step.now, reason))
+
+    # ---- update: apply a step's result -----------------------------------------------------
+
+    def update(self, result: StepResult, now: float) -> list[Event]:
         w = self.workers.get(result.worker_id)
         if w is None or w.in_flight is None or w.in_flight.step_id != result.step_id:
             return []  # a late result from a removed worker or an old step
@@ -167,13 +267,13 @@ class SchedulerCore:
         shape = plan.shape()
         ctx = shape.decode_context_tokens + sum(c for _, c in shape.prefill_chunks)
         w.iter_model.observe(plan.num_tokens, ctx, dt)
-        events = self.take_events()
         if result.error:
-            return events + self._step_failed(w, plan, now, result.error)
+            return self._step_failed(plan, now, result.error)
         tokens = result.tokens
         n_dec = len(plan.decodes)
         if len(tokens) != n_dec + sum(1 for p in plan.prefills if p.sample):
-            return events + self._step_failed(w, plan, now, "result has the wrong token count")
+            return self._step_failed(plan, now, "result has the wrong token count")
+        events: list[Event] = []
         wid, running, append = w.spec.worker_id, Status.RUNNING, events.append
         new = tuple.__new__  # builds a TokenEvent at half the cost of calling the NamedTuple
         # Decodes: the hot loop. `w.in_flight_reqs` is aligned with plan.decodes.
@@ -205,79 +305,16 @@ class SchedulerCore:
             self._maybe_stop(w, pr, first, now, events)
         return events
 
-    def _maybe_stop(self, w: WorkerState, r: Request, token: int, now: float, events) -> None:
+    def _maybe_stop(
+        self, w: WorkerState, r: Request, token: int, now: float, events: list[Event]
+    ) -> None:
         sp = r.sampling
         if token == r.eos_token_id and not sp.ignore_eos or token in sp.stop_token_ids:
-            events.append(self._finish(w, r, now, "stop"))
+            events.append(self._finish(r, now, "stop"))
         elif r.num_output >= r.output_cap:
-            events.append(self._finish(w, r, now, "length"))
+            events.append(self._finish(r, now, "length"))
 
-    def take_events(self) -> list[Event]:
-        """Events raised while scheduling (preemptions, failures), oldest first."""
-        events, self._outbox = self._outbox, []
-        return events
-
-    # ---- mechanism used by policies (through Step) -----------------------------------------
-
-    def _unservable(self, r: Request) -> str | None:
-        if not self.workers:
-            return None  # workers may register later; checked again at admission
-        if all(r.prompt_len >= w.spec.max_model_len for w in self.workers.values()):
-            return "failed: prompt longer than the model's context"
-        need = max(w.ledger.blocks_for(r.prompt_len + 1) for w in self.workers.values())
-        if all(need > w.ledger.num_blocks - w.ledger.reserve_blocks for w in self.workers.values()):
-            return "failed: prompt larger than any worker's KV cache"
-        return None
-
-    def _admit(self, w: WorkerState, r: Request, now: float) -> None:
-        r.status, r.worker_id = Status.RUNNING, w.spec.worker_id
-        r.output_cap = min(r.sampling.max_tokens, w.spec.max_model_len - r.prompt_len)
-        if r.admitted_s is None:
-            r.admitted_s = now
-        w.running[r.request_id] = r
-        self.num_waiting -= 1
-        self.counters.admitted += 1
-
-    def _release(self, r: Request) -> None:
-        w = self.workers.get(r.worker_id) if r.worker_id else None
-        if w is not None:
-            w.running.pop(r.request_id, None)
-            w.decoding.pop(r.request_id, None)
-            if w.ledger.has(r.request_id):
-                w.ledger.free(r.request_id)
-        r.worker_id = None
-
-    def _finish(self, w: WorkerState, r: Request, now: float, reason: str) -> FinishEvent:
-        self._release(r)
-        r.status, r.finished_s, r.finish_reason = Status.FINISHED, now, reason
-        self.counters.finished += 1
-        self._forget(r, now)
-        return FinishEvent(r.request_id, reason)
-
-    def _fail(self, r: Request, now: float, reason: str) -> FinishEvent:
-        """Fail a request that holds no blocks (release it first)."""
-        r.status, r.finished_s, r.finish_reason = Status.FAILED, now, reason
-        self.counters.failed += 1
-        self._forget(r, now)
-        return FinishEvent(r.request_id, reason)
-
-    def _forget(self, r: Request, now: float) -> None:
-        """Drop every piece of per-request state but the Request itself (`release` drops it)."""
-        self._step_failures.pop(r.request_id, None)
-        self.policy.on_done(r, now)
-        self.placement.on_done(r.request_id)
-
-    def _preempt(self, w: WorkerState, r: Request, now: float, reason: str) -> PreemptEvent:
-        """Recompute preemption: drop r's KV; it waits again with its outputs kept."""
-        self._release(r)
-        r.status, r.num_computed = Status.WAITING, 0
-        r.preemptions += 1
-        self.counters.preemptions += 1
-        self.num_waiting += 1
-        self.policy.requeue(r, now, self)
-        return PreemptEvent(r.request_id, reason)
-
-    def _step_failed(self, w: WorkerState, plan: BatchPlan, now: float, error: str) -> list[Event]:
+    def _step_failed(self, plan: BatchPlan, now: float, error: str) -> list[Event]:
         self.counters.step_errors += 1
         events: list[Event] = []
         for rid in list(plan.decodes.request_ids) + [s.request_id for s in plan.prefills]:
@@ -289,154 +326,85 @@ class SchedulerCore:
                 self._release(r)
                 events.append(self._fail(r, now, f"failed: worker error: {error}"))
             else:
-                events.append(self._preempt(w, r, now, f"worker error: {error}"))
+                events.append(self._preempt(r, now, f"worker error: {error}"))
         return events
+
+    # ---- request lifecycle -----------------------------------------------------------------
+
+    def _unservable(self, r: Request) -> str | None:
+        if not self.workers:
+            return None  # workers may register later; checked again at admission
+        if all(r.prompt_len >= w.spec.max_model_len for w in self.workers.values()):
+            return "failed: prompt longer than the model's context"
+        need = max(w.ledger.blocks_for(r.prompt_len + 1) for w in self.workers.values())
+        if all(need > w.ledger.num_blocks - w.ledger.reserve_blocks for w in self.workers.values()):
+            return "failed: prompt larger than any worker's KV cache"
+        return None
+
+    def _release(self, r: Request) -> None:
+        w = self.workers.get(r.worker_id) if r.worker_id else None
+        if w is not None:
+            w.running.pop(r.request_id, None)
+            w.decoding.pop(r.request_id, None)
+            if w.ledger.has(r.request_id):
+                w.ledger.free(r.request_id)
+        r.worker_id = None
+
+    def _finish(self, r: Request, now: float, reason: str) -> FinishEvent:
+        self._release(r)
+        r.status, r.finished_s, r.finish_reason = Status.FINISHED, now, reason
+        self.counters.finished += 1
+        self._forget(r)
+        return FinishEvent(r.request_id, reason)
+
+    def _fail(self, r: Request, now: float, reason: str) -> FinishEvent:
+        """Fail a request that holds no blocks (release it first)."""
+        r.status, r.finished_s, r.finish_reason = Status.FAILED, now, reason
+        self.counters.failed += 1
+        self._forget(r)
+        return FinishEvent(r.request_id, reason)
+
+    def _forget(self, r: Request) -> None:
+        """Drop every piece of per-request state but the Request itself (`release` drops it)."""
+        self._step_failures.pop(r.request_id, None)
+        self.policy.queue.on_done(r)
+        self.placement.on_done(r.request_id)
+
+    def _preempt(self, r: Request, now: float, reason: str) -> PreemptEvent:
+        """Recompute preemption: drop r's KV; it waits again with its outputs kept."""
+        self._release(r)
+        r.status, r.num_computed = Status.WAITING, 0
+        r.preemptions += 1
+        self.counters.preemptions += 1
+        self.num_waiting += 1
+        self.policy.queue.requeue(r, now, self.iter_time_ema_s)
+        return PreemptEvent(r.request_id, reason)
 
     # ---- reporting -------------------------------------------------------------------------
 
     def usage(self) -> dict[str, Usage]:
         return {wid: w.ledger.usage() for wid, w in self.workers.items()}
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, object]:
+        kv = {
+            wid: {
+                "num_blocks": u.num_blocks,
+                "blocks_used": u.blocks_used,
+                "blocks_lent": u.blocks_lent,
+                "tokens_written": u.tokens_written,
+                "reserved_share": round(u.reserved_share, 4),
+            }
+            for wid, u in self.usage().items()
+        }
         c = self.counters
         return {
             "policy": self.policy.name,
             "waiting": self.num_waiting,
             "running": {wid: len(w.running) for wid, w in self.workers.items()},
-            "kv": {
-                wid: {
-                    "num_blocks": u.num_blocks,
-                    "blocks_used": u.blocks_used,
-                    "blocks_lent": u.blocks_lent,
-                    "tokens_written": u.tokens_written,
-                    "reserved_share": round(u.reserved_share, 4),
-                }
-                for wid, u in self.usage().items()
-            },
+            "kv": kv,
             **{k: getattr(c, k) for k in c.__dataclass_fields__},
             "placement": self.placement.name,
         }
 
 
-class Step:
-    """The iteration being built for one worker: token budget, chosen chunks, block moves.
-
-    Policies call `run_decodes` and `run` (after `make_room`) for what they schedule; these keep
-    the ledger, the budget and the plan consistent."""
-
-    def __init__(self, core: SchedulerCore, w: WorkerState, now: float) -> None:
-        self.core = core
-        self.w = w
-        self.ledger = w.ledger
-        self.now = now
-        self.budget = w.spec.token_budget
-        self.prefills: list[ScheduledSeq] = []
-        self.decode_ids: list[str] = []
-        self.decode_reqs: list[Request] = []
-        self.copies: list[tuple[int, int]] = []
-        self._scheduled: set[str] = set()  # prefill chunks only; decodes are in decode_ids
-        self._dropped = False  # a scheduled request was preempted: filter the columns
-        self.preempted = 0  # requests preempted (or failed) while building this step
-        self.placement_cache: list | None = None  # the placement's per-step cache
-
-    @property
-    def running(self) -> dict[str, Request]:
-        return self.w.running
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.decode_ids) + len(self.prefills)
-
-    @property
-    def full(self) -> bool:
-        return self.budget <= 0 or self.num_seqs >= self.w.spec.max_num_seqs
-
-    def chunk(self, r: Request, chunked: bool = True) -> int:
-        """Tokens of r this step can take: all pending ones, or a budget-sized chunk. Without
-        chunking (Orca) the token budget does not apply: a prompt always runs whole."""
-        n = r.pending
-        if n <= self.budget or not chunked:
-            return n
-        return self.budget
-
-    def run_decodes(self, decodes: list[Request]) -> list[Request]:
-        """Schedule one token for each decoding request that has room (the hot path: a few
-        attribute reads per request). Returns those that need `make_room` first."""
-        decodes = decodes[: max(0, self.budget)]
-        limit = self.ledger.limit
-        ok = [r for r in decodes if r.num_computed < limit[r.request_id]]
-        blocked = []
-        if len(ok) < len(decodes):
-            blocked = [r for r in decodes if r.num_computed >= limit[r.request_id]]
-        self._add_decodes(ok)
-        return blocked
-
-    def _add_decodes(self, reqs: list[Request]) -> None:
-        ids = [r.request_id for r in reqs]
-        self.ledger.advance_decodes(ids)
-        self.decode_ids.extend(ids)
-        self.decode_reqs.extend(reqs)
-        self.budget -= len(ids)
-
-    def run(self, r: Request, n: int) -> None:
-        """Schedule n tokens of r (a prefill chunk, or a decode that needed make_room)."""
-        if r.request_id in self.w.decoding:
-            self.ledger.advance(r.request_id, r.num_computed + 1)
-            self.decode_ids.append(r.request_id)
-            self.decode_reqs.append(r)
-            self.budget -= 1
-            return
-        start = r.num_computed
-        end = start + n
-        rid = r.request_id
-        self.ledger.advance(rid, end)
-        self._scheduled.add(rid)
-        ids = r.token_ids(start, end) if r.prompt_token_ids is not None else None
-        table = tuple(self.ledger.table(rid))
-        sample = end == r.prompt_len + len(r.output_token_ids)
-        self.prefills.append(ScheduledSeq(rid, start, n, table, sample, r.sampling, ids))
-        self.budget -= n
-
-    def decode_batch(self) -> DecodeBatch:
-        if self._dropped:
-            keep = [r for r in self.decode_reqs if r.status is Status.RUNNING]
-            self.decode_reqs, self.decode_ids = keep, [r.request_id for r in keep]
-        reqs = self.decode_reqs
-        tables = self.ledger.table
-        with_ids = bool(reqs) and reqs[0].prompt_token_ids is not None
-        return DecodeBatch(
-            tuple(self.decode_ids),
-            tuple([r.num_computed for r in reqs]),
-            tuple([tables(r.request_id) for r in reqs]),
-            tuple([r.sampling for r in reqs]),
-            tuple([r.output_token_ids[-1] for r in reqs]) if with_ids else None,
-        )
-
-    def admit(self, r: Request) -> None:
-        self.core._admit(self.w, r, self.now)
-
-    def preempt(self, r: Request, reason: str) -> None:
-        """Preempt r (recompute), removing it from this step if it was already scheduled."""
-        self._unschedule(r)
-        self.core._outbox.append(self.core._preempt(self.w, r, self.now, reason))
-
-    def fail_running(self, r: Request, reason: str) -> None:
-        """Fail a running request that can never fit (its blocks are released)."""
-        self._unschedule(r)
-        self.core._release(r)
-        self.core._outbox.append(self.core._fail(r, self.now, reason))
-
-    def _unschedule(self, r: Request) -> None:
-        self.preempted += 1
-        rid = r.request_id
-        if rid in self._scheduled:
-            self._scheduled.discard(rid)
-            i = next(i for i, s in enumerate(self.prefills) if s.request_id == rid)
-            self.budget += self.prefills.pop(i).num_tokens
-        elif rid in self.w.decoding:
-            self._dropped = True  # decode_batch filters it out if it was scheduled
-
-    def fail_waiting(self, r: Request, reason: str) -> None:
-        """Fail a waiting request (already popped from its queue) that no worker can hold."""
-        self.core.num_waiting -= 1
-        self.core._outbox.append(self.core._fail(r, self.now, reason))
+__all__ = ["MAX_STEP_FAILURES", "SchedulerCore", "ScheduleOutput", "WorkerSpec"]

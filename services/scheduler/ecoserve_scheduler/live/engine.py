@@ -189,9 +189,9 @@ class LiveEngine:
             if self.core.workers[wid].in_flight is not None:
                 continue
             t0 = time.perf_counter()
-            plan = self.core.schedule(wid, now)
+            plan, raised = self.core.schedule(wid, now)
             self.core_s += time.perf_counter() - t0
-            events += self.core.take_events()
+            events += raised
             if plan is not None:
                 self.decode_tokens += len(plan.decodes)
                 self.prefill_tokens += plan.num_tokens - len(plan.decodes)
@@ -238,7 +238,7 @@ class LiveEngine:
             w.steps += 1
             result = result_from_proto(env.result, wid)
             t0 = time.perf_counter()
-            events = self.core.apply(result, now)
+            events = self.core.update(result, now)
             self.core_s += time.perf_counter() - t0
             self.steps += 1
             self.forward_s += result.forward_s
@@ -276,7 +276,7 @@ class LiveEngine:
         self._reply(rid, pb.Registered(accepted=True))
 
     def _fail_step(self, wid: str, step_id: int, why: str, now: float) -> None:
-        self._deliver(self.core.apply(StepResult(step_id, wid, (), 0.0, why), now))
+        self._deliver(self.core.update(StepResult(step_id, wid, (), 0.0, why), now))
 
     def _reply(self, rid: bytes, body) -> None:
         self._sock.send_multipart([rid, encode("scheduler", body)])

@@ -36,8 +36,8 @@ import numpy as np
 from ecoserve_common.plan import BatchShape
 
 from ..core import Request, Status
-from ..core.core import Counters
 from ..core.ledger import blocks_for
+from ..core.state import Counters
 from .cost_model import CostModel
 from .engine import SimConfig, make_request
 from .links import get_link

@@ -23,7 +23,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from ..core import SchedulerCore, WorkerSpec, make_policy
-from ..core.core import Counters
+from ..core.state import Counters
 from .cost_model import CostModel
 from .engine import SimConfig, _count_finished, _dispatch, _run_plan, _Sim, make_request
 from .metrics import RequestMetrics, RunMetrics, summarize
@@ -99,9 +99,10 @@ def simulate_replicas(
             sim = sims[payload.worker_id]
             result = _run_plan(sim, payload)
             t0 = time.perf_counter()
-            events = sim.core.apply(result, now)
+            events = sim.core.update(result, now)
             sim.apply_us.append((time.perf_counter() - t0) * 1e6)
-            done += _count_finished(events)
+            done += _count_finished(events) + sim.sched_finished
+            sim.sched_finished = 0
             sim.idle.add(payload.worker_id)
         _dispatch(sim, now)
     return _summarize(requests, order, now, budget), [RequestMetrics.of(r) for r in requests]

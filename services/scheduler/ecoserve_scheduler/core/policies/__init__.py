@@ -1,26 +1,34 @@
-"""Policy registry: each scheduling policy is one small module, picked by name."""
+"""Policy registry: each scheduling policy is a small module building a `Policy` of hooks."""
 
 from __future__ import annotations
 
-from .base import Policy
-from .ecoserve import EcoServePolicy
-from .orca import OrcaPolicy
-from .sarathi import SarathiPolicy
-from .sjf import SJFPolicy
-from .vllm import VLLMPolicy
+from collections.abc import Callable
 
-POLICIES: dict[str, type[Policy]] = {
-    p.name: p for p in (EcoServePolicy, VLLMPolicy, SarathiPolicy, OrcaPolicy, SJFPolicy)
+from .base import Policy
+from .ecoserve import compose, ecoserve_policy
+from .orca import orca_policy
+from .sarathi import sarathi_policy
+from .sjf import sjf_policy
+from .vllm import vllm_policy
+
+POLICIES: dict[str, Callable[..., Policy]] = {
+    "ecoserve": ecoserve_policy,
+    "vllm": vllm_policy,
+    "sarathi": sarathi_policy,
+    "orca": orca_policy,
+    "sjf": sjf_policy,
 }
 
 
-def make_policy(name: str, **options) -> Policy:
-    """A fresh policy instance; options are the policy's own keyword arguments."""
+def make_policy(name: str, **options: object) -> Policy:
+    """A fresh policy; options are the policy's own keyword arguments (for "ecoserve": the
+    component switches pipelining/synced_groups/ordering/slo_guard/oracle_rl and the
+    components' config fields)."""
     try:
-        cls = POLICIES[name]
+        factory = POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown policy {name!r}; known: {', '.join(sorted(POLICIES))}") from None
-    return cls(**options)
+    return factory(**options)
 
 
-__all__ = ["POLICIES", "Policy", "make_policy"]
+__all__ = ["POLICIES", "Policy", "compose", "make_policy"]

@@ -9,12 +9,13 @@ than the token budget). FCFS.
 from __future__ import annotations
 
 from ..request import Request
-from .base import Policy
+from .base import FullBudget, OnDemand, Policy
 
 
-class OrcaPolicy(Policy):
-    name = "orca"
-    chunked = False
-
+class MaxLength(OnDemand):
     def admission_tokens(self, r: Request, n: int) -> int:
         return r.prompt_len + r.sampling.max_tokens
+
+
+def orca_policy() -> Policy:
+    return Policy("orca", admission=MaxLength(), budget=FullBudget(chunked=False))

@@ -8,19 +8,16 @@ requests is this baseline's known weakness.
 
 from __future__ import annotations
 
-from ..core import Step
-from ..queues import KeyedQueue
 from ..request import Request
-from .base import Policy
+from ..step import Step
+from .base import KeyedOrder, OnDemand, Policy
 
 
-class SJFPolicy(Policy):
-    name = "sjf"
-    headroom_share = 0.01
-
-    def make_queue(self):
-        return KeyedQueue(lambda r: (r.predicted_rl, r.arrival_s))
-
+class LongestRemaining:
     def victim(self, step: Step, r: Request) -> Request | None:
-        """The running request with the longest predicted remaining output (may be r)."""
         return max(step.running.values(), key=lambda o: o.predicted_rl - o.num_output, default=None)
+
+
+def sjf_policy() -> Policy:
+    queue = KeyedOrder(lambda r: (r.predicted_rl, r.arrival_s))
+    return Policy("sjf", queue, OnDemand(headroom_share=0.01), victims=LongestRemaining())

@@ -10,9 +10,8 @@ the next step); new requests join FCFS while budget, `max_num_seqs` and blocks l
 
 from __future__ import annotations
 
-from .base import Policy
+from .base import OnDemand, Policy
 
 
-class VLLMPolicy(Policy):
-    name = "vllm"
-    headroom_share = 0.01  # vLLM's default watermark
+def vllm_policy() -> Policy:
+    return Policy("vllm", admission=OnDemand(headroom_share=0.01))  # vLLM's default watermark
