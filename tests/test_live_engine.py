@@ -53,7 +53,8 @@ def reference(model_dir, prompts):
 def start_worker(
     addr: str, wid: str, model_dir, token: str = "k", num_blocks: int = 64
 ) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=f"{REPO / 'services/worker'}:{REPO / 'services/scheduler'}")
+    path = [str(REPO / "services/worker"), str(REPO / "services/scheduler")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path + [os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "ecoserve_worker", "--scheduler", addr, "--worker-id", wid]
     cmd += ["--model", str(model_dir), "--num-blocks", str(num_blocks), "--block-size", "16"]
     cmd += ["--no-profile", "--token-budget", "128", "--auth-token", token, "--heartbeat-s", "0.2"]

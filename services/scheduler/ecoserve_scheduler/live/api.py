@@ -3,6 +3,11 @@
 Rejected("invalid") is INVALID_ARGUMENT with the reason, "exhausted" is RESOURCE_EXHAUSTED
 with a `retry-after-ms` trailer, "exists" is ALREADY_EXISTS; a passed deadline is
 DEADLINE_EXCEEDED. A client that cancels the call aborts its request.
+
+Sampling parameters are built with `SamplingParams.checked`: a bad one is INVALID_ARGUMENT
+whose details start with the field's name ("top_k: ..."). The request id is the caller's
+(checked with `check_request_id`: INVALID_ARGUMENT when unusable) or minted here ("req-...");
+it is the id of every chunk and response, the store's key and GetRequest's argument.
 """
 
 from __future__ import annotations
@@ -14,8 +19,10 @@ from collections.abc import Iterator
 import grpc
 
 from ecoserve_common.grpc_server import build_grpc_server
+from ecoserve_common.ids import check_request_id, new_request_id
 from ecoserve_common.pb import scheduler_pb2 as pb
 from ecoserve_common.pb import scheduler_pb2_grpc as pb_grpc
+from ecoserve_common.sampling import InvalidSampling, SamplingParams
 
 from .frontend import RETRY_AFTER_S, Frontend, GenerateParams, Rejected
 
@@ -84,20 +91,14 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         )
 
     def _start(self, m: pb.GenerateRequest, context):
-        params = GenerateParams(
-            prompt=m.prompt,
-            prompt_token_ids=tuple(m.prompt_token_ids),
-            max_tokens=m.max_tokens,
-            temperature=m.temperature,
-            top_p=m.top_p or 1.0,
-            top_k=m.top_k,
-            seed=m.seed if m.has_seed else None,
-            stop_token_ids=tuple(m.stop_token_ids),
-            ignore_eos=m.ignore_eos,
-            request_id=m.request_id,
-        )
+        rid = m.request_id or new_request_id("req-")
+        problem = check_request_id(rid)
+        if problem:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request_id: {problem}")
         try:
-            handle, n = self.frontend.start(params)
+            handle, n = self.frontend.start(params_of(m, rid))
+        except InvalidSampling as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{e.field}: {e.message}")
         except Rejected as r:
             if r.code == "exhausted":
                 retry_ms = str(int(RETRY_AFTER_S * 1000))
@@ -113,13 +114,27 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
 
 
+def params_of(m: pb.GenerateRequest, request_id: str) -> GenerateParams:
+    """The Frontend's view of a GenerateRequest; raises InvalidSampling naming the field."""
+    sampling = SamplingParams.checked(
+        max_tokens=m.max_tokens,
+        temperature=m.temperature,
+        top_p=m.top_p or 1.0,  # proto: 0 (unset) means 1
+        top_k=m.top_k,
+        seed=m.seed if m.has_seed else None,
+        stop_token_ids=m.stop_token_ids,
+        ignore_eos=m.ignore_eos,
+    )
+    return GenerateParams(
+        prompt=m.prompt,
+        prompt_token_ids=tuple(m.prompt_token_ids),
+        sampling=sampling,
+        request_id=request_id,
+    )
+
+
 def stats_of(frontend: Frontend) -> dict:
-    pred = frontend.predictor
-    return {
-        **frontend.engine.stats_snapshot,
-        "pending": frontend.engine.pending,
-        "predictor": {"calls": pred.calls, "failures": pred.failures},
-    }
+    return frontend.stats()
 
 
 class ApiKeyInterceptor(grpc.ServerInterceptor):

@@ -6,6 +6,13 @@ the request in the store and submits it; `follow` yields its tokens until it end
 the end. A deadline that passes aborts the request (the engine frees its KV blocks in its next
 iteration) and raises TimeoutError. The store is written from the caller's thread, never from
 the engine loop.
+
+Sampling parameters arrive already built and checked (`SamplingParams.checked` at each edge);
+`start` validates them again (InvalidSampling, a ValueError naming the field) so nothing bad
+reaches the engine whoever builds a GenerateParams. The request id is minted at the edge (see
+ecoserve_common.ids); `start` mints one only for a caller that gave none. Two clocks: the
+Request handed to the core carries `time.monotonic()` seconds (the engine's clock, the one the
+core's `now` comes from); the store gets wall-clock `time.time()` seconds, for people.
 """
 
 from __future__ import annotations
@@ -13,12 +20,14 @@ from __future__ import annotations
 import contextlib
 import queue
 import time
-import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+from ecoserve_common.ids import new_request_id
+from ecoserve_common.sampling import SamplingParams
+
 from ..core.events import FinishEvent, TokenEvent
-from ..core.request import Request, SamplingParams
+from ..core.request import Request
 from .engine import LiveEngine, RequestHandle
 from .prediction import PredictorClient
 
@@ -34,15 +43,12 @@ class ApiLimits:
 
 @dataclass(frozen=True)
 class GenerateParams:
+    """One request as an edge hands it over: the prompt (text or token ids), its sampling
+    parameters (the contract's one definition) and the id the edge minted or took."""
+
     prompt: str = ""
     prompt_token_ids: Sequence[int] = ()
-    max_tokens: int = 16
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop_token_ids: Sequence[int] = field(default_factory=tuple)
-    ignore_eos: bool = False
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(max_tokens=16))
     request_id: str = ""
 
 
@@ -63,18 +69,25 @@ class Frontend:
         store=None,
         limits: ApiLimits | None = None,
         predictor: PredictorClient | None = None,
-        clock=time.time,
+        clock: Callable[[], float] | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
+        """`clock` times requests for the core: by default the engine's (monotonic) clock.
+        `wall_clock` stamps the store's rows."""
         self.engine = engine
         self.tokenizer = tokenizer
         self.store = store
         self.limits = limits or ApiLimits()
         self.predictor = predictor or PredictorClient(None)
-        self.clock = clock
+        self.clock = clock or getattr(engine, "clock", None) or time.monotonic
+        self.wall_clock = wall_clock
 
     def start(self, p: GenerateParams) -> tuple[RequestHandle, int]:
+        """Raises Rejected, or InvalidSampling for a bad sampling parameter."""
+        sampling = p.sampling
+        sampling.validate()
         ids = self._prompt_ids(p)
-        problem = _check_sampling(p) or self._check_length(len(ids), p.max_tokens)
+        problem = self._check_length(len(ids), sampling.max_tokens)
         if problem:
             raise Rejected("invalid", problem)
         if self.engine.pending >= self.limits.max_pending:
@@ -83,33 +96,26 @@ class Frontend:
                 f"{self.engine.pending} requests in the system (limit "
                 f"{self.limits.max_pending}); retry after {RETRY_AFTER_S:g} s",
             )
-        rid = p.request_id or uuid.uuid4().hex
-        now = self.clock()
+        rid = p.request_id or new_request_id()
         text = p.prompt or self.tokenizer.decode(ids)
         guess = self.predictor.predict(text)
-        sampling = SamplingParams(
-            max_tokens=p.max_tokens,
-            temperature=p.temperature,
-            top_p=p.top_p or 1.0,
-            top_k=p.top_k,
-            seed=p.seed,
-            stop_token_ids=tuple(p.stop_token_ids),
-            ignore_eos=p.ignore_eos,
-        )
+        cap = sampling.max_tokens
         req = Request(
             rid,
             len(ids),
-            now,
+            self.clock(),  # after the predictor's call: the core's clock, read last
             sampling,
             prompt_token_ids=tuple(ids),
             eos_token_id=getattr(self.tokenizer, "eos_token_id", None),
-            predicted_rl=min(guess.point, p.max_tokens),
-            predicted_rl_upper=min(guess.upper, p.max_tokens),
+            predicted_rl=min(guess.point, cap),
+            predicted_rl_upper=min(guess.upper, cap),
             rl_bucket=guess.bucket,
         )
         if self.store is not None:
             try:
-                self.store.add(rid, text, len(ids), p.max_tokens, now, predicted_tokens=guess.point)
+                self.store.add(
+                    rid, text, len(ids), cap, self.wall_clock(), predicted_tokens=guess.point
+                )
             except Exception as exc:  # a duplicate id: refused before anything runs
                 raise Rejected("exists", f"request {rid!r}: {exc}"[:300]) from exc
         return self.engine.submit(req), len(ids)
@@ -149,10 +155,19 @@ class Frontend:
     def cancel(self, request_id: str) -> None:
         self.engine.cancel(request_id)
 
+    def stats(self) -> dict:
+        """The core's and the engine's stats, requests pending and the predictor's counts."""
+        pred = self.predictor
+        return {
+            **self.engine.stats_snapshot,
+            "pending": self.engine.pending,
+            "predictor": {"calls": pred.calls, "failures": pred.failures},
+        }
+
     def record_end(self, rid: str, reason: str, n: int) -> None:
         if self.store is None:
             return
-        now = self.clock()
+        now = self.wall_clock()
         if reason in ("stop", "length"):
             self.store.finish(rid, n, now)
         elif reason == "aborted":
@@ -174,21 +189,9 @@ class Frontend:
         return self.tokenizer.encode(p.prompt)
 
     def _check_length(self, prompt_len: int, max_tokens: int) -> str | None:
-        if max_tokens <= 0:
-            return f"max_tokens must be > 0 (got {max_tokens})"
         if prompt_len + max_tokens > self.limits.max_model_len:
             return (
                 f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the model's "
                 f"{self.limits.max_model_len}"
             )
         return None
-
-
-def _check_sampling(p: GenerateParams) -> str | None:
-    if p.temperature < 0:
-        return f"temperature must be >= 0 (got {p.temperature})"
-    if not 0.0 <= p.top_p <= 1.0:
-        return f"top_p must be in (0, 1] (got {p.top_p})"
-    if p.top_k < 0:
-        return f"top_k must be >= 0 (got {p.top_k})"
-    return None

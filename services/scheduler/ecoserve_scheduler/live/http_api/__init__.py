@@ -1,0 +1,19 @@
+"""OpenAI-compatible HTTP API over the Frontend: /v1/completions, /v1/chat/completions
+(streaming as server-sent events, or not), /v1/models, /health, Prometheus /metrics, /stats.
+
+Layout: `schemas` (every request and response body), `completions` and `chat` (their routers),
+`admin` (health, models, metrics, stats), `generation` (what the two generating routes share),
+`metrics` (Prometheus series), `app` (the factory that wires them).
+
+Errors use OpenAI's shape, {"error": {"message", "type", "param", "code": null}}: 400 for bad
+input (`param` names the field where one is at fault, e.g. "seed"), 401 without the API key,
+429 with Retry-After when over capacity, 504 when the request's timeout passes.
+
+The response `id` is the request id ("cmpl-..." / "chatcmpl-..."), minted once here: the
+store's key, the gRPC GetRequest argument and the log field.
+"""
+
+from .app import create_app
+from .generation import DEFAULT_TIMEOUT_S
+
+__all__ = ["DEFAULT_TIMEOUT_S", "create_app"]

@@ -1,0 +1,46 @@
+"""POST /v1/completions: a prompt (text, one text in a list, or token ids) to a completion."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request
+
+from ecoserve_common.ids import new_request_id
+
+from ..frontend import GenerateParams
+from .generation import BadRequest, Ctx, error, finish_of, generate, sampling_of
+from .schemas import Completion, CompletionChoice, CompletionRequest, Usage
+
+router = APIRouter()
+
+
+def prompt_of(body: CompletionRequest) -> tuple[str, tuple[int, ...]]:
+    """(text, token ids): one of them is empty."""
+    prompt = body.prompt
+    if not isinstance(prompt, list):
+        return prompt, ()
+    if prompt and all(isinstance(x, str) for x in prompt):
+        if len(prompt) != 1:
+            raise BadRequest("one prompt per request", "prompt")
+        return prompt[0], ()
+    return "", tuple(prompt)
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request, ctx: Ctx):
+    rid, created = new_request_id("cmpl-"), int(time.time())
+    try:
+        text, ids = prompt_of(body)
+        sampling = sampling_of(body, body.max_tokens)
+    except BadRequest as e:
+        return error(400, e.message, param=e.param)
+
+    def render(out: str, reason: str | None, stream: bool, usage: Usage | None) -> dict:
+        choice = CompletionChoice(text=out, finish_reason=finish_of(reason))
+        return Completion(
+            id=rid, created=created, model=ctx.model_id, choices=[choice], usage=usage
+        ).body()
+
+    params = GenerateParams(prompt=text, prompt_token_ids=ids, sampling=sampling, request_id=rid)
+    return await generate(ctx, params, render, body.stream, request)

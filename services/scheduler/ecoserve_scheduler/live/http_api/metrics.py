@@ -1,0 +1,64 @@
+"""Prometheus series of one HTTP app, on its own registry (no global state)."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from ..frontend import Frontend
+
+
+class Metrics:
+    """Prometheus series of one app (own registry: no global state)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "ecoserve_requests", "Finished requests", ["finish_reason"], registry=r
+        )
+        self.ttft = Histogram("ecoserve_ttft_seconds", "Time to first token", registry=r)
+        self.tpot = Histogram(
+            "ecoserve_tpot_seconds",
+            "Time per output token after the first",
+            registry=r,
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
+        )
+        self.jct = Histogram("ecoserve_jct_seconds", "Request completion time", registry=r)
+        self.pending = Gauge("ecoserve_pending_requests", "Requests in the system", registry=r)
+        self.waiting = Gauge("ecoserve_waiting_requests", "Requests queued in the core", registry=r)
+        self.kv_blocks = Gauge("ecoserve_kv_blocks", "KV blocks", ["worker", "state"], registry=r)
+        self.kv_tokens = Gauge(
+            "ecoserve_kv_tokens_written", "KV tokens written", ["worker"], registry=r
+        )
+        self.preemptions = Gauge("ecoserve_preemptions", "Preemptions so far", registry=r)
+        self.pred_calls = Gauge("ecoserve_predictor_calls", "Predictor calls", registry=r)
+        self.pred_errors = Gauge("ecoserve_predictor_errors", "Predictor failures", registry=r)
+        self.pred_latency = Gauge(
+            "ecoserve_predictor_latency_seconds_mean", "Mean predictor call time", registry=r
+        )
+
+    def observe(self, t0: float, first_s: float | None, n: int, reason: str) -> None:
+        """A finished request: `t0` and `first_s` (its first token) on time.monotonic()."""
+        end = time.monotonic()
+        self.requests.labels(reason.split(":")[0]).inc()
+        self.jct.observe(end - t0)
+        if first_s is not None:
+            self.ttft.observe(first_s - t0)
+            if n > 1:
+                self.tpot.observe((end - first_s) / (n - 1))
+
+    def refresh(self, frontend: Frontend) -> bytes:
+        snap = frontend.engine.stats_snapshot
+        self.pending.set(frontend.engine.pending)
+        self.waiting.set(snap.get("waiting", 0))
+        self.preemptions.set(snap.get("preemptions", 0))
+        for wid, kv in snap.get("kv", {}).items():
+            self.kv_blocks.labels(wid, "used").set(kv["blocks_used"])
+            self.kv_blocks.labels(wid, "total").set(kv["num_blocks"])
+            self.kv_tokens.labels(wid).set(kv["tokens_written"])
+        p = frontend.predictor
+        self.pred_calls.set(p.calls)
+        self.pred_errors.set(p.failures)
+        self.pred_latency.set(p.latency_s_total / p.calls if p.calls else 0.0)
+        return generate_latest(self.registry)
