@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -20,6 +22,7 @@ torch = pytest.importorskip("torch")
 from test_live_engine import start_worker, wait_for  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
+from ecoserve_common.ids import check_request_id  # noqa: E402
 from ecoserve_common.pb import scheduler_pb2 as pb  # noqa: E402
 from ecoserve_common.pb import scheduler_pb2_grpc as pb_grpc  # noqa: E402
 from ecoserve_scheduler.core import SchedulerCore, make_policy  # noqa: E402
@@ -130,7 +133,9 @@ def test_generate_streams_text_and_tokens(api, model_dir, tokenizer):
         ({"prompt": "hi", "max_tokens": 5000}, "exceeds the model's 2048"),
         ({"prompt": "hi", "temperature": -1.0}, "temperature"),
         ({"prompt": "hi", "top_p": 1.5}, "top_p"),
-        ({"prompt": "hi", "top_k": -2}, "top_k"),
+        ({"prompt": "hi", "top_k": -2}, "top_k: top_k must be in"),
+        ({"prompt": "hi", "temperature": float("nan")}, "temperature: "),
+        ({"prompt": "hi", "request_id": "has space"}, "request_id: "),
         ({"prompt_token_ids": [1, 600]}, "token ids must be in [0, 512)"),
         ({"prompt": "hi", "prompt_token_ids": [1]}, "not both"),
     ],
@@ -138,8 +143,9 @@ def test_generate_streams_text_and_tokens(api, model_dir, tokenizer):
 def test_bad_input_is_invalid_argument(api, kw, match):
     stub, store, engine = api(workers=())  # refused before any worker would be asked
     kw.setdefault("max_tokens", 4)
+    kw.setdefault("request_id", "bad")
     with pytest.raises(grpc.RpcError) as e:
-        stub.Complete(pb.GenerateRequest(**kw, request_id="bad"), timeout=10)
+        stub.Complete(pb.GenerateRequest(**kw), timeout=10)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and match in e.value.details()
     assert store.get("bad") is None and engine.pending == 0  # nothing recorded or queued
     assert stub.Stats(pb.StatsRequest(), timeout=10).pending == 0  # and the service is up
@@ -203,3 +209,62 @@ def test_api_key_guards_scheduler_rpcs_but_not_health(tokenizer):
     finally:
         server.stop(0).wait()
         engine.stop()
+
+
+class _Aborted(Exception):
+    pass
+
+
+class _Context:
+    """A servicer context that records abort as grpc does (abort raises)."""
+
+    def abort(self, code, details):
+        self.code, self.details = code, details
+        raise _Aborted
+
+    def add_callback(self, fn) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("field", "value"), [("seed", -1), ("seed", 2**64), ("top_k", 2**32)])
+def test_out_of_range_sampling_is_invalid_argument_naming_the_field(field, value):
+    """The proto's types keep these off the wire (the client library refuses them); a message
+    that carries them anyway reaches the same check: INVALID_ARGUMENT naming the field,
+    before the frontend is asked."""
+    with pytest.raises(ValueError):
+        pb.GenerateRequest(**{field: value})
+    m = SimpleNamespace(
+        prompt="hi",
+        prompt_token_ids=[],
+        max_tokens=4,
+        temperature=0.0,
+        top_p=1.0,
+        top_k=0,
+        has_seed=field == "seed",
+        seed=0,
+        stop_token_ids=[],
+        ignore_eos=False,
+        request_id="r1",
+    )
+    setattr(m, field, value)
+    ctx = _Context()
+    with pytest.raises(_Aborted):
+        SchedulerService(Frontend(engine=None, tokenizer=None))._start(m, ctx)
+    assert ctx.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert ctx.details.startswith(f"{field}: ")
+
+
+def test_bad_sampling_then_serving_goes_on_and_ids_are_minted(api):
+    stub, store, _ = api()
+    for kw, field in (({"top_k": -1}, "top_k"), ({"temperature": -1.0}, "temperature")):
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Complete(req([3, 4, 5], **kw), timeout=WAIT_S)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert e.value.details().startswith(f"{field}: ")
+    done = stub.Complete(req([3, 4, 5], max_tokens=3), timeout=WAIT_S)  # no id given: minted
+    assert done.finish_reason == "length" and done.request_id.startswith("req-")
+    assert check_request_id(done.request_id) is None
+    wait_for(lambda: store.get(done.request_id).status == "finished")
+    info = stub.GetRequest(pb.GetRequestRequest(request_id=done.request_id), timeout=10)
+    assert (info.status, info.response_tokens) == ("finished", 3)
+    assert abs(info.arrival_s - time.time()) < 300  # the store keeps wall-clock time

@@ -7,6 +7,7 @@ import contextlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import pytest
 
@@ -14,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
+grpc = pytest.importorskip("grpc")
 pytest.importorskip("torch")
 
 from conftest import free_port  # noqa: E402
@@ -21,25 +23,42 @@ from test_live_api import reference  # noqa: E402
 from test_live_engine import start_worker, wait_for  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
+from ecoserve_common.pb import scheduler_pb2 as pb  # noqa: E402
+from ecoserve_common.pb import scheduler_pb2_grpc as pb_grpc  # noqa: E402
 from ecoserve_scheduler.core import SchedulerCore, make_policy  # noqa: E402
 from ecoserve_scheduler.live import LiveEngine  # noqa: E402
+from ecoserve_scheduler.live.api import SchedulerService, build_server  # noqa: E402
 from ecoserve_scheduler.live.frontend import ApiLimits, Frontend  # noqa: E402
 from ecoserve_scheduler.live.http_api import create_app  # noqa: E402
+from ecoserve_scheduler.store import RequestStore, create_schema, make_engine  # noqa: E402
 
 N = 8
 
 
+class Served(NamedTuple):
+    client: openai.OpenAI
+    base: str
+    engine: LiveEngine
+    frontend: Frontend
+
+
 @pytest.fixture
-def http(model_dir):
+def http(model_dir, tmp_path):
     made = []
 
-    def start(workers=("w0",), max_pending: int = 1024):
+    def start(workers=("w0",), max_pending: int = 1024, store: bool = False) -> Served:
         engine = LiveEngine(SchedulerCore(make_policy("vllm")), auth_token="k").start()
         procs = [start_worker(engine.address, w, model_dir) for w in workers]
         wait_for(lambda: len(engine.worker_ids()) == len(workers))
         tok = AutoTokenizer.from_pretrained(model_dir)
         limits = ApiLimits(max_model_len=2048, max_pending=max_pending, vocab_size=512)
-        app = create_app(Frontend(engine, tok, None, limits), "tiny")
+        rows = None
+        if store:
+            db = make_engine(f"sqlite:///{tmp_path / 'store.db'}")
+            create_schema(db)
+            rows = RequestStore(db)
+        frontend = Frontend(engine, tok, rows, limits)
+        app = create_app(frontend, "tiny")
         port = free_port()
         server = uvicorn.Server(
             uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
@@ -50,7 +69,7 @@ def http(model_dir):
         made.append((engine, procs, server, thread))
         base = f"http://127.0.0.1:{port}"
         client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
-        return client, base, engine
+        return Served(client, base, engine, frontend)
 
     yield start
     for engine, procs, server, thread in made:
@@ -63,7 +82,7 @@ def http(model_dir):
 
 
 def test_completions_match_reference_under_concurrency(http, model_dir):
-    client, _, _ = http(workers=("w0", "w1"))
+    client, *_ = http(workers=("w0", "w1"))
     prompts = [[9 + i, 33, 70 + 2 * i, 101] for i in range(10)]
     refs = [reference(model_dir, p, N) for p in prompts]
 
@@ -87,7 +106,7 @@ def test_completions_match_reference_under_concurrency(http, model_dir):
 
 
 def test_chat_streaming_equals_non_streaming(http):
-    client, _, _ = http()
+    client, *_ = http()
     kw = dict(
         model="tiny",
         messages=[{"role": "user", "content": "Tell me about rivers."}],
@@ -105,7 +124,7 @@ def test_chat_streaming_equals_non_streaming(http):
 
 
 def test_models_health_metrics(http):
-    client, base, _ = http()
+    client, base, *_ = http()
     assert [m.id for m in client.models.list()] == ["tiny"]
     assert httpx.get(base + "/health").json()["workers"] == ["w0"]
     client.completions.create(model="tiny", prompt="hello", max_tokens=3, temperature=0)
@@ -117,7 +136,7 @@ def test_models_health_metrics(http):
 
 
 def test_bad_input_and_over_capacity(http):
-    client, base, engine = http(workers=(), max_pending=1)
+    client, base, engine, _ = http(workers=(), max_pending=1)
     with pytest.raises(openai.BadRequestError, match="max_tokens must be > 0"):
         client.completions.create(model="tiny", prompt="hi", max_tokens=0)
     with pytest.raises(openai.BadRequestError, match="empty prompt"):
@@ -144,7 +163,7 @@ def test_bad_input_and_over_capacity(http):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_client_disconnect_aborts_its_request(http, stream):
-    _, base, engine = http(workers=())  # no worker: only an abort can end the request
+    _, base, engine, _ = http(workers=())  # no worker: only an abort can end the request
     body = {"prompt": "wait", "max_tokens": 3, "stream": stream}
     with contextlib.suppress(httpx.ReadTimeout), httpx.Client(timeout=1) as c:
         c.post(base + "/v1/completions", json=body)  # the client gives up and hangs up
@@ -166,3 +185,59 @@ def test_api_key_on_v1_routes(model_dir):
         assert ok.status_code == 200 and ok.json()["data"][0]["id"] == "tiny"
         assert c.get("/health").status_code == 503  # open without the key (and no workers)
     engine.stop()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("seed", -1), ("seed", 2**64), ("top_k", 2**32), ("temperature", -0.5)]
+)
+def test_bad_sampling_is_a_400_naming_the_field_and_serving_goes_on(http, field, value):
+    client, base, *_ = http()
+    body = {"prompt": "hi", "max_tokens": 3, field: value}
+    bad = httpx.post(base + "/v1/completions", json=body, timeout=30)
+    assert bad.status_code == 400
+    err = bad.json()["error"]
+    assert (err["type"], err["param"], err["code"]) == ("invalid_request_error", field, None)
+    assert field in err["message"]
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, field: value}
+    bad_chat = httpx.post(base + "/v1/chat/completions", json=chat, timeout=30)
+    assert bad_chat.status_code == 400 and bad_chat.json()["error"]["param"] == field
+    with pytest.raises(openai.BadRequestError):  # the official client sees a 400 too
+        client.completions.create(
+            model="tiny", prompt="hi", max_tokens=3, extra_body={field: value}
+        )
+    ok = client.completions.create(model="tiny", prompt="hi", max_tokens=3, temperature=0)
+    assert ok.choices[0].finish_reason in ("stop", "length")
+
+
+def test_response_id_is_the_request_id_in_the_store_and_over_grpc(http):
+    """One id: the HTTP response's `id` is the store's key and what gRPC GetRequest takes."""
+    client, _, _, frontend = http(store=True)
+    done = client.completions.create(model="tiny", prompt="hello", max_tokens=4, temperature=0)
+    chat = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0
+    )
+    chunks = list(
+        client.completions.create(
+            model="tiny", prompt="stream", max_tokens=4, temperature=0, stream=True
+        )
+    )
+    assert done.id.startswith("cmpl-") and chat.id.startswith("chatcmpl-")
+    assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("cmpl-")
+    for rid, n in (
+        (done.id, done.usage.completion_tokens),
+        (chat.id, chat.usage.completion_tokens),
+    ):
+        wait_for(lambda rid=rid: frontend.store.get(rid).status == "finished")
+        assert frontend.store.get(rid).response_tokens == n
+    assert frontend.store.get(chunks[0].id) is not None
+    server, port = build_server(SchedulerService(frontend), "127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            info = pb_grpc.SchedulerStub(channel).GetRequest(
+                pb.GetRequestRequest(request_id=done.id), timeout=10
+            )
+        assert (info.request_id, info.status) == (done.id, "finished")
+        assert info.response_tokens == done.usage.completion_tokens
+    finally:
+        server.stop(0).wait()
