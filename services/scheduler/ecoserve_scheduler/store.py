@@ -20,7 +20,8 @@ class Base(DeclarativeBase):
 class ServedRequest(Base):
     """A request the scheduler served (or is serving), and how long its response turned out.
 
-    request_id: the scheduler's id for the request; unique, so a replayed add fails loudly.
+    request_id: the request's one id (minted at the API edge: the HTTP response id, the gRPC
+        id, the log field); unique, so a replayed add fails loudly.
     prompt: the prompt text; the predictor's input feature when it retrains.
     prompt_tokens: prompt length in tokens, for the KV-cache and prefill cost of the request.
     response_tokens: tokens actually generated; the predictor's training target. None until
@@ -30,7 +31,8 @@ class ServedRequest(Base):
     fail_reason: why a request failed; None otherwise.
     model_id: which model served it, so each model's predictor trains on its own rows.
     predicted_tokens: what the predictor said at admission, to measure its error later.
-    arrival_s, finished_s: seconds on the scheduler's clock; finished_s is None while the
+    arrival_s, finished_s: wall-clock Unix seconds (time.time()), for people and for joins
+        with other logs; never the core's monotonic clock. finished_s is None while the
         request is queued or running.
 
     The predictor retrains only from rows with status "finished": only they have a true
