@@ -1,8 +1,9 @@
-"""The scheduler process: `ecoserve serve --model DIR ...` (see SchedulerSettings).
+"""The scheduler process: `ecoserve-scheduler serve --model DIR ...` (see SchedulerSettings).
 
 Start-up order: the store (schema created; rows a previous run left queued or running are
 failed with a reason, so none vanish), the tokenizer, the engine's worker socket, then the
-gRPC API. SIGTERM / SIGINT stop the API (in-flight calls get 2 s), then the engine.
+gRPC API and, with `http_address`, the OpenAI-compatible HTTP API. SIGTERM / SIGINT stop the
+APIs (in-flight gRPC calls get 2 s), then the engine.
 """
 
 from __future__ import annotations

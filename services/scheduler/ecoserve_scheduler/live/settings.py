@@ -32,7 +32,7 @@ class SchedulerSettings:
     log_level: str = "INFO"
 
     @classmethod
-    def parser(cls, prog: str = "ecoserve serve") -> argparse.ArgumentParser:
+    def parser(cls, prog: str = "ecoserve-scheduler serve") -> argparse.ArgumentParser:
         p = argparse.ArgumentParser(prog=prog, description="EcoServe scheduler service")
         for f in fields(cls):
             env = ENV_PREFIX + f.name.upper()
