@@ -1,11 +1,11 @@
-"""What `SchedulerCore.apply` / `abort` report: tokens, finishes, preemptions."""
+"""What `SchedulerCore.update` / `schedule` / `abort` report: tokens, finishes, preemptions."""
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
-# ---- events returned by SchedulerCore.apply / abort -------------------------------------------
-# NamedTuples: apply creates one TokenEvent per sequence per step, the hottest allocation.
+# ---- events returned by SchedulerCore.update / abort ------------------------------------------
+# NamedTuples: update creates one TokenEvent per sequence per step, the hottest allocation.
 
 
 class TokenEvent(NamedTuple):

@@ -1,6 +1,6 @@
 """Online model of iteration time: t ~ a + b * tokens + c * context_tokens, learned from steps.
 
-The core never reads a clock, but it sees how long each step took (apply's `now` minus
+The core never reads a clock, but it sees how long each step took (update's `now` minus
 schedule's `now`). Fitting those times to the batch shape lets a policy ask "how long would a
 step with this many tokens and this much KV take?" on whatever hardware it runs, without a
 profile: the simulator's cost model and a real GPU are both just sources of observations.

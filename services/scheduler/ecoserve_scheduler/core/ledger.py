@@ -43,6 +43,16 @@ class Usage:
     def reserved_share(self) -> float:
         return self.blocks_used / self.num_blocks if self.num_blocks else 0.0
 
+    def as_stats(self) -> dict[str, float]:
+        """What `SchedulerCore.stats` reports per worker."""
+        return {
+            "num_blocks": self.num_blocks,
+            "blocks_used": self.blocks_used,
+            "blocks_lent": self.blocks_lent,
+            "tokens_written": self.tokens_written,
+            "reserved_share": round(self.reserved_share, 4),
+        }
+
 
 def blocks_for(tokens: int, block_size: int) -> int:
     return -(-tokens // block_size)

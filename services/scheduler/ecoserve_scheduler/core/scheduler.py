@@ -286,7 +286,7 @@ class SchedulerCore:
             n = len(out)
             append(new(TokenEvent, (r.request_id, token, n - 1)))
             if token == r.eos_token_id or n >= r.output_cap or r.sampling.stop_token_ids:
-                self._maybe_stop(w, r, token, now, events)
+                self._maybe_stop(r, token, now, events)
         # Prefill chunks; the last chunk of a prompt samples the first token.
         sampled = iter(tokens[n_dec:])
         for s in plan.prefills:
@@ -302,12 +302,10 @@ class SchedulerCore:
             if pr.first_token_s is None:
                 pr.first_token_s = now
             append(TokenEvent(pr.request_id, first, pr.num_output - 1))
-            self._maybe_stop(w, pr, first, now, events)
+            self._maybe_stop(pr, first, now, events)
         return events
 
-    def _maybe_stop(
-        self, w: WorkerState, r: Request, token: int, now: float, events: list[Event]
-    ) -> None:
+    def _maybe_stop(self, r: Request, token: int, now: float, events: list[Event]) -> None:
         sp = r.sampling
         if token == r.eos_token_id and not sp.ignore_eos or token in sp.stop_token_ids:
             events.append(self._finish(r, now, "stop"))
@@ -386,23 +384,12 @@ class SchedulerCore:
         return {wid: w.ledger.usage() for wid, w in self.workers.items()}
 
     def stats(self) -> dict[str, object]:
-        kv = {
-            wid: {
-                "num_blocks": u.num_blocks,
-                "blocks_used": u.blocks_used,
-                "blocks_lent": u.blocks_lent,
-                "tokens_written": u.tokens_written,
-                "reserved_share": round(u.reserved_share, 4),
-            }
-            for wid, u in self.usage().items()
-        }
-        c = self.counters
         return {
             "policy": self.policy.name,
             "waiting": self.num_waiting,
             "running": {wid: len(w.running) for wid, w in self.workers.items()},
-            "kv": kv,
-            **{k: getattr(c, k) for k in c.__dataclass_fields__},
+            "kv": {wid: u.as_stats() for wid, u in self.usage().items()},
+            **self.counters.as_dict(),
             "placement": self.placement.name,
         }
 

@@ -49,6 +49,9 @@ class Counters:
     steps: int = 0
     step_errors: int = 0
 
+    def as_dict(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
 
 class ScheduleOutput(NamedTuple):
     """What `SchedulerCore.schedule` returns: the plan (None: nothing to run) and the events
