@@ -184,6 +184,10 @@ def test_api_key_on_v1_routes(model_dir):
         ok = c.get("/v1/models", headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 200 and ok.json()["data"][0]["id"] == "tiny"
         assert c.get("/health").status_code == 503  # open without the key (and no workers)
+        assert c.get("/stats").json()["pending"] == 0  # open too, as /metrics is
+        key = {"Authorization": "Bearer s3cret"}
+        bad = c.post("/v1/completions", json={"prompt": "hi", "top_p": "x"}, headers=key)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "top_p"
     engine.stop()
 
 
