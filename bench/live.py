@@ -7,7 +7,7 @@ For each policy: one stack; for each rate, `--n` requests (real prompts, real re
 capped at `--max-output`, EOS ignored), measured by the client: throughput, goodput (requests
 meeting the TTFT and TPOT SLO per second), TTFT/TPOT/JCT percentiles, SLO attainment; from the
 scheduler's Stats: mean KV blocks in use (sampled every 0.25 s) and the scheduler's own time
-per iteration (core.schedule + core.apply) as a share of the workers' step time.
+per iteration (core.schedule + core.update) as a share of the workers' step time.
 `max_rate_at_slo90` is the highest swept rate with attainment >= 0.9. Writes OUT/summary.json.
 """
 

@@ -7,7 +7,7 @@ The core decides; this loop only moves frames and reads the clock:
 - Register is checked against the shared secret, then becomes `core.add_worker`; a worker that
   registers again under a live id is removed first (its requests recomputed), then re-added;
 - every registered worker with no step in flight gets `core.schedule(worker, now)`; a result
-  goes to `core.apply`, whose events reach each request's handle;
+  goes to `core.update`, whose events reach each request's handle;
 - a worker silent for `worker_timeout_s` (no result, heartbeat or other frame) is dropped with
   `core.remove_worker`: its in-flight requests go back to the queues and run elsewhere, so no
   accepted request is lost while any worker is left;
@@ -92,7 +92,7 @@ class LiveEngine:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="live-engine", daemon=True)
         self.workers_dropped = 0
-        self.core_s = 0.0  # time inside core.schedule / core.apply (scheduler overhead)
+        self.core_s = 0.0  # time inside core.schedule / core.update (scheduler overhead)
         self.forward_s = 0.0  # workers' reported step time
         self.steps = 0
         self.decode_tokens = 0  # tokens planned: with forward_s, the workers' speed in situ
