@@ -16,6 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+# ---- (b) the whole core ----------------------------------------------------------------------
+from test_core_driver import EOS, POLICY_NAMES, TOKEN  # noqa: E402
+
 from ecoserve_scheduler.core import (
     SLO,
     FinishEvent,
@@ -31,11 +34,6 @@ from ecoserve_scheduler.core import (
     make_policy,
 )
 
-# ---- (b) the whole core ----------------------------------------------------------------------
-
-EOS = 2
-TOKEN = 1
-POLICY_NAMES = ("ecoserve", "vllm", "sarathi", "orca", "sjf")
 BLOCK = 16
 
 

@@ -14,6 +14,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
 
+# The same pool, prompts and core set-up as test_worker_server.py.
+from test_worker_server import BLOCK, MAX_TOKENS, NUM_BLOCKS, make_core  # noqa: E402
+
 from ecoserve_common.cost import CostModel, load_profile  # noqa: E402
 from ecoserve_scheduler.core import (  # noqa: E402
     Request,
@@ -32,11 +35,6 @@ from ecoserve_worker.__main__ import (  # noqa: E402
 from ecoserve_worker.backends import EchoBackend, ModelBackend, SimBackend  # noqa: E402
 from ecoserve_worker.model_runner import ModelRunner  # noqa: E402
 
-# The same pool and prompts as test_worker_server.py.
-BLOCK = 4
-NUM_BLOCKS = 64
-BUDGET = 16
-MAX_TOKENS = 8
 PROFILE = "llama-2-7b/a100-80gb"
 PROMPTS = {"short": [1, 40, 41, 42, 43, 44]}
 
@@ -44,15 +42,6 @@ PROMPTS = {"short": [1, 40, 41, 42, 43, 44]}
 @pytest.fixture(scope="module")
 def runner(model_dir):
     return ModelRunner(model_dir, num_blocks=NUM_BLOCKS, block_size=BLOCK)
-
-
-def make_core(prompts: dict[str, list[int]], sampling: SamplingParams | None = None):
-    core = SchedulerCore(make_policy("vllm"))
-    core.add_worker(WorkerSpec("w0", NUM_BLOCKS, BLOCK, BUDGET))
-    sp = sampling or SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
-    for rid, ids in prompts.items():
-        core.add(Request(rid, len(ids), 0.0, sp, prompt_token_ids=tuple(ids)), 0.0)
-    return core
 
 
 def sim_plans(steps: int = 5):

@@ -22,6 +22,9 @@ class WaitQueue(Protocol):
     """What the policies' queue orders build on."""
 
     def push(self, r: Request, now: float) -> None: ...
+    def requeue(self, r: Request, now: float) -> None:
+        """A preempted request waits again (a FIFO puts it in front; a keyed queue by key)."""
+
     def peek(self, now: float) -> Request | None: ...
     def pop(self, r: Request, admitted: bool = True) -> None: ...
     def begin_step(self) -> None: ...
@@ -110,6 +113,8 @@ class GroupedQueue:
         if q is None:
             q = self._groups[g] = KeyedQueue(self._key)
         q.push(r, now)
+
+    requeue = push
 
     requeue = push
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..ledger import KVLedger
-from ..queues import FifoQueue, KeyedQueue
+from ..queues import FifoQueue, KeyedQueue, WaitQueue
 from ..request import Request
 from ..step import Step
 
@@ -95,7 +95,7 @@ class FifoOrder:
     """First come, first served; a preempted request goes back to the front (as vLLM)."""
 
     def __init__(self) -> None:
-        self.queue: FifoQueue | KeyedQueue = FifoQueue()
+        self.queue: WaitQueue = FifoQueue()
 
     def push(self, r: Request, now: float, iter_s: float) -> None:
         self.queue.push(r, now)
@@ -113,7 +113,7 @@ class FifoOrder:
         pass
 
     def begin_step(self) -> None:
-        pass
+        self.queue.begin_step()
 
     def prefill_order(self, step: Step, prefills: list[Request]) -> list[Request]:
         return prefills  # admission order

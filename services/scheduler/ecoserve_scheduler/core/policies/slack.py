@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from ..queues import Key, KeyedQueue, WaitQueue
 from ..request import Request
 from ..step import Step
+from .base import FifoOrder
 
 INF = math.inf
 
@@ -126,32 +127,15 @@ class SlackOrder:
         )
 
 
-class ArrivalOrder:
+class ArrivalOrder(FifoOrder):
     """The `QueueOrder` hook without slack ordering (an ablation): arrival order in `queue`;
-    a preempted request queues again at the back."""
+    a preempted request queues again at the back (unlike vLLM's FIFO, which puts it in front)."""
 
     def __init__(self, queue: WaitQueue) -> None:
         self.queue = queue
 
-    def push(self, r: Request, now: float, iter_s: float) -> None:
+    def requeue(self, r: Request, now: float, iter_s: float) -> None:
         self.queue.push(r, now)
-
-    requeue = push
-
-    def peek(self, now: float) -> Request | None:
-        return self.queue.peek(now)
-
-    def pop(self, r: Request) -> None:
-        self.queue.pop(r)
-
-    def on_done(self, r: Request) -> None:
-        pass
-
-    def begin_step(self) -> None:
-        self.queue.begin_step()
-
-    def prefill_order(self, step: Step, prefills: list[Request]) -> list[Request]:
-        return prefills
 
 
 __all__ = ["ArrivalOrder", "Slack", "SlackConfig", "SlackOrder", "SlackVictim"]
