@@ -1,10 +1,17 @@
 """Command line: run a worker against a scheduler, or build the tiny test model.
 
+    python -m ecoserve_worker --scheduler tcp://127.0.0.1:5555 --worker-id w0   # SmolLM2
     python -m ecoserve_worker --scheduler tcp://127.0.0.1:5555 --worker-id w0 --model DIR
+    python -m ecoserve_worker --scheduler tcp://127.0.0.1:5555 --worker-id w0 \\
+        --model smollm2-135m-instruct --device cuda --dtype bfloat16
     python -m ecoserve_worker --scheduler tcp://127.0.0.1:5555 --worker-id w1 \\
         --sim llama-2-7b/a100-80gb --num-blocks 2048
     python -m ecoserve_worker --scheduler tcp://127.0.0.1:5555 --worker-id e0 --echo
     python -m ecoserve_worker build-tiny-model DIR   # same as python -m ecoserve_worker.tiny_model
+
+--model is a registered name (default: smollm2-135m-instruct), a .gguf file or a Hugging Face
+checkpoint directory; a name or .gguf is fetched and converted into the models directory the
+first time (`ecoserve_worker.models.ensure_model`; `make model` does it ahead of time).
 
 A model worker profiles itself before it registers: it times steps over a grid of batch shapes,
 announces the token budget where prefill throughput stops improving (unless --token-budget is
@@ -20,9 +27,14 @@ import signal
 import socket
 import sys
 
+from ecoserve_common.models import DEFAULT_MODEL
+
 log = logging.getLogger("ecoserve_worker")
 
 DTYPES = ("float32", "bfloat16", "float16")
+# Default dtype per device type. CPU: float32, measured faster than bfloat16 for SmolLM2 on the
+# build machine (bench/worker_dtype.py, results/worker-dtype); CUDA: bfloat16.
+DEFAULT_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}
 DEFAULT_TOKEN_BUDGET = 512
 
 
@@ -35,14 +47,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--scheduler", required=True, help="scheduler ROUTER address, tcp://HOST:PORT")
     p.add_argument("--worker-id", default=f"{socket.gethostname()}-worker", help="unique id")
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--model", metavar="DIR", help="Hugging Face Llama-family model directory")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument(
+        "--model",
+        metavar="NAME|GGUF|DIR",
+        help="registered name, .gguf file or HF Llama-family directory "
+        f"(default: {DEFAULT_MODEL}, unless --sim or --echo)",
+    )
     what.add_argument("--sim", metavar="PROFILE", help="no model: sleep as the cost model predicts")
     what.add_argument(
         "--echo", action="store_true", help="no model, no sleep: answer at once (wire timing)"
     )
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (ignored with --sim)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument(
+        "--device", type=_device, default="cpu", help="cpu, cuda or cuda:N (ignored with --sim)"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=None,
+        help="weights, activations and KV pool (default: float32 on cpu, bfloat16 on cuda)",
+    )
     p.add_argument(
         "--threads",
         type=int,
@@ -66,6 +90,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _device(text: str) -> str:
+    kind, _, index = text.partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected cpu, cuda or cuda:N")
+    return text
+
+
+def check_device(device: str) -> None:
+    """ValueError, with the reason, if torch cannot run on `device` here."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"--device {device}: CUDA is not available to this torch {torch.__version__} "
+            f"(CUDA build: {torch.version.cuda or 'no'}); use --device cpu"
+        )
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+
+
 def make_backend(args: argparse.Namespace):
     budget = args.token_budget or DEFAULT_TOKEN_BUDGET
     if args.sim:
@@ -78,17 +125,36 @@ def make_backend(args: argparse.Namespace):
         return EchoBackend(args.num_blocks, args.block_size, budget)
     import torch
 
+    from ecoserve_common.models import served_name
+
     from .backends import ModelBackend
     from .model_runner import ModelRunner
+    from .models import ensure_model
 
+    check_device(args.device)
+    spec = args.model or DEFAULT_MODEL
+    path = ensure_model(spec)
+    dtype = args.dtype or DEFAULT_DTYPE[args.device.partition(":")[0]]
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    runner = ModelRunner(
-        args.model, args.device, getattr(torch, args.dtype), args.num_blocks, args.block_size
+    runner = ModelRunner(path, args.device, getattr(torch, dtype), args.num_blocks, args.block_size)
+    kv_bytes = sum(t.numel() * t.element_size() for t in runner.kv_cache)
+    log.info(
+        "model %s (%s), device %s, dtype %s, %d torch threads; KV pool %d tokens = %d blocks "
+        "of %d (%.1f MiB)",
+        served_name(spec),
+        path,
+        runner.device,
+        dtype,
+        torch.get_num_threads(),
+        runner.num_blocks * runner.block_size,
+        runner.num_blocks,
+        runner.block_size,
+        kv_bytes / 2**20,
     )
     if not args.no_profile:
         budget = profile_at_start(runner, args.token_budget, args.profile_out)
-    return ModelBackend(runner, token_budget=budget)
+    return ModelBackend(runner, token_budget=budget, model_id=served_name(spec))
 
 
 def profile_at_start(runner, token_budget: int | None, out: str | None) -> int:
