@@ -245,3 +245,85 @@ def test_response_id_is_the_request_id_in_the_store_and_over_grpc(http):
         assert info.response_tokens == done.usage.completion_tokens
     finally:
         server.stop(0).wait()
+
+
+def test_a_model_other_than_the_served_one_is_openais_404(model_dir):
+    from fastapi.testclient import TestClient
+
+    engine = LiveEngine(SchedulerCore(make_policy("vllm")))  # not started: nothing runs
+    app = create_app(Frontend(engine, AutoTokenizer.from_pretrained(model_dir)), "tiny")
+    want = {
+        "message": "The model `gpt-4o` does not exist.",
+        "type": "invalid_request_error",
+        "param": "model",
+        "code": "model_not_found",
+    }
+    chat = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    with TestClient(app) as c:
+        for path, body in (
+            ("/v1/completions", {"model": "gpt-4o", "prompt": "hi"}),
+            ("/v1/chat/completions", chat),
+        ):
+            r = c.post(path, json=body)
+            assert r.status_code == 404 and r.json() == {"error": want}
+        too_many = c.post("/v1/completions", json={"prompt": "hi", "stop": list("abcde")})
+        assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "stop"
+    engine.stop()
+
+
+def _stop_inside(text: str) -> str:
+    """A stop string from the middle of `text`: 3 printable characters whose first occurrence
+    is past the first few characters (so some text comes before it)."""
+    for i in range(4, len(text) - 3):
+        s = text[i : i + 3]
+        if s.isprintable() and "\ufffd" not in s and text.index(s) == i:
+            return s
+    pytest.skip(f"no usable stop string in {text!r}")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_strings_end_the_text_across_tokens_and_abort_the_request(http, stream):
+    client, _, engine, frontend = http(store=True)
+    kw = dict(model="tiny", prompt="Tell me about rivers.", temperature=0, max_tokens=24)
+    full = client.completions.create(**kw, extra_body={"ignore_eos": True})
+    text = full.choices[0].text
+    stop = _stop_inside(text)
+    r = client.completions.create(
+        **kw, stop=["never-there", stop], stream=stream, extra_body={"ignore_eos": True}
+    )
+    if stream:
+        chunks = list(r)
+        got = "".join(c.choices[0].text for c in chunks)
+        last, rid = chunks[-1], chunks[0].id
+        n = last.usage.completion_tokens if last.usage else None
+    else:
+        got, last, rid, n = r.choices[0].text, r, r.id, r.usage.completion_tokens
+    assert got == text[: text.index(stop)]
+    assert last.choices[0].finish_reason == "stop"
+    assert n is None or n < 24
+    wait_for(lambda: frontend.store.get(rid).status == "finished")
+    wait_for(lambda: engine.pending == 0)  # aborted in the engine: nothing left running
+    # chat takes `stop` too (a single string)
+    msgs = [{"role": "user", "content": "Tell me about rivers."}]
+    whole = (
+        client.chat.completions.create(
+            model="tiny",
+            messages=msgs,
+            temperature=0,
+            max_tokens=24,
+            extra_body={"ignore_eos": True},
+        )
+        .choices[0]
+        .message.content
+    )
+    cut = _stop_inside(whole)
+    chat = client.chat.completions.create(
+        model="tiny",
+        messages=msgs,
+        temperature=0,
+        max_tokens=24,
+        stop=cut,
+        extra_body={"ignore_eos": True},
+    )
+    assert chat.choices[0].message.content == whole[: whole.index(cut)]
+    assert chat.choices[0].finish_reason == "stop"

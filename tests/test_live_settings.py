@@ -15,6 +15,7 @@ def test_flag_beats_env_beats_default():
     assert SchedulerSettings.load(["--model", "/x"], environ={}).worker_timeout_s == 10.0
 
 
-def test_model_is_required():
+def test_model_defaults_to_smollm2_and_may_not_be_empty():
+    assert SchedulerSettings.load([], environ={}).model == "smollm2-135m-instruct"
     with pytest.raises(SystemExit, match="--model"):
-        SchedulerSettings.load([], environ={})
+        SchedulerSettings.load([], environ={"ECOSERVE_MODEL": ""})

@@ -82,3 +82,29 @@ def test_chat_template_equals_transformers(model_dir, tmp_path, template):
         bad = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
         with pytest.raises(ValueError, match="alternate"):
             ours.apply_chat_template(bad)
+
+
+def test_chat_template_jinja_file_and_generation_config_eos_list(model_dir, tmp_path):
+    """transformers 5 saves the template as chat_template.jinja; generation_config.json may
+    list several EOS ids: the first is eos_token_id, all are eos_token_ids."""
+    d = tmp_path / "smol-like"
+    shutil.copytree(model_dir, d)
+    (d / "chat_template.jinja").write_text(CHATML)
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 5, 7]}))
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    del cfg["eos_token"]
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    ours = ModelTokenizer(d)
+    assert ours.chat_template == CHATML
+    assert ours.eos_token_id == 2 and ours.eos_token_ids == (2, 5, 7)
+    ref = transformers.AutoTokenizer.from_pretrained(d)
+    want = ref.apply_chat_template(MESSAGES[0], tokenize=False, add_generation_prompt=True)
+    assert ours.apply_chat_template(MESSAGES[0]) == want
+
+
+def test_eos_ids_from_the_tokenizer_first_then_the_configs(model_dir, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(model_dir, d)
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [9, 2]}))
+    ours = ModelTokenizer(d)
+    assert ours.eos_token_id == 2 and ours.eos_token_ids == (2, 9)  # "</s>" is id 2

@@ -13,11 +13,19 @@ reaches the engine whoever builds a GenerateParams. The request id is minted at 
 ecoserve_common.ids); `start` mints one only for a caller that gave none. Two clocks: the
 Request handed to the core carries `time.monotonic()` seconds (the engine's clock, the one the
 core's `now` comes from); the store gets wall-clock `time.time()` seconds, for people.
+
+End of sequence: the Request carries the tokenizer's `eos_token_id`; a model with several
+(`eos_token_ids`, e.g. generation_config.json's list) has the others added to the request's
+`stop_token_ids` unless `ignore_eos`, so the core stops at each. `follow_text` is the text
+path: incremental detokenization, the ending stop/EOS token left out of the text, and `stop`
+strings (see detokenize.TextStream) that end the request early: the engine aborts it and the
+store records it finished, with the tokens up to the stop string.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import queue
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -28,6 +36,7 @@ from ecoserve_common.sampling import SamplingParams
 
 from ..core.events import FinishEvent, TokenEvent
 from ..core.request import Request
+from .detokenize import TextStream
 from .engine import LiveEngine, RequestHandle
 from .prediction import PredictorClient
 
@@ -50,6 +59,7 @@ class GenerateParams:
     prompt_token_ids: Sequence[int] = ()
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(max_tokens=16))
     request_id: str = ""
+    stop: tuple[str, ...] = ()  # OpenAI's stop strings: `follow_text` ends the text at one
 
 
 class Rejected(Exception):
@@ -84,7 +94,7 @@ class Frontend:
 
     def start(self, p: GenerateParams) -> tuple[RequestHandle, int]:
         """Raises Rejected, or InvalidSampling for a bad sampling parameter."""
-        sampling = p.sampling
+        sampling = self.with_eos(p.sampling)
         sampling.validate()
         ids = self._prompt_ids(p)
         problem = self._check_length(len(ids), sampling.max_tokens)
@@ -151,6 +161,57 @@ class Frontend:
                 self.record_end(handle.request_id, events[-1].reason, len(handle.tokens))
                 yield [], events[-1].reason
                 return
+
+    def follow_text(
+        self,
+        handle: RequestHandle,
+        sampling: SamplingParams,
+        stop: tuple[str, ...] = (),
+        timeout_s: float | None = None,
+    ) -> Iterator[tuple[str, str | None, int]]:
+        """(new text, None, tokens so far) as it becomes final, then ("", finish reason, tokens).
+
+        A token that ends the request (an EOS unless `ignore_eos`, or one of `stop_token_ids`)
+        adds no text. A stop string ends it with "stop": the text before it is the last,
+        the engine aborts the request and the store records it finished."""
+        ending = set(self.with_eos(sampling).stop_token_ids)
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        if eos is not None and not sampling.ignore_eos:
+            ending.add(eos)
+        text = TextStream(self.tokenizer, stop)
+        events = self.follow(handle, timeout_s)
+        try:
+            for tokens, finish in events:
+                if finish:
+                    rest = text.flush()
+                    if rest:
+                        yield rest, None, len(handle.tokens)
+                    yield "", finish, len(handle.tokens)
+                    return
+                out = text.push([t for t in tokens if t not in ending])
+                if text.stopped:
+                    events.close()
+                    self.engine.cancel(handle.request_id)
+                    self.record_end(handle.request_id, "stop", text.tokens_used)
+                    if out:
+                        yield out, None, text.tokens_used
+                    yield "", "stop", text.tokens_used
+                    return
+                if out:
+                    yield out, None, len(handle.tokens)
+        finally:
+            events.close()
+
+    def with_eos(self, sampling: SamplingParams) -> SamplingParams:
+        """`sampling` with the model's other EOS ids among its stop ids (unless ignore_eos)."""
+        ids = getattr(self.tokenizer, "eos_token_ids", None)
+        ids = list(ids) if isinstance(ids, (list, tuple)) else []  # transformers': maybe an int
+        extra = [i for i in ids[1:] if i not in sampling.stop_token_ids]
+        if sampling.ignore_eos or not extra:
+            return sampling
+        return dataclasses.replace(
+            sampling, stop_token_ids=tuple(sampling.stop_token_ids) + tuple(extra)
+        )
 
     def cancel(self, request_id: str) -> None:
         self.engine.cancel(request_id)

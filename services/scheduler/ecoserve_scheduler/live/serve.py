@@ -1,4 +1,10 @@
-"""The scheduler process: `ecoserve-scheduler serve --model DIR ...` (see SchedulerSettings).
+"""The scheduler process: `ecoserve-scheduler serve --model NAME|GGUF|DIR ...` (see
+SchedulerSettings).
+
+`--model` is resolved with ecoserve_common.models.resolve (never converted here: that is the
+worker's `make model`); a model not on this machine stops start-up with exit code 2 and the
+message saying how to get it. Its served name (ecoserve_common.models.served_name) is what
+/v1/models lists and what responses carry as `model`.
 
 Start-up order: the store (schema created; rows a previous run left queued or running are
 failed with a reason, so none vanish), the tokenizer, the engine's worker socket, then the
@@ -13,7 +19,8 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
+
+from ecoserve_common.models import ModelMissing, resolve, served_name
 
 from ..core import SchedulerCore, make_policy
 from ..store import RequestStore, create_schema, make_engine
@@ -29,13 +36,14 @@ def run(settings: SchedulerSettings, ready: threading.Event | None = None) -> in
     from .prediction import PredictorClient
     from .tokenizer import ModelTokenizer
 
+    model_dir = resolve(settings.model)  # ModelMissing before anything starts
     db = make_engine(settings.db_url)
     create_schema(db)
     store = RequestStore(db)
     lost = store.fail_unfinished("scheduler restarted before it finished", time.time())
     if lost:
         log.warning("%d requests of a previous run failed: scheduler restarted", lost)
-    tokenizer = ModelTokenizer(settings.model)
+    tokenizer = ModelTokenizer(model_dir)
     engine = LiveEngine(
         SchedulerCore(make_policy(settings.policy)),
         settings.worker_bind,
@@ -65,7 +73,7 @@ def run(settings: SchedulerSettings, ready: threading.Event | None = None) -> in
         from .http_api import create_app
 
         host, _, http_port = settings.http_address.rpartition(":")
-        app = create_app(frontend, Path(settings.model).name, api_key=settings.api_key)
+        app = create_app(frontend, served_name(settings.model), api_key=settings.api_key)
         http = uvicorn.Server(
             uvicorn.Config(app, host=host, port=int(http_port), log_level="warning")
         )
@@ -73,7 +81,9 @@ def run(settings: SchedulerSettings, ready: threading.Event | None = None) -> in
         threading.Thread(target=http.run, name="http", daemon=True).start()
         log.info("OpenAI-compatible HTTP on http://%s/v1", settings.http_address)
     log.info(
-        "scheduler ready: gRPC port %d, workers connect to %s, policy %s, store %s",
+        "scheduler ready: model %s (%s), gRPC port %d, workers connect to %s, policy %s, store %s",
+        served_name(settings.model),
+        model_dir,
         port,
         engine.address,
         settings.policy,
@@ -105,7 +115,11 @@ def main(argv: list[str] | None = None) -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return run(settings)
+    try:
+        return run(settings)
+    except ModelMissing as exc:
+        print(f"ecoserve-scheduler: cannot start: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

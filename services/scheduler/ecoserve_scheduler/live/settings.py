@@ -11,12 +11,14 @@ import dataclasses
 import os
 from dataclasses import dataclass, fields
 
+from ecoserve_common.models import DEFAULT_MODEL
+
 ENV_PREFIX = "ECOSERVE_"
 
 
 @dataclass(frozen=True)
 class SchedulerSettings:
-    model: str = ""  # model directory: its tokenizer and max length (required)
+    model: str = DEFAULT_MODEL  # registered name, .gguf or checkpoint dir (its tokenizer)
     policy: str = "ecoserve"  # ecoserve, vllm, sarathi, orca, sjf
     grpc_address: str = "127.0.0.1:50051"
     http_address: str = "127.0.0.1:8000"  # OpenAI-compatible API; empty: off
@@ -56,7 +58,10 @@ class SchedulerSettings:
                 values[f.name] = type(f.default)(environ[ENV_PREFIX + f.name.upper()])
         settings = cls(**values)
         if not settings.model:
-            raise SystemExit("--model (or ECOSERVE_MODEL) is required: a model directory")
+            raise SystemExit(
+                "--model (or ECOSERVE_MODEL) is empty: give a registered name "
+                f"(default {DEFAULT_MODEL}), a .gguf file or a model directory"
+            )
         return settings
 
     def replace(self, **changes) -> SchedulerSettings:

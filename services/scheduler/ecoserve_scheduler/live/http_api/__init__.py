@@ -5,9 +5,16 @@ Layout: `schemas` (every request and response body), `completions` and `chat` (t
 `admin` (health, models, metrics, stats), `generation` (what the two generating routes share),
 `metrics` (Prometheus series), `app` (the factory that wires them).
 
-Errors use OpenAI's shape, {"error": {"message", "type", "param", "code": null}}: 400 for bad
+Errors use OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 for bad
 input (`param` names the field where one is at fault, e.g. "seed"), 401 without the API key,
-429 with Retry-After when over capacity, 504 when the request's timeout passes.
+404 `model_not_found` for a `model` other than the served one (an empty or omitted `model`
+means the served one), 429 with Retry-After when over capacity, 504 when the request's timeout
+passes.
+
+`stop` (a string or up to 4) ends the text before the first stop string, found across token
+boundaries, with finish_reason "stop"; the request is aborted in the engine at once. The token
+that ends a request (EOS, a `stop_token_ids` id) adds no text. Streamed text is detokenized
+incrementally, so a character split across tokens arrives whole.
 
 The response `id` is the request id ("cmpl-..." / "chatcmpl-..."), minted once here: the
 store's key, the gRPC GetRequest argument and the log field.

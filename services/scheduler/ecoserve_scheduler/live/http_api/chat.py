@@ -10,7 +10,16 @@ from fastapi import APIRouter, Request
 from ecoserve_common.ids import new_request_id
 
 from ..frontend import GenerateParams
-from .generation import BadRequest, Ctx, error, finish_of, generate, sampling_of
+from .generation import (
+    BadRequest,
+    Ctx,
+    error,
+    finish_of,
+    generate,
+    sampling_of,
+    stops_of,
+    unknown_model,
+)
 from .schemas import (
     ChatChoice,
     ChatCompletion,
@@ -36,8 +45,11 @@ def prompt_of(tokenizer, body: ChatRequest) -> str:
 @router.post("/v1/chat/completions")
 async def chat(body: ChatRequest, request: Request, ctx: Ctx):
     rid, created = new_request_id("chatcmpl-"), int(time.time())
+    if (missing := unknown_model(ctx, body.model)) is not None:
+        return missing
     try:
         prompt = prompt_of(ctx.tokenizer, body)
+        stop = stops_of(body)
         sampling = sampling_of(body, body.max_completion_tokens or body.max_tokens)
     except BadRequest as e:
         return error(400, e.message, param=e.param)
@@ -52,5 +64,5 @@ async def chat(body: ChatRequest, request: Request, ctx: Ctx):
             **head, choices=[ChatChoice(message=message, finish_reason=finish)]
         ).body()
 
-    params = GenerateParams(prompt=prompt, sampling=sampling, request_id=rid)
+    params = GenerateParams(prompt=prompt, sampling=sampling, request_id=rid, stop=stop)
     return await generate(ctx, params, render, body.stream, request)

@@ -9,7 +9,16 @@ from fastapi import APIRouter, Request
 from ecoserve_common.ids import new_request_id
 
 from ..frontend import GenerateParams
-from .generation import BadRequest, Ctx, error, finish_of, generate, sampling_of
+from .generation import (
+    BadRequest,
+    Ctx,
+    error,
+    finish_of,
+    generate,
+    sampling_of,
+    stops_of,
+    unknown_model,
+)
 from .schemas import Completion, CompletionChoice, CompletionRequest, Usage
 
 router = APIRouter()
@@ -30,8 +39,11 @@ def prompt_of(body: CompletionRequest) -> tuple[str, tuple[int, ...]]:
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request, ctx: Ctx):
     rid, created = new_request_id("cmpl-"), int(time.time())
+    if (missing := unknown_model(ctx, body.model)) is not None:
+        return missing
     try:
         text, ids = prompt_of(body)
+        stop = stops_of(body)
         sampling = sampling_of(body, body.max_tokens)
     except BadRequest as e:
         return error(400, e.message, param=e.param)
@@ -42,5 +54,7 @@ async def completions(body: CompletionRequest, request: Request, ctx: Ctx):
             id=rid, created=created, model=ctx.model_id, choices=[choice], usage=usage
         ).body()
 
-    params = GenerateParams(prompt=text, prompt_token_ids=ids, sampling=sampling, request_id=rid)
+    params = GenerateParams(
+        prompt=text, prompt_token_ids=ids, sampling=sampling, request_id=rid, stop=stop
+    )
     return await generate(ctx, params, render, body.stream, request)

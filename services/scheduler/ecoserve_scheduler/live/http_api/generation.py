@@ -21,6 +21,7 @@ from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from ecoserve_common.sampling import InvalidSampling, SamplingParams
 
+from ..detokenize import MAX_STOP
 from ..frontend import RETRY_AFTER_S, Frontend, GenerateParams, Rejected
 from .metrics import Metrics
 from .schemas import ErrorDetail, ErrorResponse, SamplingFields, Usage
@@ -54,8 +55,11 @@ def context(request: Request) -> ApiContext:
 Ctx = Annotated[ApiContext, Depends(context)]  # a route's `ctx: Ctx` parameter
 
 
-def error_body(message: str, kind: str, param: str | None = None) -> dict[str, Any]:
-    return ErrorResponse(error=ErrorDetail(message=message, type=kind, param=param)).model_dump()
+def error_body(
+    message: str, kind: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    detail = ErrorDetail(message=message, type=kind, param=param, code=code)
+    return ErrorResponse(error=detail).model_dump()
 
 
 def error(
@@ -64,9 +68,24 @@ def error(
     kind: str = "invalid_request_error",
     param: str | None = None,
     headers: dict[str, str] | None = None,
+    code: str | None = None,
 ) -> JSONResponse:
-    """OpenAI's error shape: {"error": {"message", "type", "param", "code": null}}."""
-    return JSONResponse(error_body(message, kind, param), status_code=status, headers=headers)
+    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+    body = error_body(message, kind, param, code)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def unknown_model(ctx: ApiContext, model: str) -> JSONResponse | None:
+    """OpenAI's 404 for a model this server does not serve; None when `model` is the served
+    one or empty (the served model is then used: one model per server)."""
+    if not model or model == ctx.model_id:
+        return None
+    return error(
+        404,
+        f"The model `{model}` does not exist.",
+        param="model",
+        code="model_not_found",
+    )
 
 
 class BadRequest(Exception):
@@ -82,8 +101,6 @@ def sampling_of(body: SamplingFields, max_tokens: int | None) -> SamplingParams:
     """The contract's SamplingParams for a request body; raises BadRequest naming the field."""
     if body.n != 1:
         raise BadRequest("only n=1 is supported", "n")
-    if body.stop:
-        raise BadRequest("stop strings are not supported; use stop_token_ids", "stop")
     try:
         return SamplingParams.checked(
             max_tokens=max_tokens if max_tokens is not None else DEFAULT_MAX_TOKENS,
@@ -96,6 +113,14 @@ def sampling_of(body: SamplingFields, max_tokens: int | None) -> SamplingParams:
         )
     except InvalidSampling as e:
         raise BadRequest(e.message, e.field) from None
+
+
+def stops_of(body: SamplingFields) -> tuple[str, ...]:
+    """OpenAI's `stop`: a string or up to 4 strings (empty ones ignored)."""
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > MAX_STOP:
+        raise BadRequest(f"stop takes at most {MAX_STOP} strings (got {len(stop)})", "stop")
+    return tuple(s for s in stop if s)
 
 
 def finish_of(reason: str | None) -> str | None:
@@ -139,21 +164,30 @@ async def generate(
             return error(429, r.message, "rate_limit_error", headers=retry)
         return error(400, r.message)
     t0 = time.monotonic()
+    n_tokens = 0
+
+    def texts() -> Iterator[tuple[str, str | None]]:
+        """(text, finish) from the request's text path; the last has its finish reason."""
+        nonlocal n_tokens
+        first = None
+        for text, finish, n in frontend.follow_text(
+            handle, params.sampling, params.stop, ctx.timeout_s
+        ):
+            n_tokens = n
+            if n and first is None:
+                first = time.monotonic()
+            if finish:
+                ctx.metrics.observe(t0, first, n, finish)
+            yield text, finish
 
     def usage() -> Usage:
-        return Usage.of(prompt_len, len(handle.tokens))
+        return Usage.of(prompt_len, n_tokens)
 
     if stream:
 
         def events() -> Iterator[str]:
-            first = None
             try:
-                for tokens, finish in frontend.follow(handle, ctx.timeout_s):
-                    if tokens and first is None:
-                        first = time.monotonic()
-                    text = ctx.tokenizer.decode(tokens) if tokens else ""
-                    if finish:
-                        ctx.metrics.observe(t0, first, len(handle.tokens), finish)
+                for text, finish in texts():
                     chunk = render(text, finish, True, usage() if finish else None)
                     yield f"data: {json.dumps(chunk)}\n\n"
                 yield "data: [DONE]\n\n"
@@ -174,20 +208,18 @@ async def generate(
 
         return StreamingResponse(sse(), media_type="text/event-stream")
 
-    def collect() -> float | None:
-        first = None
-        for tokens, _ in frontend.follow(handle, ctx.timeout_s):
-            if tokens and first is None:
-                first = time.monotonic()
-        return first
+    def collect() -> tuple[str, str]:
+        parts, reason = [], ""
+        for text, finish in texts():
+            parts.append(text)
+            reason = finish or reason
+        return "".join(parts), reason
 
     gone = _cancel_on_disconnect(ctx, request, handle)
     try:
-        first = await run_in_threadpool(collect)
+        out, reason = await run_in_threadpool(collect)
     except TimeoutError as e:
         return error(504, str(e), "timeout")
     finally:
         gone.cancel()
-    reason = handle.finish_reason or ""
-    ctx.metrics.observe(t0, first, len(handle.tokens), reason)
-    return JSONResponse(render(ctx.tokenizer.decode(handle.tokens), reason, False, usage()))
+    return JSONResponse(render(out, reason, False, usage()))
