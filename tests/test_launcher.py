@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from ecoserve_stack.launcher import worker_threads  # noqa: E402
 
 def test_up_serves_a_request_and_stops_cleanly(tmp_path):
     port, http_port = free_port(), free_port()
-    cmd = [sys.executable, "-m", "ecoserve_stack.cli", "up", "--workers", "2"]
+    cmd = [sys.executable, "-m", "ecoserve_stack.cli", "up", "--workers", "2", "--model", "tiny"]
     cmd += ["--grpc-port", str(port), "--home", str(tmp_path), "--num-blocks", "128"]
     cmd += ["--http-port", str(http_port)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -129,7 +130,7 @@ def test_demo_without_data_uses_synthetic_prompts_and_says_so(tmp_path):
     out = tmp_path / "demo.json"
     cmd = [sys.executable, "-m", "ecoserve_stack.cli", "demo", "--n", "6", "--rate", "20"]
     cmd += ["--workers", "1", "--home", str(tmp_path), "--data-dir", str(tmp_path / "none")]
-    cmd += ["--max-output", "8", "--json", str(out)]
+    cmd += ["--max-output", "8", "--json", str(out), "--model", "tiny", "--questions", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.splitlines()[0].startswith("workload: synthetic prompts")
@@ -138,6 +139,27 @@ def test_demo_without_data_uses_synthetic_prompts_and_says_so(tmp_path):
     summary = json.loads(out.read_text())
     assert (summary["requests"], summary["completed"], summary["failed"]) == (6, 6, 0)
     assert summary["throughput_tok_s"] > 0 and summary["ttft_p50_s"] <= summary["jct_p50_s"]
+    # after the table: which model, and its answer to one question (gibberish on tiny)
+    assert summary["model"] == "tiny-model" and len(summary["answers"]) == 1
+    assert "model tiny-model" in proc.stdout and "Q: What is the capital of France?" in proc.stdout
+
+
+def test_a_model_that_is_not_here_stops_up_and_the_scheduler_with_the_reason(tmp_path):
+    up = [sys.executable, "-m", "ecoserve_stack.cli", "up", "--home", str(tmp_path)]
+    proc = subprocess.run(up + ["--model", "no-such-model"], capture_output=True, text=True)
+    assert proc.returncode == 1 and "no-such-model" in proc.stderr
+    serve = [sys.executable, "-m", "ecoserve_scheduler.cli", "serve", "--http-address", ""]
+    env = dict(os.environ, ECOSERVE_MODELS_DIR=str(tmp_path / "empty"))
+    proc = subprocess.run(
+        serve + ["--db-url", f"sqlite:///{tmp_path / 's.db'}"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert (
+        "smollm2-135m-instruct is not converted yet" in proc.stderr and "make model" in proc.stderr
+    )
 
 
 def test_worker_threads_split_cores_and_leave_one_for_the_control_plane():

@@ -1,10 +1,14 @@
-"""`ecoserve demo`: start the local stack (`ecoserve up`'s processes), replay a slice of the
-ShareGPT workload against it through the Python SDK with Poisson arrivals, and print a table.
+"""`ecoserve demo`: start the local stack (`ecoserve up`'s processes, on SmolLM2-135M-Instruct
+unless --model says otherwise), replay a slice of the ShareGPT workload against it through the
+Python SDK with Poisson arrivals, print a table, then ask the model a few short questions through
+the OpenAI-compatible chat API and print its answers.
 
-Each request sends a real ShareGPT prompt (cut to `--prompt-chars`) and asks for its real
-response length (capped at `--max-output`; EOS ignored, so a random-weight model still
-produces that many tokens). Without the data folder it uses synthetic prompts and says so.
+Each replayed request sends a real ShareGPT prompt (cut to `--prompt-chars`) and asks for its
+real response length (capped at `--max-output`; EOS ignored, so every request produces that
+many tokens whatever the model). Without the data folder it uses synthetic prompts and says so.
 TTFT is measured by the client (first streamed chunk), so it includes the network and queue.
+The questions are chat completions (the model's chat template), greedy, ending at the model's
+end of turn or after `--answer-tokens`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,12 @@ from pathlib import Path
 from .launcher import build_parser as up_parser
 from .launcher import free_port, start_stack, stop_all
 
+QUESTIONS = (
+    "What is the capital of France?",
+    "What is the largest planet in the solar system?",
+    "Name three primary colors.",
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = up_parser()
@@ -29,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(grpc_port=0, http_port=0, workers=2)
     p.add_argument("--n", type=int, default=40, help="requests to replay")
     p.add_argument("--rate", type=float, default=2.0, help="mean arrivals per second")
-    p.add_argument("--max-output", type=int, default=64, help="cap on tokens per response")
+    p.add_argument("--max-output", type=int, default=48, help="cap on tokens per response")
+    p.add_argument("--answer-tokens", type=int, default=48, help="cap on each answer's tokens")
+    p.add_argument("--questions", type=int, default=len(QUESTIONS), help="questions to ask")
     p.add_argument("--prompt-chars", type=int, default=1500)
     p.add_argument("--data-dir", default=None, help="default: ../shared/data")
     p.add_argument("--ttft-slo-s", type=float, default=1.0)
@@ -107,6 +119,34 @@ def replay(address: str, items, rate: float, seed: int, progress=None) -> list[d
     return results
 
 
+def ask(http_address: str, model: str, questions, max_tokens: int) -> list[tuple[str, str]]:
+    """(question, answer) pairs: one greedy chat completion each over the OpenAI-compatible
+    API (stdlib HTTP, so the demo needs no client library)."""
+    from urllib.error import URLError
+    from urllib.request import Request, urlopen
+
+    pairs = []
+    for q in questions:
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": q}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+        }
+        req = Request(
+            f"http://{http_address}/v1/chat/completions",
+            data=json.dumps(body).encode(),
+            headers={"content-type": "application/json"},
+        )
+        try:
+            with urlopen(req, timeout=300) as r:
+                answer = json.load(r)["choices"][0]["message"]["content"].strip()
+        except (URLError, OSError, KeyError, ValueError) as exc:
+            answer = f"(no answer: {exc})"
+        pairs.append((q, answer))
+    return pairs
+
+
 def summarize(results: list[dict], elapsed: float, a) -> dict:
     ok = [r for r in results if r.get("ok")]
 
@@ -135,6 +175,7 @@ def summarize(results: list[dict], elapsed: float, a) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import Progress
     from rich.table import Table
 
@@ -152,10 +193,15 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             results = replay(stack.grpc_address, items, a.rate, a.seed, lambda: bar.advance(task))
             elapsed = time.perf_counter() - t0
+        from ecoserve_common.models import served_name
+
+        model = served_name(stack.model)
+        answers = ask(stack.http_address, model, QUESTIONS[: a.questions], a.answer_tokens)
     finally:
         stop_all(stack.procs)
     summary = {
         "workload": name,
+        "model": model,
         "policy": a.policy,
         "workers": a.workers,
         **summarize(results, elapsed, a),
@@ -164,10 +210,18 @@ def main(argv: list[str] | None = None) -> int:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in summary.items():
-        if key in ("workload", "slo"):
+        if key in ("workload", "model", "slo"):
             continue
         table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
     console.print(table)
+    console.print(
+        f"model {model} ({stack.model_dir}); workload: {name}, {len(items)} requests at "
+        f"{a.rate:g} req/s, up to {a.max_output} output tokens each"
+    )
+    for q, answer in answers:
+        console.print(f"[bold]Q:[/bold] {escape(q)}", highlight=False)
+        console.print(f"[bold]A:[/bold] {escape(answer)}", highlight=False)
+    summary["answers"] = [{"question": q, "answer": ans} for q, ans in answers]
     if a.json:
         Path(a.json).write_text(json.dumps(summary, indent=2) + "\n")
     return 0 if summary["failed"] == 0 else 1

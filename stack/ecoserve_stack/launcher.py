@@ -1,8 +1,15 @@
-"""`ecoserve up`: predictor, scheduler and N workers as local processes (CPU, SQLite).
+"""`ecoserve up`: predictor, scheduler and N workers as local processes (SQLite).
 
-Without --model it builds the tiny random-weight model once under --home. It prints where to
-connect when every worker has registered, then waits; Ctrl-C (or SIGTERM) stops the workers,
-then the scheduler, then the predictor, each with SIGTERM and a grace period.
+`--model` is a registered name (default smollm2-135m-instruct, a real instruction-tuned model),
+a .gguf file or a Hugging Face checkpoint directory (ecoserve_common.models); a name or .gguf
+not converted yet is fetched and converted first by `python -m ecoserve_worker.models fetch`,
+run as a subprocess so this process stays light. `--model tiny` builds the tiny random-weight
+test model once under --home instead. The scheduler gets the spec (its served name is what
+/v1/models lists), every worker the resolved directory, `--device` and, when given, `--dtype`
+(the worker's default: float32 on cpu, bfloat16 on cuda).
+
+It prints where to connect when every worker has registered, then waits; Ctrl-C (or SIGTERM)
+stops the workers, then the scheduler, then the predictor, each with SIGTERM and a grace period.
 """
 
 from __future__ import annotations
@@ -21,10 +28,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ecoserve_common.models import DEFAULT_MODEL, REGISTRY, ModelMissing, resolve, served_name
+
 log = logging.getLogger("ecoserve.up")
 
 GRACE_S = 10.0
 READY_TIMEOUT_S = 180.0
+TINY = "tiny"  # --model tiny: the random-weight test model, built under --home
 
 
 def free_port() -> int:
@@ -35,7 +45,20 @@ def free_port() -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ecoserve up", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None, help="model directory (default: the tiny model)")
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        metavar="NAME|GGUF|DIR",
+        help=f"registered name (default {DEFAULT_MODEL}), .gguf file, checkpoint directory, "
+        f"or `{TINY}` (random weights, for tests)",
+    )
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="workers' device")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=None,
+        help="workers' dtype (default: the worker's, float32 on cpu, bfloat16 on cuda)",
+    )
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--policy", default="ecoserve")
     p.add_argument("--grpc-port", type=int, default=50051)
@@ -109,7 +132,8 @@ class Stack:
     procs: dict[str, subprocess.Popen]
     grpc_address: str
     http_address: str
-    model: str
+    model: str  # the spec the scheduler serves
+    model_dir: str  # what the workers load
     db_url: str
     predictor: str
 
@@ -117,9 +141,35 @@ class Stack:
         return (
             f"EcoServe up: gRPC {self.grpc_address} (ecoserve.scheduler.v1.Scheduler), "
             f"OpenAI-compatible http://{self.http_address}/v1, {workers} worker(s) on "
-            f"{self.model}, policy {policy}, store {self.db_url}"
+            f"{served_name(self.model)} ({self.model_dir}), policy {policy}, store {self.db_url}"
             + (f", predictor {self.predictor}" if self.predictor else ", no predictor")
         )
+
+
+def prepare_model(spec: str, home: Path) -> tuple[str, str]:
+    """(the spec the scheduler serves, the directory the workers load): `tiny` is built under
+    `home`; a name or .gguf not converted yet is fetched first (a subprocess: the converter
+    needs torch + transformers). RuntimeError when it cannot be had."""
+    if spec == TINY:
+        model = home / "tiny-model"
+        if not (model / "config.json").is_file():
+            from ecoserve_worker.tiny_model import build_tiny_model
+
+            build_tiny_model(model)
+        return str(model), str(model)
+    try:
+        return spec, str(resolve(spec))
+    except ModelMissing as missing:
+        if spec not in REGISTRY and not spec.endswith(".gguf"):
+            raise RuntimeError(str(missing)) from None  # a broken dir, an unknown name
+    log.info("model %s is not converted yet: fetching it (once)", spec)
+    fetch = subprocess.run(_python("ecoserve_worker.models", "fetch", spec))
+    if fetch.returncode != 0:
+        raise RuntimeError(f"could not fetch {spec} (exit {fetch.returncode}); see above")
+    try:
+        return spec, str(resolve(spec))
+    except ModelMissing as exc:
+        raise RuntimeError(str(exc)) from None
 
 
 def start_stack(a: argparse.Namespace) -> Stack:
@@ -127,13 +177,7 @@ def start_stack(a: argparse.Namespace) -> Stack:
     registered; on failure everything started is stopped and RuntimeError raised."""
     home = Path(a.home).resolve()
     home.mkdir(parents=True, exist_ok=True)
-    model = a.model
-    if model is None:
-        model = str(home / "tiny-model")
-        if not (Path(model) / "config.json").is_file():
-            from ecoserve_worker.tiny_model import build_tiny_model
-
-            build_tiny_model(model)
+    model, model_dir = prepare_model(a.model, home)
     token = secrets.token_hex(16)  # workers of this launch only
     worker_addr = f"tcp://127.0.0.1:{free_port()}"
     env = dict(os.environ, HF_HUB_OFFLINE="1", ECOSERVE_WORKER_AUTH_TOKEN=token)
@@ -142,6 +186,7 @@ def start_stack(a: argparse.Namespace) -> Stack:
         f"127.0.0.1:{a.grpc_port}",
         f"127.0.0.1:{a.http_port}",
         model,
+        model_dir,
         a.db_url or f"sqlite:///{home / 'ecoserve.db'}",
         "" if a.no_predictor else f"127.0.0.1:{free_port()}",
     )
@@ -165,9 +210,10 @@ def start_stack(a: argparse.Namespace) -> Stack:
             procs[f"worker-{i}"] = subprocess.Popen(
                 _python(
                     "ecoserve_worker",
-                    *("--scheduler", worker_addr, "--worker-id", f"w{i}", "--model", model),
+                    *("--scheduler", worker_addr, "--worker-id", f"w{i}", "--model", model_dir),
                     *("--num-blocks", str(a.num_blocks), "--auth-token", token),
-                    *("--threads", str(threads)),
+                    *("--threads", str(threads), "--device", a.device),
+                    *(("--dtype", a.dtype) if a.dtype else ()),
                 ),
                 env=env,
             )
