@@ -24,7 +24,7 @@ from ecoserve_worker.__main__ import build_parser as worker_parser  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "compose"
-ENV = {"ECOSERVE_WORKER_AUTH_TOKEN": "t", "ECOSERVE_MODEL_DIR": "/m", "ECOSERVE_API_KEY": ""}
+ENV = {"ECOSERVE_WORKER_AUTH_TOKEN": "t", "ECOSERVE_API_KEY": ""}
 
 # What each image may install: the contract plus the service's own distribution(s), by path.
 IMAGES = {
@@ -117,13 +117,15 @@ def local_paths(targets: list[str]) -> set[str]:
 
 
 def test_every_service_is_defined_and_healthchecked_where_it_has_a_port(services):
-    assert {"postgres", "predictor", "scheduler", "worker", "worker-gpu", "predictor-gpu"} <= set(
-        services
-    )
+    assert {"model", "postgres", "predictor", "scheduler", "worker", "worker-gpu"} <= set(services)
+    assert "predictor-gpu" in services
     for name, svc in services.items():
-        for dep in svc.get("depends_on", {}):
+        for dep, cond in svc.get("depends_on", {}).items():
             assert dep in services, f"{name} depends on unknown {dep}"
-            assert "healthcheck" in services[dep], f"{name} waits for {dep}'s health"
+            if cond["condition"] == "service_completed_successfully":  # a one-shot job
+                assert "ports" not in services[dep] and "healthcheck" not in services[dep]
+            else:
+                assert "healthcheck" in services[dep], f"{name} waits for {dep}'s health"
     for name in ("postgres", "predictor", "predictor-gpu", "scheduler"):
         assert services[name]["healthcheck"]["test"]
 
@@ -133,8 +135,9 @@ def test_commands_parse_with_each_services_own_cli(services):
         cmd = services[name]["command"]
         assert cmd[0] == "ecoserve-worker"
         args = worker_parser().parse_args(cmd[1:])
-        assert args.model == "/models/model" and args.auth_token == "t"
+        assert args.model == "smollm2-135m-instruct" and args.auth_token == "t"
         assert args.device == ("cuda" if name == "worker-gpu" else "cpu")
+        assert args.dtype == ("bfloat16" if name == "worker-gpu" else "float32")
     for name in ("predictor", "predictor-gpu"):
         cmd = services[name]["command"]
         assert cmd[0] == "ecoserve-predictor"
@@ -169,7 +172,18 @@ def test_scheduler_environment_is_its_settings_and_addresses_agree(services):
         f"postgresql+psycopg://{db['POSTGRES_USER']}:{db['POSTGRES_PASSWORD']}"
         f"@postgres:5432/{db['POSTGRES_DB']}"
     )
-    assert services["scheduler"]["volumes"][0].endswith(":" + s.model + ":ro")
+    # one model, one models directory: converted by the `model` job, read-only elsewhere
+    fetch = services["model"]
+    assert fetch["command"][:4] == ["python", "-m", "ecoserve_worker.models", "fetch"]
+    assert fetch["command"][4] == s.model == "smollm2-135m-instruct"
+    assert fetch["volumes"] == ["models:/models"] and s.models_dir == "/models"
+    for name in ("scheduler", "worker", "worker-gpu"):
+        assert services[name]["volumes"] == ["models:/models:ro"], name
+    for name in ("worker", "worker-gpu"):
+        assert services[name]["environment"]["ECOSERVE_MODELS_DIR"] == s.models_dir
+    assert services["scheduler"]["depends_on"]["model"] == {
+        "condition": "service_completed_successfully"
+    }
 
 
 def test_each_service_runs_a_command_its_own_image_installs(services):
@@ -182,6 +196,10 @@ def test_each_service_runs_a_command_its_own_image_installs(services):
         assert (REPO / svc["build"]["context"].replace("..", ".")).resolve() == REPO
         assert tags.setdefault(dockerfile, svc["image"]) == svc["image"], "one tag per Dockerfile"
         scripts = {s for path in IMAGES[dockerfile] for s in project(path).get("scripts", {})}
+        if svc["command"][:2] == ["python", "-m"]:  # a module of a distribution it installs
+            package = svc["command"][2].split(".")[0]
+            assert any((REPO / d / package).is_dir() for d in IMAGES[dockerfile]), name
+            continue
         assert svc["command"][0] in scripts, f"{name}: {svc['command'][0]} not in {dockerfile}"
     assert len(set(tags.values())) == len(tags), "two Dockerfiles build the same tag"
     assert set(tags) == set(IMAGES), "every Dockerfile is used by a service"

@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 from ecoserve_common.models import ModelMissing, resolve, served_name
 
@@ -36,7 +37,8 @@ def run(settings: SchedulerSettings, ready: threading.Event | None = None) -> in
     from .prediction import PredictorClient
     from .tokenizer import ModelTokenizer
 
-    model_dir = resolve(settings.model)  # ModelMissing before anything starts
+    root = Path(settings.models_dir).expanduser() if settings.models_dir else None
+    model_dir = resolve(settings.model, root)  # ModelMissing before anything starts
     db = make_engine(settings.db_url)
     create_schema(db)
     store = RequestStore(db)

@@ -19,6 +19,7 @@ ENV_PREFIX = "ECOSERVE_"
 @dataclass(frozen=True)
 class SchedulerSettings:
     model: str = DEFAULT_MODEL  # registered name, .gguf or checkpoint dir (its tokenizer)
+    models_dir: str = ""  # where names are converted; empty: ecoserve_common.models.models_dir()
     policy: str = "ecoserve"  # ecoserve, vllm, sarathi, orca, sjf
     grpc_address: str = "127.0.0.1:50051"
     http_address: str = "127.0.0.1:8000"  # OpenAI-compatible API; empty: off
