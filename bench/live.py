@@ -1,5 +1,6 @@
 """Live-stack benchmark: a ShareGPT slice replayed against the embedded stack (predictor,
-scheduler, 2 CPU workers, tiny model) at a sweep of Poisson rates, per policy.
+scheduler, 2 CPU workers, `--model`: SmolLM2-135M-Instruct by default, `tiny` for the random
+test model) at a sweep of Poisson rates, per policy.
 
     python bench/live.py --out results/live [--policies ecoserve vllm] [--rates 2 4 8 16]
 
@@ -26,6 +27,7 @@ for sub in ("services/scheduler", "services/worker", "services/predictor", "sdk"
     sys.path.insert(0, str(REPO / sub))
 
 from ecoserve_client import Client  # noqa: E402
+from ecoserve_common.models import DEFAULT_MODEL  # noqa: E402
 from ecoserve_stack.demo import build_parser, replay, summarize, workload  # noqa: E402
 from ecoserve_stack.launcher import free_port, start_stack, stop_all  # noqa: E402
 
@@ -55,6 +57,8 @@ def run_policy(policy: str, rates: list[float], a) -> dict:
             str(a.max_output),
             "--num-blocks",
             str(a.num_blocks),
+            "--model",
+            a.model,
         ]
         + (["--data-dir", a.data_dir] if a.data_dir else [])
     )
@@ -109,6 +113,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-output", type=int, default=64)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--home", default=".ecoserve")
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="name, .gguf, directory or `tiny`")
     a = ap.parse_args(argv)
     policies = {p: run_policy(p, a.rates, a) for p in a.policies}
     defaults = build_parser().parse_args([])
@@ -119,7 +124,7 @@ def main(argv=None) -> int:
         "slo": {"ttft_s": defaults.ttft_slo_s, "tpot_s": defaults.tpot_slo_s},
         "setup": {
             "workers": a.workers,
-            "model": "tiny random-weight Llama (2 layers, hidden 64), CPU, fp32",
+            "model": f"{a.model}, CPU, worker default dtype",
             "kv_blocks_per_worker": a.num_blocks,
             "block_size": 16,
             "requests_per_rate": a.n,

@@ -1,5 +1,7 @@
-"""EcoServe side by side with a real vLLM (CPU build) on this machine: same tiny model, same KV
-capacity in tokens, same ShareGPT requests, the same client over the OpenAI-compatible HTTP API.
+"""EcoServe side by side with a real vLLM (CPU build) on this machine: the same model directory
+(`--model`, default SmolLM2-135M-Instruct converted by `make model`; `peer-tiny` for the old
+random-weight Llama), the same dtype, the same KV capacity in tokens, the same ShareGPT requests,
+the same client over the OpenAI-compatible HTTP API.
 
     python bench/peer_vllm.py --out results/peer [--rates 2 4 8 16] [--n 40]
 
@@ -32,6 +34,7 @@ for sub in ("services/scheduler", "services/worker", "services/predictor", "sdk"
 
 import httpx  # noqa: E402
 
+from ecoserve_common.models import served_name  # noqa: E402
 from ecoserve_stack.demo import build_parser, summarize, timing, workload  # noqa: E402
 from ecoserve_stack.launcher import (  # noqa: E402
     free_port,
@@ -47,6 +50,7 @@ VLLM_INSTALL = (
 )
 BLOCK = 16  # EcoServe's block; vLLM's CPU attention needs multiples of 32
 VLLM_BLOCK = 32
+PEER_TINY = "peer-tiny"  # --model peer-tiny: the random-weight model vLLM's CPU attention accepts
 
 
 def vllm_python(venv: Path) -> Path:
@@ -147,13 +151,13 @@ def start_vllm(a, model_dir: str, port: int):
         "--model",
         model_dir,
         "--served-model-name",
-        "tiny",
+        a.served,
         "--host",
         "127.0.0.1",
         "--port",
         str(port),
         "--dtype",
-        a.dtype,
+        a.dtype or "float32",
         "--block-size",
         str(VLLM_BLOCK),
         "--num-gpu-blocks-override",
@@ -224,12 +228,12 @@ async def watch_kv(base: str, samples: list[float], stop: asyncio.Event) -> None
                 await asyncio.wait_for(stop.wait(), 0.25)
 
 
-async def measured_drive(base: str, items, rate: float, seed: int):
+async def measured_drive(base: str, served: str, items, rate: float, seed: int):
     samples: list[float] = []
     stop = asyncio.Event()
     watcher = asyncio.create_task(watch_kv(base, samples, stop))
     try:
-        return *(await drive(base, "tiny", items, rate, seed)), samples
+        return *(await drive(base, served, items, rate, seed)), samples
     finally:
         stop.set()
         await watcher
@@ -239,12 +243,12 @@ def sweep(name: str, base: str, items, a, pids: dict[str, int], engine=None) -> 
     """Each rate in turn. Besides the client's numbers: CPU seconds per server process (and
     this client), KV usage sampled from /metrics, and for EcoServe the engine's counters
     (`engine()` returns them), so the time can be split into forward, scheduler and the rest."""
-    asyncio.run(drive(base, "tiny", items[:4], 4.0, a.seed))  # warm-up
+    asyncio.run(drive(base, a.served, items[:4], 4.0, a.seed))  # warm-up
     rates: dict = {}
     for rate in a.rates:
         cpu0 = {p: cpu_seconds(pid) for p, pid in pids.items()}
         me0, eng0 = time.process_time(), engine() if engine else {}
-        results, elapsed, kv = asyncio.run(measured_drive(base, items, rate, a.seed))
+        results, elapsed, kv = asyncio.run(measured_drive(base, a.served, items, rate, a.seed))
         m = summarize(results, elapsed, a)
         m["goodput_req_s"] = m["slo_attainment"] * len(results) / elapsed
         m["errors"] = sorted({r["error"] for r in results if "error" in r})[:3]
@@ -279,7 +283,6 @@ def main() -> int:
     p.add_argument("--rates", type=float, nargs="+", default=[2, 4, 8, 16])
     p.add_argument("--systems", nargs="+", default=["ecoserve", "vllm"])
     p.add_argument("--vllm-venv", default="~/.cache/ecoserve/peer-vllm")
-    p.add_argument("--dtype", default="float32")
     p.add_argument("--enforce-eager", action="store_true", help="vLLM without torch.compile")
     p.add_argument("--label", default="ecoserve", help="name of this EcoServe setup in the JSON")
     p.add_argument(
@@ -292,12 +295,19 @@ def main() -> int:
     Path(a.out).mkdir(parents=True, exist_ok=True)
     a.grpc_port, a.http_port = free_port(), free_port()
     name, items = workload(a)
-    if a.model is None:  # the launcher's tiny model has head_dim 16: vLLM's CPU attention needs 32+
-        from ecoserve_worker.tiny_model import build_tiny_model
+    a.dtype = a.dtype or "float32"  # both systems in the same dtype
+    if a.model == PEER_TINY:  # the launcher's tiny model has head_dim 16: vLLM's CPU attention
+        from ecoserve_worker.tiny_model import build_tiny_model  # needs 32+
 
         a.model = str(Path(a.home) / "peer-model")
         if not (Path(a.model) / "config.json").is_file():
             build_tiny_model(a.model, hidden=256, layers=4, heads=4, kv_heads=2)
+        model_note = "random-weight Llama (hidden 256, 4 layers, head_dim 64)"
+    else:  # a real model (default SmolLM2-135M-Instruct): both systems load its directory
+        from ecoserve_worker.models import ensure_model
+
+        model_note = f"{a.model} ({ensure_model(a.model)})"
+    a.served = served_name(a.model)
     if a.context > a.num_blocks * BLOCK:
         p.error(f"--context {a.context} is more than one worker's KV ({a.num_blocks * BLOCK})")
     items, clipped = fit_context(items, a.model, a.context)
@@ -344,7 +354,7 @@ def main() -> int:
             "context_tokens": a.context,
             "output_tokens_per_rate": sum(n for _, n in items),
             "requests_cut_to_context": clipped,
-            "model": f"{a.model}: random-weight Llama, " + a.dtype,
+            "model": f"{model_note}, {a.dtype}",
             "kv_tokens": a.workers * a.num_blocks * BLOCK,
             "load_generator": "asyncio httpx, streaming /v1/completions, Poisson arrivals, "
             "ignore_eos, max_tokens = recorded response length (capped)",
