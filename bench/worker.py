@@ -1,9 +1,13 @@
 """Worker benchmark: our paged-KV runner against plain transformers, plus the ZeroMQ round trip.
 
-    python bench/worker.py --out results/worker [--model DIR] [--device cpu] [--quick]
+    python bench/worker.py --out results/worker [--model NAME|GGUF|DIR] [--device cpu] [--quick]
+    python bench/worker.py --out results/worker-smollm2 --model smollm2-135m-instruct \
+        --batches 1 8 32 --decode-runs 3
 
 Same model, device and dtype (fp32) for both sides. Without --model the tiny random-weight Llama
-(`ecoserve_worker.tiny_model`) is built into a temp dir.
+(`ecoserve_worker.tiny_model`) is built into a temp dir; a registered name or a .gguf is
+converted first if it is not yet (`ecoserve_worker.models.ensure_model`). summary.json names
+the model (`model.name`, its directory and shape).
 
 * decode tok/s at batch B (1, 8, 32, 128): the B prompts (`--prompt-len` tokens each) are
   prefilled, then `--decode-steps` N decode steps of the whole batch are timed.
@@ -115,7 +119,14 @@ def run_bench(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = None
-    if model_dir is None:
+    name = "tiny"
+    if model_dir is not None:
+        from ecoserve_common.models import served_name
+        from ecoserve_worker.models import ensure_model
+
+        name = served_name(str(model_dir))
+        model_dir = ensure_model(str(model_dir))
+    else:
         from ecoserve_worker.tiny_model import build_tiny_model
 
         tmp = tempfile.TemporaryDirectory(prefix="ecoserve-tiny-")
@@ -184,6 +195,7 @@ def run_bench(
         rows = profile_runner(runner, profile_shapes, profile_repeats)
         write_timings(rows, out / "timings.jsonl")
         budget = token_budget(rows, fraction=0.9, step=16)
+        profile_s = time.perf_counter() - t0
         log(f"profile: {len(rows)} shapes in {time.perf_counter() - t0:.1f}s, budget {budget}")
 
         summary: dict[str, Any] = {
@@ -195,6 +207,7 @@ def run_bench(
             f"decode_step_s_b{zmq_batch}": zstep,
             "machine": _machine(device),
             "model": {
+                "name": name,
                 "dir": None if tmp is not None else str(model_dir),
                 "tiny": tmp is not None,
                 "model_type": cfg.model_type,
@@ -218,6 +231,8 @@ def run_bench(
             },
             "token_budget": budget,
             "profile_rows": len(rows),
+            "profile_s": profile_s,
+            "command": " ".join(["python", Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         }
         if 32 in batches:
             summary["speedup_b32"] = eco["decode_tok_s_b32"] / tra["decode_tok_s_b32"]
@@ -241,13 +256,19 @@ def run_bench(
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="results/worker")
-    ap.add_argument("--model", default=None, help="HF model dir (default: build the tiny model)")
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="registered name, .gguf or HF model dir (default: build the tiny model)",
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--prefill-prompts", type=int, default=8)
     ap.add_argument("--prefill-len", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batches", type=int, nargs="+", default=list(BATCHES), help="decode batches")
+    ap.add_argument("--decode-runs", type=int, default=5, help="rounds per decode batch (best)")
     ap.add_argument("--quick", action="store_true", help="few steps, for a smoke run")
     a = ap.parse_args(argv)
     steps = 4 if a.quick else a.decode_steps
@@ -255,6 +276,8 @@ def main(argv=None) -> int:
         a.out,
         a.model,
         device=a.device,
+        batches=tuple(a.batches),
+        decode_runs=a.decode_runs,
         prompt_len=a.prompt_len,
         decode_steps=steps,
         prefill_prompts=a.prefill_prompts,
