@@ -104,18 +104,18 @@ PEER_RATES ?= 1 1.5 2 2.5 3 4
 bench-peer: $(STAMP)
 	rm -f results/peer/summary.json
 	$(PEER) --out results/peer --n 60 --max-output 4096 --rates $(PEER_RATES) \
-		--workers 2 --num-blocks 128 --label ecoserve --systems ecoserve vllm
+		--workers 2 --num-blocks 128 --token-budget 512 --label ecoserve --systems ecoserve vllm
 	$(PEER) --out results/peer --n 60 --max-output 4096 --rates $(PEER_RATES) \
-		--workers 1 --num-blocks 256 --label ecoserve-1worker --systems ecoserve
+		--workers 1 --num-blocks 256 --token-budget 512 --label ecoserve-1worker --systems ecoserve
 	$(PYTHON) bench/peer_report.py results/peer > /dev/null
 
 PEER_SHORT_RATES ?= 4 8 10 12 16 20 24 32
 bench-peer-short: $(STAMP)
 	rm -f results/peer-short/summary.json
 	$(PEER) --out results/peer-short --n 80 --max-output 64 --rates $(PEER_SHORT_RATES) \
-		--workers 2 --num-blocks 128 --label ecoserve --systems ecoserve vllm
+		--workers 2 --num-blocks 128 --token-budget 512 --label ecoserve --systems ecoserve vllm
 	$(PEER) --out results/peer-short --n 80 --max-output 64 --rates $(PEER_SHORT_RATES) \
-		--workers 1 --num-blocks 256 --label ecoserve-1worker --systems ecoserve
+		--workers 1 --num-blocks 256 --token-budget 512 --label ecoserve-1worker --systems ecoserve
 	$(PYTHON) bench/peer_report.py results/peer-short > /dev/null
 
 bench-sched: $(STAMP)

@@ -184,10 +184,21 @@ def write_report(out: Path) -> str:
     lead = max(ours, key=lambda n: (ours[n], saturated_tok_s(systems[n])))
     rate_ratio = best[lead] / best[PEER] if best[PEER] else float("inf")
     tok_ratio = saturated_tok_s(systems[lead]) / saturated_tok_s(systems[PEER])
+    lowest = min(float(r) for s in systems.values() for r in s["rates"])
+    if not best[PEER] and not best[lead]:  # 0/0 is no ratio: neither met the SLO anywhere
+        rate_line = (
+            f"- Max rate at >= 90% SLO attainment: neither system reached 90% at any swept rate "
+            f"(the lowest was {lowest:g} req/s): no ratio, target {TARGET_RATE_RATIO}x "
+            "undecided; sweep lower rates."
+        )
+    else:
+        rate_line = (
+            f"- Max rate at >= 90% SLO attainment: {lead} {best[lead]:g} req/s, vLLM "
+            f"{best[PEER]:g} req/s: **{rate_ratio:.2f}x** (target {TARGET_RATE_RATIO}x: "
+            f"{'met' if rate_ratio >= TARGET_RATE_RATIO else 'not met'})."
+        )
     verdict = [
-        f"- Max rate at >= 90% SLO attainment: {lead} {best[lead]:g} req/s, vLLM "
-        f"{best[PEER]:g} req/s: **{rate_ratio:.2f}x** (target {TARGET_RATE_RATIO}x: "
-        f"{'met' if rate_ratio >= TARGET_RATE_RATIO else 'not met'}).",
+        rate_line,
         f"- Output tokens/s at saturation: {lead} {saturated_tok_s(systems[lead]):.0f}, vLLM "
         f"{saturated_tok_s(systems[PEER]):.0f}: **{tok_ratio:.2f}x** (target "
         f"{TARGET_TOKS_RATIO}x: {'met' if tok_ratio >= TARGET_TOKS_RATIO else 'not met'}).",

@@ -303,14 +303,16 @@ def main() -> int:
         if not (Path(a.model) / "config.json").is_file():
             build_tiny_model(a.model, hidden=256, layers=4, heads=4, kv_heads=2)
         model_note = "random-weight Llama (hidden 256, 4 layers, head_dim 64)"
+        model_dir = a.model
     else:  # a real model (default SmolLM2-135M-Instruct): both systems load its directory
         from ecoserve_worker.models import ensure_model
 
-        model_note = f"{a.model} ({ensure_model(a.model)})"
+        model_dir = str(ensure_model(a.model))  # vLLM and the tokenizer need the directory
+        model_note = f"{a.model} ({model_dir})"
     a.served = served_name(a.model)
     if a.context > a.num_blocks * BLOCK:
         p.error(f"--context {a.context} is more than one worker's KV ({a.num_blocks * BLOCK})")
-    items, clipped = fit_context(items, a.model, a.context)
+    items, clipped = fit_context(items, model_dir, a.context)
     old = Path(a.out) / "summary.json"  # a run of some systems keeps the others' results
     systems: dict = json.loads(old.read_text())["systems"] if old.exists() else {}
     if "ecoserve" in a.systems:
@@ -331,7 +333,7 @@ def main() -> int:
         (Path(a.out) / "summary.json").write_text(json.dumps({"systems": systems}, indent=2))
     if "vllm" in a.systems:
         port = free_port()
-        proc = start_vllm(a, a.model, port)
+        proc = start_vllm(a, model_dir, port)
         try:
             base = f"http://127.0.0.1:{port}"
             wait_http(base, proc, 600)
