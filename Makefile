@@ -78,8 +78,11 @@ bench-sim: $(STAMP)
 bench-sim-quick: $(STAMP)
 	ECOSERVE_DATA_DIR=$(DATA_DIR) $(PYTHON) bench/sim.py --quick --out results/sim-quick
 
+# The worker against transformers on SmolLM2 (`make model` first; ~9 min on 2 cores);
+# results/worker/ holds the tiny-model run (python bench/worker.py --out results/worker).
 bench-worker: $(STAMP)
-	$(PYTHON) bench/worker.py --out results/worker
+	$(PYTHON) bench/worker.py --out results/worker-smollm2 --model smollm2-135m-instruct \
+		--batches 1 8 32 --decode-runs 3
 
 # Accuracy on the ShareGPT validation split + latency through the gRPC service (CPU).
 bench-predictor: $(STAMP)
