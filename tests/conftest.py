@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -25,3 +27,25 @@ def model_dir(tmp_path_factory) -> Path:
     from ecoserve_worker.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+def start_up(args: list[str], timeout_s: float, stderr: int = subprocess.PIPE):
+    """`ecoserve up ARGS` as a process, returned once it printed its `ready` line, with the
+    stdout lines read so far (a reader thread keeps appending); AssertionError with what it
+    printed if it is not ready within `timeout_s`."""
+    cmd = [sys.executable, "-m", "ecoserve_stack.cli", "up", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("ready"):
+                ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    if not ready.wait(timeout_s):
+        proc.kill()
+        raise AssertionError("not ready: " + "".join(lines)[-3000:])
+    return proc, lines

@@ -15,7 +15,7 @@ grpc = pytest.importorskip("grpc")
 pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
-from conftest import free_port  # noqa: E402
+from conftest import free_port, start_up  # noqa: E402
 
 from ecoserve_common.pb import scheduler_pb2 as pb  # noqa: E402
 from ecoserve_common.pb import scheduler_pb2_grpc as pb_grpc  # noqa: E402
@@ -25,22 +25,9 @@ from ecoserve_stack.launcher import worker_threads  # noqa: E402
 
 def test_up_serves_a_request_and_stops_cleanly(tmp_path):
     port, http_port = free_port(), free_port()
-    cmd = [sys.executable, "-m", "ecoserve_stack.cli", "up", "--workers", "2", "--model", "tiny"]
-    cmd += ["--grpc-port", str(port), "--home", str(tmp_path), "--num-blocks", "128"]
-    cmd += ["--http-port", str(http_port)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def read() -> None:
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("ready"):
-                ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
+    args = ["--workers", "2", "--model", "tiny", "--grpc-port", str(port), "--home", str(tmp_path)]
+    proc, lines = start_up([*args, "--num-blocks", "128", "--http-port", str(http_port)], 240)
     try:
-        assert ready.wait(240), f"not ready: {lines}"
         assert "2 worker(s)" in lines[0] and "predictor 127.0.0.1:" in lines[0]
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.SchedulerStub(channel)

@@ -5,15 +5,13 @@ is a sentence naming Paris. Skips, saying how to get the model, when it is not h
 from __future__ import annotations
 
 import subprocess
-import sys
-import threading
 
 import pytest
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("torch")
 
-from conftest import free_port  # noqa: E402
+from conftest import free_port, start_up  # noqa: E402
 
 from ecoserve_common.models import DEFAULT_MODEL, ModelMissing, resolve  # noqa: E402
 
@@ -30,22 +28,10 @@ except ModelMissing as exc:
 def stack(tmp_path_factory):
     home = tmp_path_factory.mktemp("up")
     http_port = free_port()
-    cmd = [sys.executable, "-m", "ecoserve_stack.cli", "up", "--workers", "1", "--no-predictor"]
-    cmd += ["--grpc-port", str(free_port()), "--http-port", str(http_port)]
-    cmd += ["--home", str(home), "--num-blocks", "128", "--token-budget", "256"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def read() -> None:
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("ready"):
-                ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
+    args = ["--workers", "1", "--no-predictor", "--grpc-port", str(free_port())]
+    args += ["--http-port", str(http_port), "--home", str(home), "--num-blocks", "128"]
+    proc, _ = start_up([*args, "--token-budget", "256"], 300, stderr=subprocess.STDOUT)
     try:
-        assert ready.wait(300), "".join(lines)[-3000:]
         yield openai.OpenAI(
             base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused", max_retries=0
         )
