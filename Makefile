@@ -104,14 +104,17 @@ bench-live: $(STAMP)
 # requests over the OpenAI HTTP API. EcoServe twice (2 workers x 128 blocks, 1 worker x 256),
 # then the report with plots. bench-peer: recorded response lengths (cut to the 2048-token
 # context); bench-peer-short: the same prompts with responses capped at 64 tokens. Rates bracket
-# SmolLM2's knee on a 2-core CPU (both systems near 121 output tok/s at saturation).
+# SmolLM2's knee on a 2-core CPU (both systems near 121 output tok/s at saturation; with recorded
+# lengths, hundreds of tokens per answer, the knee sits far below the short workload's 0.5 req/s).
+# The committed results/peer-smollm2/ is the first $(PEER) line only (ecoserve 2 workers + vllm,
+# --n 20); the ecoserve-1worker line below was not part of that run.
 PEER = $(PYTHON) bench/peer_vllm.py --data-dir $(DATA_DIR)
-PEER_RATES ?= 0.25 0.5 0.75 1 1.5
+PEER_RATES ?= 0.1 0.2 0.35 0.5
 bench-peer: $(STAMP)
 	rm -f results/peer-smollm2/summary.json
-	$(PEER) --out results/peer-smollm2 --n 60 --max-output 4096 --rates $(PEER_RATES) \
+	$(PEER) --out results/peer-smollm2 --n 20 --max-output 4096 --rates $(PEER_RATES) \
 		--workers 2 --num-blocks 128 --token-budget 512 --label ecoserve --systems ecoserve vllm
-	$(PEER) --out results/peer-smollm2 --n 60 --max-output 4096 --rates $(PEER_RATES) \
+	$(PEER) --out results/peer-smollm2 --n 20 --max-output 4096 --rates $(PEER_RATES) \
 		--workers 1 --num-blocks 256 --token-budget 512 --label ecoserve-1worker --systems ecoserve
 	$(PYTHON) bench/peer_report.py results/peer-smollm2 > /dev/null
 
