@@ -137,20 +137,30 @@ def plan_to_proto(plan: BatchPlan) -> pb.BatchPlan:
     )
 
 
-def plan_from_proto(m: pb.BatchPlan, worker_id: str) -> BatchPlan:
+def _decode_columns(
+    m: pb.BatchPlan,
+) -> tuple[list[int], list[int], list[SamplingParams], list[int]]:
+    """The decode columns both decoders start from, checked once: (table_lens, block_ids,
+    sampling_sets, sampling_index); WireError("invalid") when they do not fit together."""
     d = m.decodes
     n = len(d.request_ids)
     lens = list(d.table_lens)
     if not (len(d.positions) == len(lens) == len(d.sampling_index) == len(d.token_ids) == n):
         raise WireError("invalid", f"step {m.step_id}: decode columns differ in length")
     blocks = list(d.block_ids)
-    ends = list(accumulate(lens))
-    if (ends[-1] if ends else 0) != len(blocks):
+    if sum(lens) != len(blocks):
         raise WireError("invalid", f"step {m.step_id}: table_lens do not cover block_ids")
     sets = [_sampling_from_proto(s) for s in d.sampling_sets]
     index = list(d.sampling_index)
     if index and max(index) >= len(sets):
         raise WireError("invalid", f"step {m.step_id}: sampling_index past sampling_sets")
+    return lens, blocks, sets, index
+
+
+def plan_from_proto(m: pb.BatchPlan, worker_id: str) -> BatchPlan:
+    d = m.decodes
+    lens, blocks, sets, index = _decode_columns(m)
+    ends = list(accumulate(lens))
     decodes = DecodeBatch(
         tuple(d.request_ids),
         tuple(d.positions),
@@ -183,18 +193,9 @@ def step_inputs_from_proto(m: pb.BatchPlan, worker_id: str) -> StepInputs:
     `plan_from_proto`; what only the pool can check (table bounds) is the runner's."""
     d = m.decodes
     n = len(d.request_ids)
-    lens = list(d.table_lens)
-    index = list(d.sampling_index)
+    lens, blocks, sets, index = _decode_columns(m)
     tokens = list(d.token_ids)
     positions = list(d.positions)
-    if not (len(positions) == len(lens) == len(index) == len(tokens) == n):
-        raise WireError("invalid", f"step {m.step_id}: decode columns differ in length")
-    blocks = list(d.block_ids)
-    if sum(lens) != len(blocks):
-        raise WireError("invalid", f"step {m.step_id}: table_lens do not cover block_ids")
-    sets = [_sampling_from_proto(s) for s in d.sampling_sets]
-    if index and max(index) >= len(sets):
-        raise WireError("invalid", f"step {m.step_id}: sampling_index past sampling_sets")
     rids = list(d.request_ids)
     query_lens = rows = None
     if m.prefills:
