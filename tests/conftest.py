@@ -14,6 +14,21 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_profile_cache(tmp_path_factory):
+    """Workers started by tests keep their start-up profiles in a session directory, never in
+    the user's ~/.cache (a test must not reuse a profile from an earlier run)."""
+    import os
+
+    old = os.environ.get("ECOSERVE_PROFILE_CACHE")
+    os.environ["ECOSERVE_PROFILE_CACHE"] = str(tmp_path_factory.mktemp("profiles"))
+    yield
+    if old is None:
+        del os.environ["ECOSERVE_PROFILE_CACHE"]
+    else:
+        os.environ["ECOSERVE_PROFILE_CACHE"] = old
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

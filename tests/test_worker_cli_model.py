@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ecoserve_worker.__main__ import DEFAULT_DTYPE, build_parser, main
+from ecoserve_worker.__main__ import build_parser, main
+from ecoserve_worker.dtypes import cpu_flags, default_dtype
 
 BASE = ["--scheduler", "tcp://127.0.0.1:1"]
 
@@ -18,8 +19,28 @@ def test_model_defaults_to_smollm2_only_without_sim_or_echo():
         None,
         "cpu",
     )
-    assert DEFAULT_DTYPE == {"cpu": "float32", "cuda": "bfloat16"}
     assert build_parser().parse_args([*BASE, "--model", "x.gguf"]).model == "x.gguf"
+
+
+CPUINFO = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 avx512f {extra}\n"
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [("", "float32"), ("avx512_bf16", "bfloat16"), ("amx_tile amx_bf16", "bfloat16")],
+)
+def test_cpu_default_dtype_follows_native_bf16(extra, expected):
+    """bf16 only where the CPU computes it natively (emulated bf16 is slower than fp32)."""
+    torch = pytest.importorskip("torch")
+    flags = cpu_flags(CPUINFO.format(extra=extra))
+    assert "avx512f" in flags
+    if expected == "bfloat16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        expected = "float32"  # a torch without oneDNN bf16 kernels stays in fp32
+    assert default_dtype("cpu", flags) == expected
+
+
+def test_cpu_flags_of_nothing_is_empty():
+    assert cpu_flags("model name : something\n") == frozenset()
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:1"])

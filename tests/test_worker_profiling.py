@@ -180,3 +180,40 @@ def test_bench_core_writes_summary(model_dir, tmp_path):
     assert data["model"]["hidden_size"] == 64
     assert data["token_budget"] in (16, 32)
     assert len(load_timings(out / "timings.jsonl")) == 4
+
+
+def test_start_up_profile_is_reused_only_with_the_same_key(
+    runner, model_dir, tmp_path, monkeypatch
+):
+    """The second start of the same model and settings reads the kept profile instead of
+    timing again; other settings (threads) profile anew. A corrupt file profiles again."""
+    from ecoserve_worker import __main__ as cli
+    from ecoserve_worker import profile_cache, profiling
+
+    monkeypatch.setenv("ECOSERVE_PROFILE_CACHE", str(tmp_path))
+    calls = []
+
+    def fake_profile(r, shapes=None, repeats=3):
+        calls.append(torch.get_num_threads())
+        return profile_runner(r, SMALL_SHAPES, repeats=1)
+
+    monkeypatch.setattr(profiling, "profile_runner", fake_profile)
+    first = cli.profile_at_start(runner, None, None, model_dir)
+    assert len(calls) == 1 and len(list(tmp_path.glob("*.json"))) == 1
+    assert cli.profile_at_start(runner, None, None, model_dir) == first
+    assert len(calls) == 1  # reused
+    cli.profile_at_start(runner, None, None, model_dir, use_cache=False)
+    assert len(calls) == 2  # --no-profile-cache
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        cli.profile_at_start(runner, None, None, model_dir)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(calls) == 3 and len(list(tmp_path.glob("*.json"))) == 2
+    for f in tmp_path.glob("*.json"):
+        f.write_text("{not json")
+    key = profile_cache.profile_key(runner, model_dir, threads, profiling.default_shapes())
+    assert profile_cache.load(key) is None
+    cli.profile_at_start(runner, None, None, model_dir)
+    assert len(calls) == 4

@@ -6,7 +6,7 @@ not converted yet is fetched and converted first by `python -m ecoserve_worker.m
 run as a subprocess so this process stays light. `--model tiny` builds the tiny random-weight
 test model once under --home instead. The scheduler gets the spec (its served name is what
 /v1/models lists), every worker the resolved directory, `--device` and, when given, `--dtype`
-(the worker's default: float32 on cpu, bfloat16 on cuda).
+(the worker's default: bfloat16 on a CPU with native bf16 and on cuda, else float32).
 
 It prints where to connect when every worker has registered, then waits; Ctrl-C (or SIGTERM)
 stops the workers, then the scheduler, then the predictor, each with SIGTERM and a grace period.
@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=("float32", "bfloat16", "float16"),
         default=None,
-        help="workers' dtype (default: the worker's, float32 on cpu, bfloat16 on cuda)",
+        help="workers' dtype (default: the worker's choice, bfloat16 where the CPU has native bf16 "
+        "or on cuda, float32 otherwise)",
     )
     p.add_argument("--workers", type=int, default=2)
     p.add_argument(

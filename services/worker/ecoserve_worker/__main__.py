@@ -29,14 +29,10 @@ import sys
 
 from ecoserve_common.models import DEFAULT_MODEL
 
+from .dtypes import DTYPES, default_dtype
+
 log = logging.getLogger("ecoserve_worker")
 
-DTYPES = ("float32", "bfloat16", "float16")
-# Default dtype per device type. CPU: float32. bfloat16 is 1.2-1.65x faster for SmolLM2 on the
-# build machine's CPU (avx512_bf16; bench/worker_dtype.py, results/worker-dtype) but its greedy
-# answers differ from fp32's on 3 of 5 questions ("capital of France" no longer says Paris), so
-# it is opt-in (--dtype bfloat16). CUDA: bfloat16.
-DEFAULT_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}
 DEFAULT_TOKEN_BUDGET = 512
 
 
@@ -67,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=DTYPES,
         default=None,
-        help="weights, activations and KV pool (default: float32 on cpu, bfloat16 on cuda)",
+        help="weights, activations and KV pool (default: the fastest the device has: bfloat16 "
+        "on a CPU with AVX512-BF16/AMX and on CUDA, float32 on other CPUs)",
     )
     p.add_argument(
         "--threads",
@@ -86,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-profile", action="store_true", help="skip start-up profiling")
     p.add_argument("--profile-out", metavar="JSONL", help="write the start-up step timings here")
+    p.add_argument(
+        "--no-profile-cache",
+        action="store_true",
+        help="profile even where this machine kept a profile of the same model and settings "
+        "($ECOSERVE_PROFILE_CACHE, default ~/.cache/ecoserve/profiles)",
+    )
     p.add_argument("--auth-token", default="", help="shared secret the scheduler checks")
     p.add_argument("--heartbeat-s", type=float, default=1.0, help="idle heartbeat period")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
@@ -136,7 +139,7 @@ def make_backend(args: argparse.Namespace):
     check_device(args.device)
     spec = args.model or DEFAULT_MODEL
     path = ensure_model(spec)
-    dtype = args.dtype or DEFAULT_DTYPE[args.device.partition(":")[0]]
+    dtype = args.dtype or default_dtype(args.device)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     runner = ModelRunner(path, args.device, getattr(torch, dtype), args.num_blocks, args.block_size)
@@ -155,22 +158,42 @@ def make_backend(args: argparse.Namespace):
         kv_bytes / 2**20,
     )
     if not args.no_profile:
-        budget = profile_at_start(runner, args.token_budget, args.profile_out)
+        budget = profile_at_start(
+            runner, args.token_budget, args.profile_out, path, not args.no_profile_cache
+        )
     return ModelBackend(runner, token_budget=budget, model_id=served_name(spec))
 
 
-def profile_at_start(runner, token_budget: int | None, out: str | None) -> int:
-    """Time the default shape grid; return the budget to announce (given, else profiled)."""
+def profile_at_start(
+    runner, token_budget: int | None, out: str | None, model_dir=None, use_cache: bool = True
+) -> int:
+    """Time the default shape grid, or reuse this machine's earlier profile of the same model
+    and settings (`profile_cache`); return the budget to announce (given, else profiled)."""
     import time
 
-    from .profiling import profile_runner, write_timings
+    import torch
+
+    from . import profile_cache
+    from .profiling import default_shapes, profile_runner, write_timings
     from .profiling import token_budget as knee
 
     t0 = time.perf_counter()
-    rows = profile_runner(runner)
+    key = None
+    rows = None
+    if use_cache and model_dir is not None:
+        key = profile_cache.profile_key(
+            runner, model_dir, torch.get_num_threads(), default_shapes()
+        )
+        rows = profile_cache.load(key)
+    source = "cached profile" if rows else "profiled"
+    if not rows:
+        rows = profile_runner(runner)
+        if key is not None:
+            profile_cache.store(key, rows)
     budget = token_budget or knee(rows, fraction=0.9, step=runner.block_size)
     log.info(
-        "profiled %d step shapes in %.1fs: token budget %d%s",
+        "%s: %d step shapes in %.1fs: token budget %d%s",
+        source,
         len(rows),
         time.perf_counter() - t0,
         budget,
