@@ -106,6 +106,19 @@ def test_token_budget_picks_the_knee_of_a_known_law():
     assert token_budget(rows, fraction=0.5) == 128
 
 
+def test_token_budget_grows_past_the_knee_to_the_step_target():
+    """A flat-throughput machine (knee 64) with a 100 ms step target: the budget is the largest
+    measured prefill whose step fits the target; never below the knee."""
+    c0, s = 5e-3, 4e-4  # 64 tokens already near peak; 256 tokens take 107 ms
+    sizes = [16, 32, 64, 128, 192, 256, 512]
+    rows = [{"prefill_tokens": t, "decode_seqs": 0, "latency_s": c0 + s * t} for t in sizes]
+    knee = token_budget(rows, fraction=0.9)
+    assert knee < 192
+    assert token_budget(rows, fraction=0.9, step_target_s=0.1) == 192  # 81.8 ms <= 100 ms
+    assert token_budget(rows, fraction=0.9, step_target_s=0.2) == 256  # 512 takes 210 ms
+    assert token_budget(rows, fraction=0.9, step_target_s=1e-4) == knee  # nothing fits
+
+
 def test_token_budget_with_overhead_and_ignored_rows():
     # t = c0 + s*T: tokens/s = T / (c0 + s*T) keeps rising (more slowly) up to 1024, so the
     # budget is the first size within 90% of the rate at 1024 (computed directly here).

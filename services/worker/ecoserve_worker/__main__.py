@@ -34,6 +34,7 @@ from .dtypes import DTYPES, default_dtype
 log = logging.getLogger("ecoserve_worker")
 
 DEFAULT_TOKEN_BUDGET = 512
+DEFAULT_STEP_TARGET_MS = 100.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"tokens per step to announce (default: profiled; {DEFAULT_TOKEN_BUDGET} without)",
     )
     p.add_argument("--no-profile", action="store_true", help="skip start-up profiling")
+    p.add_argument(
+        "--step-target-ms",
+        type=float,
+        default=DEFAULT_STEP_TARGET_MS,
+        help="profiled budget: grow it while a pure prefill step of that many tokens takes at "
+        f"most this long (default {DEFAULT_STEP_TARGET_MS:g}, half a 0.2 s TPOT SLO)",
+    )
     p.add_argument("--profile-out", metavar="JSONL", help="write the start-up step timings here")
     p.add_argument(
         "--no-profile-cache",
@@ -159,13 +167,23 @@ def make_backend(args: argparse.Namespace):
     )
     if not args.no_profile:
         budget = profile_at_start(
-            runner, args.token_budget, args.profile_out, path, not args.no_profile_cache
+            runner,
+            args.token_budget,
+            args.profile_out,
+            path,
+            not args.no_profile_cache,
+            args.step_target_ms / 1e3,
         )
     return ModelBackend(runner, token_budget=budget, model_id=served_name(spec))
 
 
 def profile_at_start(
-    runner, token_budget: int | None, out: str | None, model_dir=None, use_cache: bool = True
+    runner,
+    token_budget: int | None,
+    out: str | None,
+    model_dir=None,
+    use_cache: bool = True,
+    step_target_s: float | None = None,
 ) -> int:
     """Time the default shape grid, or reuse this machine's earlier profile of the same model
     and settings (`profile_cache`); return the budget to announce (given, else profiled)."""
@@ -190,7 +208,9 @@ def profile_at_start(
         rows = profile_runner(runner)
         if key is not None:
             profile_cache.store(key, rows)
-    budget = token_budget or knee(rows, fraction=0.9, step=runner.block_size)
+    budget = token_budget or knee(
+        rows, fraction=0.9, step=runner.block_size, step_target_s=step_target_s
+    )
     log.info(
         "%s: %d step shapes in %.1fs: token budget %d%s",
         source,

@@ -133,13 +133,25 @@ def profile_runner(
     return rows
 
 
-def token_budget(rows: Iterable[Mapping[str, Any]], fraction: float = 0.9, step: int = 16) -> int:
-    """Smallest measured pure-prefill size whose tokens/s reaches `fraction` of the best one.
+def token_budget(
+    rows: Iterable[Mapping[str, Any]],
+    fraction: float = 0.9,
+    step: int = 16,
+    step_target_s: float | None = None,
+) -> int:
+    """The tokens per step a worker announces, from its pure-prefill rows (no decode sequences,
+    no cached context).
 
-    Only pure prefill rows (no decode sequences, no cached context) count. The answer is
-    rounded up to a multiple of `step` (the scheduler's budgets are block-sized).
+    The knee: the smallest measured prefill size whose tokens/s reaches `fraction` of the best
+    one (past it, bigger steps only add latency). With `step_target_s`, the budget grows past
+    the knee to the largest measured size whose step still takes at most that long: on a CPU
+    in bf16 the knee sits at 64 tokens (a 64-token step already runs at 90% of peak prefill
+    speed), and a 64-token budget splits a 500-token prompt into 8 steps and caps the decode
+    batch at 64 rows, while a step target of half the TPOT SLO keeps every step, decodes
+    included, inside the SLO (Sarathi-Serve's rule). Rounded up to a multiple of `step`.
     """
     best: dict[int, float] = {}
+    slowest: dict[int, float] = {}
     for r in rows:
         tokens = int(r.get("prefill_tokens") or 0)
         if (
@@ -148,13 +160,17 @@ def token_budget(rows: Iterable[Mapping[str, Any]], fraction: float = 0.9, step:
             or int(r.get("prefill_context_tokens") or 0)
         ):
             continue
-        tps = tokens / float(r["latency_s"])
-        best[tokens] = max(best.get(tokens, 0.0), tps)
+        latency = float(r["latency_s"])
+        best[tokens] = max(best.get(tokens, 0.0), tokens / latency)
+        slowest[tokens] = max(slowest.get(tokens, 0.0), latency)
     if not best:
         raise ValueError("token_budget needs at least one pure prefill row")
     peak = max(best.values())
-    knee = min(t for t, tps in best.items() if tps >= fraction * peak)
-    return -(-knee // step) * step if step > 1 else knee
+    budget = min(t for t, tps in best.items() if tps >= fraction * peak)
+    if step_target_s is not None:
+        fits = [t for t, lat in slowest.items() if lat <= step_target_s]
+        budget = max([budget, *fits])
+    return -(-budget // step) * step if step > 1 else budget
 
 
 def write_timings(rows: Iterable[Mapping[str, Any]], path: str | Path) -> Path:
