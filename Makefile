@@ -78,11 +78,12 @@ bench-sim: $(STAMP)
 bench-sim-quick: $(STAMP)
 	ECOSERVE_DATA_DIR=$(DATA_DIR) $(PYTHON) bench/sim.py --quick --out results/sim-quick
 
-# The worker against transformers on SmolLM2 (`make model` first; ~9 min on 2 cores);
-# results/worker/ holds the tiny-model run (python bench/worker.py --out results/worker).
+# The worker's speed on SmolLM2 per dtype and thread count (decode tok/s at batch 1/16/64,
+# prefill tok/s at 512 tokens) and its greedy answers against transformers' in each dtype
+# (`make model` first; ~5 min on 2 cores). The worker against transformers' own forward:
+# python bench/worker.py --out results/worker-smollm2 --model smollm2-135m-instruct.
 bench-worker: $(STAMP)
-	$(PYTHON) bench/worker.py --out results/worker-smollm2 --model smollm2-135m-instruct \
-		--batches 1 8 32 --decode-runs 3
+	$(PYTHON) bench/worker_speed.py --out results/worker
 
 # Accuracy on the ShareGPT validation split + latency through the gRPC service (CPU).
 bench-predictor: $(STAMP)

@@ -58,6 +58,7 @@ def start_worker(
     cmd = [sys.executable, "-m", "ecoserve_worker", "--scheduler", addr, "--worker-id", wid]
     cmd += ["--model", str(model_dir), "--num-blocks", str(num_blocks), "--block-size", "16"]
     cmd += ["--no-profile", "--token-budget", "128", "--auth-token", token, "--heartbeat-s", "0.2"]
+    cmd += ["--dtype", "float32"]  # the references are fp32 (bf16 is the default on some CPUs)
     return subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
 
 

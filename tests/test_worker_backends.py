@@ -27,6 +27,7 @@ from ecoserve_scheduler.core import (  # noqa: E402
     make_policy,
 )
 from ecoserve_worker.__main__ import (  # noqa: E402
+    DEFAULT_STEP_TARGET_MS,
     DEFAULT_TOKEN_BUDGET,
     build_parser,
     main,
@@ -148,7 +149,8 @@ def test_cli_model_backend_profiles_at_start(model_dir, tmp_path):
     assert (info["num_blocks"], info["block_size"], info["device"]) == (80, 16, "cpu")
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert {r["kind"] for r in rows} == {"prefill", "decode", "mixed"}
-    assert info["token_budget"] == token_budget(rows, fraction=0.9, step=16)
+    target = DEFAULT_STEP_TARGET_MS / 1e3
+    assert info["token_budget"] == token_budget(rows, fraction=0.9, step=16, step_target_s=target)
     assert len(load_timings(out)) == len(rows)
 
     given = make_backend(build_parser().parse_args([*base, "--token-budget", "96"])).info()

@@ -186,8 +186,8 @@ def test_reused_blocks_after_garbage(runner, prompts, reference):
     """Blocks freed by another sequence (and random garbage) must not leak into attention."""
     table = list(range(96, 96 + NBLK))
     decode_greedy(runner, prompts[1], table, 10)  # a previous owner of these blocks
-    for cache in runner.kv_cache:
-        cache[table[4:]] = torch.randn_like(cache[table[4:]]) * 100  # beyond the new prompt
+    for cache in runner.kv_cache:  # beyond the new prompt: garbage
+        cache[:, :, table[4:]] = torch.randn_like(cache[:, :, table[4:]]) * 100
     assert decode_greedy(runner, prompts[0], table, N_NEW) == reference[0]
 
 
@@ -208,7 +208,7 @@ def test_copy_blocks_moves_sequence(runner, prompts, reference):
     first = decode_greedy(runner, p, old, 10)
     runner.copy_blocks(list(zip(old, new, strict=True)))
     for cache in runner.kv_cache:
-        cache[old] = torch.randn_like(cache[old])
+        cache[:, :, old] = torch.randn_like(cache[:, :, old])
     pos = len(p) + len(first) - 1
     out = list(first)
     while len(out) < N_NEW:
