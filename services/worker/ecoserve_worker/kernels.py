@@ -30,7 +30,8 @@ import torch
 log = logging.getLogger(__name__)
 
 ENV = "ECOSERVE_KERNELS"
-SOURCE = Path(__file__).resolve().parent / "csrc" / "paged_decode.cpp"
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCE = CSRC / "paged_decode.cpp"  # includes paged_decode_tiles.h
 CFLAGS = ["-O3", "-march=native"]
 
 
@@ -41,8 +42,10 @@ def enabled() -> bool:
 
 def cpu_tag() -> str:
     """A short hash of what a -march=native build depends on: CPU model and flags, compiler
-    flags, torch version."""
+    flags, torch version, and the sources (torch's own rebuild check sees only the .cpp, not
+    the header it includes)."""
     info = [platform.machine(), torch.__version__, *CFLAGS]
+    info += [hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(CSRC.glob("*.[ch]*"))]
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

@@ -147,8 +147,8 @@ def token_budget(
     the knee to the largest measured size whose step still takes at most that long: on a CPU
     in bf16 the knee sits at 64 tokens (a 64-token step already runs at 90% of peak prefill
     speed), and a 64-token budget splits a 500-token prompt into 8 steps and caps the decode
-    batch at 64 rows, while a step target of half the TPOT SLO keeps every step, decodes
-    included, inside the SLO (Sarathi-Serve's rule). Rounded up to a multiple of `step`.
+    batch at 64 rows; the target bounds how long one step may hold the running requests.
+    Rounded up to a multiple of `step`.
     """
     best: dict[int, float] = {}
     slowest: dict[int, float] = {}
