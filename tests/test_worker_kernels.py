@@ -187,3 +187,17 @@ def test_no_compiler_falls_back_with_a_warning(monkeypatch, caplog):
     finally:
         monkeypatch.undo()
         kernels._load.cache_clear()
+
+
+def test_build_command_says_what_the_worker_will_use():
+    """`python -m ecoserve_worker.kernels` (run by `make model`) exits 0 with or without the
+    kernel and says which path a worker gets."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ECOSERVE_KERNELS="0")
+    off = subprocess.run(
+        [sys.executable, "-m", "ecoserve_worker.kernels"], env=env, capture_output=True, text=True
+    )
+    assert off.returncode == 0 and "unavailable (torch path)" in off.stdout

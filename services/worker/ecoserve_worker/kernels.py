@@ -101,3 +101,17 @@ def paged_decode() -> Callable[..., torch.Tensor] | None:
     window: int (<= 0: none), scale: float) -> [B, H * D]``, or None (see the module doc).
     Built or loaded once per process."""
     return _load()
+
+
+def main() -> int:
+    """`python -m ecoserve_worker.kernels`: build (or load) the kernel now, so a worker's first
+    start does not spend ~10 s compiling it (`make model` runs this). Exit code 0 either way:
+    without the kernel the worker runs the torch path."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    op = paged_decode()
+    print("paged-decode kernel:", "ready" if op is not None else "unavailable (torch path)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
