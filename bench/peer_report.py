@@ -53,26 +53,31 @@ def headline(systems: dict) -> list[str]:
     return lines
 
 
+def _by_rate(systems: dict):
+    """(rate, system, its measurements) for every rate any system ran, rates ascending."""
+    rates = sorted({float(r) for s in systems.values() for r in s.get("rates", {})})
+    for rate in rates:
+        for name, s in systems.items():
+            m = s.get("rates", {}).get(f"{rate:g}")
+            if m is not None:
+                yield rate, name, m
+
+
 def per_rate(systems: dict) -> list[str]:
     cols = (
         "req/s offered | system | req/s | output tok/s | goodput req/s | SLO met | TTFT p50 / "
         "p99 s | TPOT p50 / p99 s | JCT p50 / p99 s | KV used mean / max"
     )
     lines = ["| " + cols + " |", "|" + "---|" * (cols.count("|") + 1)]
-    rates = sorted({float(r) for s in systems.values() for r in s["rates"]})
-    for rate in rates:
-        for name, s in systems.items():
-            m = s["rates"].get(f"{rate:g}")
-            if m is None:
-                continue
-            lines.append(
-                f"| {rate:g} | {name} | {_f(m['throughput_req_s'])} | "
-                f"{_f(m['throughput_tok_s'], 0)} | {_f(m['goodput_req_s'])} | "
-                f"{m['slo_attainment']:.0%} | {_f(m['ttft_p50_s'])} / {_f(m['ttft_p99_s'])} | "
-                f"{_f(m['tpot_p50_s'], 3)} / {_f(m.get('tpot_p99_s'), 3)} | "
-                f"{_f(m['jct_p50_s'])} / {_f(m['jct_p99_s'])} | "
-                f"{_f(m.get('kv_usage_mean'))} / {_f(m.get('kv_usage_max'))} |"
-            )
+    for rate, name, m in _by_rate(systems):
+        lines.append(
+            f"| {rate:g} | {name} | {_f(m['throughput_req_s'])} | "
+            f"{_f(m['throughput_tok_s'], 0)} | {_f(m['goodput_req_s'])} | "
+            f"{m['slo_attainment']:.0%} | {_f(m['ttft_p50_s'])} / {_f(m['ttft_p99_s'])} | "
+            f"{_f(m['tpot_p50_s'], 3)} / {_f(m.get('tpot_p99_s'), 3)} | "
+            f"{_f(m['jct_p50_s'])} / {_f(m['jct_p99_s'])} | "
+            f"{_f(m.get('kv_usage_mean'))} / {_f(m.get('kv_usage_max'))} |"
+        )
     return lines
 
 
@@ -309,21 +314,16 @@ def per_rate_v2(systems: dict) -> list[str]:
         "| CPU s/token: server total (per process)"
     )
     lines = ["| " + cols + " |", "|" + "---|" * (cols.count("|") + 1)]
-    rates = sorted({float(r) for s in systems.values() for r in s.get("rates", {})})
-    for rate in rates:
-        for name, s in systems.items():
-            m = s.get("rates", {}).get(f"{rate:g}")
-            if m is None:
-                continue
-            per = dict(m["cpu_s_per_token"])
-            total = per.pop("server_total")
-            procs = ", ".join(f"{p} {_f(v, 4)}" for p, v in per.items())
-            lines.append(
-                f"| {rate:g} | {name} | {_f(m['throughput_tok_s'], 1)} | "
-                f"{m['slo_attainment']:.0%} | {_f(m['ttft_p50_s'])} / {_f(m['ttft_p99_s'])} | "
-                f"{_f(m['tpot_p50_s'], 3)} / {_f(m['tpot_p99_s'], 3)} | {_f(total, 4)} "
-                f"({procs}) |"
-            )
+    for rate, name, m in _by_rate(systems):
+        per = dict(m["cpu_s_per_token"])
+        total = per.pop("server_total")
+        procs = ", ".join(f"{p} {_f(v, 4)}" for p, v in per.items())
+        lines.append(
+            f"| {rate:g} | {name} | {_f(m['throughput_tok_s'], 1)} | "
+            f"{m['slo_attainment']:.0%} | {_f(m['ttft_p50_s'])} / {_f(m['ttft_p99_s'])} | "
+            f"{_f(m['tpot_p50_s'], 3)} / {_f(m['tpot_p99_s'], 3)} | {_f(total, 4)} "
+            f"({procs}) |"
+        )
     return lines
 
 

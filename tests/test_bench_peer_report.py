@@ -3,23 +3,14 @@ bench/peer_report.py's report of both summary formats, without a vLLM and withou
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from test_bench_peer import _load  # loads a bench/ script as a module
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 ITEM = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "prompt_tokens": 9}
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[f"bench_{name}"] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
