@@ -4,12 +4,10 @@ bench/peer_report.py's report of both summary formats, without a vLLM and withou
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from test_bench_peer import _load  # loads a bench/ script as a module
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
 ITEM = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "prompt_tokens": 9}
 
 
