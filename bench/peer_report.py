@@ -63,6 +63,14 @@ def _by_rate(systems: dict):
                 yield rate, name, m
 
 
+def _slo_cells(m: dict) -> str:
+    """SLO met | TTFT p50 / p99 | TPOT p50 / p99: the cells both summary formats share."""
+    return (
+        f"{m['slo_attainment']:.0%} | {_f(m['ttft_p50_s'])} / {_f(m['ttft_p99_s'])} | "
+        f"{_f(m['tpot_p50_s'], 3)} / {_f(m.get('tpot_p99_s'), 3)}"
+    )
+
+
 def per_rate(systems: dict) -> list[str]:
     cols = (
         "req/s offered | system | req/s | output tok/s | goodput req/s | SLO met | TTFT p50 / "
@@ -72,9 +80,7 @@ def per_rate(systems: dict) -> list[str]:
     for rate, name, m in _by_rate(systems):
         lines.append(
             f"| {rate:g} | {name} | {_f(m['throughput_req_s'])} | "
-            f"{_f(m['throughput_tok_s'], 0)} | {_f(m['goodput_req_s'])} | "
-            f"{m['slo_attainment']:.0%} | {_f(m['ttft_p50_s'])} / {_f(m['ttft_p99_s'])} | "
-            f"{_f(m['tpot_p50_s'], 3)} / {_f(m.get('tpot_p99_s'), 3)} | "
+            f"{_f(m['throughput_tok_s'], 0)} | {_f(m['goodput_req_s'])} | {_slo_cells(m)} | "
             f"{_f(m['jct_p50_s'])} / {_f(m['jct_p99_s'])} | "
             f"{_f(m.get('kv_usage_mean'))} / {_f(m.get('kv_usage_max'))} |"
         )
@@ -319,10 +325,8 @@ def per_rate_v2(systems: dict) -> list[str]:
         total = per.pop("server_total")
         procs = ", ".join(f"{p} {_f(v, 4)}" for p, v in per.items())
         lines.append(
-            f"| {rate:g} | {name} | {_f(m['throughput_tok_s'], 1)} | "
-            f"{m['slo_attainment']:.0%} | {_f(m['ttft_p50_s'])} / {_f(m['ttft_p99_s'])} | "
-            f"{_f(m['tpot_p50_s'], 3)} / {_f(m['tpot_p99_s'], 3)} | {_f(total, 4)} "
-            f"({procs}) |"
+            f"| {rate:g} | {name} | {_f(m['throughput_tok_s'], 1)} | {_slo_cells(m)} | "
+            f"{_f(total, 4)} ({procs}) |"
         )
     return lines
 

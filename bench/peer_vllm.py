@@ -61,6 +61,7 @@ from peer_servers import (  # noqa: E402
 from ecoserve_common.models import served_name  # noqa: E402
 from ecoserve_stack.demo import build_parser  # noqa: E402
 from ecoserve_stack.launcher import free_port, start_stack, stop_all  # noqa: E402
+from ecoserve_worker.cpuinfo import cpu_flags, cpu_model  # noqa: E402
 
 BLOCK = 16  # EcoServe's block
 SYSTEMS = {"vllm": None, "ecoserve": "ecoserve", "ecoserve-vllm-policy": "vllm"}  # -> policy
@@ -181,16 +182,13 @@ def run_system(name: str, a, work: dict) -> dict:
 
 
 def machine() -> dict:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = re.search(r"^model name\s*:\s*(.*)$", info, re.M)
-    flags = re.search(r"^flags\s*:\s*(.*)$", info, re.M)
     mem = re.search(r"MemTotal:\s*(\d+)", Path("/proc/meminfo").read_text())
     return {
         "platform": platform.platform(),
-        "cpu_model": model.group(1).strip() if model else platform.processor(),
+        "cpu_model": cpu_model(),
         "cores": os.cpu_count(),
         "cores_usable": len(os.sched_getaffinity(0)),
-        "bf16_isa": sorted(f for f in (flags.group(1).split() if flags else ()) if "bf16" in f),
+        "bf16_isa": sorted(f for f in cpu_flags() if "bf16" in f),
         "memory_gib": round(int(mem.group(1)) / 2**20, 1) if mem else None,
         "python": platform.python_version(),
     }

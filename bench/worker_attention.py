@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -28,6 +27,7 @@ import torch
 
 from ecoserve_worker import kernels
 from ecoserve_worker.attention import PagedAttention
+from ecoserve_worker.cpuinfo import cpu_flags, cpu_model
 from ecoserve_worker.model_runner import ModelRunner, inputs_from_rows
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK, POOL = 9, 3, 64, 16, 3000
@@ -132,21 +132,10 @@ def build_times() -> dict:
 
 
 def machine() -> dict:
-    info = {"model name": platform.processor(), "flags": ""}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in info:
-                    info[key.strip()] = value.strip()
-                if not line.strip():  # the first CPU's entry is enough
-                    break
-    except OSError:
-        pass
     wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
     return {
-        "cpu": info["model name"],
-        "isa": [x for x in info["flags"].split() if x in wanted],
+        "cpu": cpu_model(),
+        "isa": [x for x in wanted if x in cpu_flags()],
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
         "capability": torch.backends.cpu.get_cpu_capability(),

@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 from ecoserve_common.models import DEFAULT_MODEL, served_name
-from ecoserve_worker.dtypes import cpu_flags, default_dtype
+from ecoserve_worker.cpuinfo import cpu_flags, cpu_model
+from ecoserve_worker.dtypes import default_dtype
 from ecoserve_worker.model_runner import ModelRunner, greedy
 from ecoserve_worker.models import ensure_model
 
@@ -50,16 +51,6 @@ QUESTIONS = [
     "Explain in one sentence what a KV cache is.",
     "List three fruits.",
 ]
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def shapes(context: int, vocab: int) -> tuple[dict[str, list], int]:
@@ -187,7 +178,7 @@ def run(model: str, threads: list[int], repeats: int, steps: int, context: int) 
     return {
         "model": {"name": served_name(model), "path": str(path)},
         "machine": {
-            "cpu": _cpu_name(),
+            "cpu": cpu_model(),
             "cpu_flags": sorted(f for f in flags if f.startswith(("avx512_bf16", "amx", "avx2"))),
             "cores": os.cpu_count(),
             "python": platform.python_version(),

@@ -43,6 +43,14 @@ def test_cpu_flags_of_nothing_is_empty():
     assert cpu_flags("model name : something\n") == frozenset()
 
 
+def test_cpu_model_and_flags_come_from_the_first_cpu():
+    from ecoserve_worker.cpuinfo import cpu_model
+
+    two = CPUINFO.format(extra="") + "model name\t: AMD EPYC\n\nprocessor\t: 1\nflags : amx_bf16\n"
+    assert cpu_model(two) == "AMD EPYC"
+    assert "amx_bf16" not in cpu_flags(two) and "avx512f" in cpu_flags(two)
+
+
 @pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:1"])
 def test_device_accepted(device):
     assert build_parser().parse_args([*BASE, "--device", device]).device == device

@@ -358,11 +358,13 @@ class PagedAttention:
         n, groups = p.n, self.num_heads // self.num_kv_heads
         if p.read_slots is None:  # fresh prompts: their K/V are this step's, in order
             kv = torch.stack([new_kv[o : o + n] for o in p.offsets])  # [P, n, 2, KVH, D]
-        else:
-            kv = pool.index_select(2, p.read_slots).permute(2, 0, 1, 3)[None]  # [1, ctx, 2, KVH, D]
+            ks, vs = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # [P, KVH, n, D]
+        else:  # a continued chunk: its pages, already head-major
+            kv = pool.index_select(2, p.read_slots)  # [2, KVH, ctx, D]
+            ks, vs = kv[0][None], kv[1][None]  # [1, KVH, ctx, D]
         qs = torch.stack([q[o : o + n] for o in p.offsets]).transpose(1, 2)  # [P, H, n, D]
-        ks = kv[:, :, 0].transpose(1, 2).repeat_interleave(groups, dim=1)
-        vs = kv[:, :, 1].transpose(1, 2).repeat_interleave(groups, dim=1)
+        ks = ks.repeat_interleave(groups, dim=1)
+        vs = vs.repeat_interleave(groups, dim=1)
         mask = p.mask[window]
         o = F.scaled_dot_product_attention(
             qs, ks, vs, attn_mask=mask, is_causal=mask is None, scale=scaling

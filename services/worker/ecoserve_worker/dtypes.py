@@ -11,24 +11,12 @@ weights, bench/worker.py): a 16-row decode step 77 ms in float32, 52 ms in bfloa
 
 from __future__ import annotations
 
-from pathlib import Path
+from .cpuinfo import cpu_flags
+
+__all__ = ["DTYPES", "cpu_flags", "cpu_has_native_bf16", "default_dtype"]
 
 DTYPES = ("float32", "bfloat16", "float16")
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
-
-
-def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
-    """The feature flags of the first CPU in /proc/cpuinfo (empty where there is none)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:  # not Linux: no flags known, so the safe default
-            return frozenset()
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return frozenset(value.split())
-    return frozenset()
 
 
 def cpu_has_native_bf16(flags: frozenset[str] | None = None) -> bool:

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from .cpuinfo import cpu_flags, cpu_model
+
 log = logging.getLogger(__name__)
 
 ENV = "ECOSERVE_KERNELS"
@@ -44,17 +46,8 @@ def cpu_tag() -> str:
     """A short hash of what a -march=native build depends on: CPU model and flags, compiler
     flags, torch version, and the sources (torch's own rebuild check sees only the .cpp, not
     the header it includes)."""
-    info = [platform.machine(), torch.__version__, *CFLAGS]
+    info = [platform.machine(), torch.__version__, *CFLAGS, cpu_model(), *sorted(cpu_flags())]
     info += [hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(CSRC.glob("*.[ch]*"))]
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("model name", "flags", "Features", "CPU part")):
-                    info.append(line.strip())
-                    if len(info) > 6:
-                        break
-    except OSError:
-        info.append(platform.processor())
     return hashlib.sha256("\n".join(info).encode()).hexdigest()[:12]
 
 

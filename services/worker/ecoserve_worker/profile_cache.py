@@ -15,11 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from .cpuinfo import cpu_model
 
 MANIFEST = "ecoserve-model.json"
 VERSION = 1  # bump when what a profile row means changes
@@ -28,16 +29,6 @@ VERSION = 1  # bump when what a profile row means changes
 def cache_root() -> Path:
     env = os.environ.get("ECOSERVE_PROFILE_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "ecoserve" / "profiles"
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _model_identity(model_dir: Path) -> Any:
@@ -65,7 +56,7 @@ def profile_key(runner, model_dir: Path, threads: int, shapes: Sequence[Sequence
         "num_blocks": runner.num_blocks,
         "shapes": [list(s) for s in shapes],
         "torch": torch.__version__,
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
