@@ -171,19 +171,37 @@ async def poisson(base: str, model: str, items, rate: float, seed: int) -> tuple
 # ---- server-side readings ------------------------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process and its live descendants (vLLM's engine core is a child)."""
+def cpu_seconds(pid: int, descendants: bool = True) -> float:
+    """User + system CPU of a process and (by default) its live descendants (vLLM's engine core
+    is a child)."""
     tick = os.sysconf("SC_CLK_TCK")
     total = 0.0
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         total = (int(fields[11]) + int(fields[12])) / tick
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            for child in (task / "children").read_text().split():
-                total += cpu_seconds(int(child))
+        for child in children(pid) if descendants else ():
+            total += cpu_seconds(child)
     except (FileNotFoundError, ProcessLookupError):
         pass  # gone between listing and reading
     return total
+
+
+def children(pid: int) -> list[int]:
+    """The live child processes of `pid` (every thread's)."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def process_cpu(pids: dict[str, int | tuple[int, bool]]) -> dict[str, float]:
+    """cpu_seconds of each named process: a bare pid counts its descendants, (pid, False) only
+    itself (where its children are named on their own)."""
+    out = {}
+    for name, proc in pids.items():
+        pid, descendants = (proc, True) if isinstance(proc, int) else proc
+        out[name] = cpu_seconds(pid, descendants)
+    return out
 
 
 def kv_usage(text: str) -> float | None:
@@ -215,9 +233,9 @@ async def watch_kv(base: str, samples: list[float], stop: asyncio.Event) -> None
                 await asyncio.wait_for(stop.wait(), 0.25)
 
 
-def phase(load, base: str, pids: dict[str, int], slo: dict, engine=None) -> tuple[dict, list]:
+def phase(load, base: str, pids: dict, slo: dict, engine=None) -> tuple[dict, list]:
     """Run `load()` (a coroutine giving (results, elapsed)) while sampling KV use: (the client's
-    summary plus CPU seconds of each server process (children included) and of this client,
+    summary plus CPU seconds of each server process (see process_cpu) and of this client,
     CPU seconds per generated token, the EcoServe engine's counters when `engine` is given;
     the per-request results)."""
 
@@ -231,10 +249,10 @@ def phase(load, base: str, pids: dict[str, int], slo: dict, engine=None) -> tupl
             stop.set()
             await watcher
 
-    cpu0 = {p: cpu_seconds(pid) for p, pid in pids.items()}
+    cpu0 = process_cpu(pids)
     me0, eng0 = time.process_time(), engine() if engine else {}
     results, elapsed, kv = asyncio.run(run())
-    cpu = {p: cpu_seconds(pid) - cpu0[p] for p, pid in pids.items()}
+    cpu = {p: v - cpu0[p] for p, v in process_cpu(pids).items()}
     m = metrics(results, elapsed, slo, cpu, time.process_time() - me0)
     m["kv_usage_mean"] = sum(kv) / len(kv) if kv else None
     m["kv_usage_max"] = max(kv, default=None)

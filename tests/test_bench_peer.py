@@ -67,6 +67,13 @@ def test_cpu_seconds_counts_children(measure):
         while measure.cpu_seconds(parent.pid) < 0.4 and time.monotonic() < deadline:
             time.sleep(0.05)  # waiting for the burn to happen, not timing it
         assert measure.cpu_seconds(parent.pid) >= 0.4
+        # Named on its own (EcoServe's engine core), the child is left out of its parent's.
+        (kid,) = measure.children(parent.pid)
+        procs = {"front": (parent.pid, False), "core": kid}
+        while measure.process_cpu(procs)["core"] < 0.4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        split = measure.process_cpu(procs)
+        assert split["core"] >= 0.4 and split["front"] < 0.4
     finally:
         for p in Path(f"/proc/{parent.pid}/task").glob("*/children"):
             for pid in p.read_text().split():

@@ -43,6 +43,11 @@ def test_up_serves_a_request_and_stops_cleanly(tmp_path):
         body = {"prompt": "Hi", "max_tokens": 4, "ignore_eos": True}
         http = httpx.post(f"http://127.0.0.1:{http_port}/v1/completions", json=body, timeout=60)
         assert http.status_code == 200 and http.json()["usage"]["completion_tokens"] == 4
+        # The engine core (its own process) reports its steps; the store writer its counters.
+        stats = httpx.get(f"http://127.0.0.1:{http_port}/stats", timeout=10).json()
+        assert stats["engine"]["steps"] > 0 and stats["store"]["failed"] == 0
+        page = httpx.get(f"http://127.0.0.1:{http_port}/metrics", timeout=10).text
+        assert 'ecoserve_store_writes{result="written"}' in page
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:

@@ -7,14 +7,41 @@ It is I/O, so nothing under `ecoserve_scheduler/core/` may import it (the core s
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Engine, Float, Index, Integer, String, Text, create_engine, select
+from sqlalchemy import (
+    Engine,
+    Float,
+    Index,
+    Integer,
+    String,
+    Text,
+    bindparam,
+    create_engine,
+    insert,
+    select,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 
 class Base(DeclarativeBase):
     pass
+
+
+# A row in one of these states is final: `write_batch` never changes it again.
+TERMINAL = ("finished", "failed", "aborted")
+
+# What `add` leaves unset; `write_batch` fills each inserted row up to these, so that every row
+# of a batch has the same columns and the insert is one executemany.
+_ROW_DEFAULTS: dict[str, Any] = {
+    "model_id": "",
+    "predicted_tokens": None,
+    "status": "queued",
+    "response_tokens": None,
+    "fail_reason": None,
+    "finished_s": None,
+}
 
 
 class ServedRequest(Base):
@@ -189,6 +216,47 @@ class RequestStore:
         with self._session.begin() as s:
             rows = s.execute(newest_first).all()
         return [(prompt, tokens) for prompt, tokens in reversed(rows)]
+
+    def write_batch(
+        self, rows: Sequence[Mapping[str, Any]], updates: Mapping[str, Mapping[str, Any]]
+    ) -> None:
+        """Insert `rows`, then apply `updates`, all in one transaction: all of it or none.
+
+        rows: column -> value, as `add` would insert (request_id, prompt, prompt_tokens,
+            max_tokens, arrival_s; the other columns default as in `add`, status "queued").
+            A request_id already in the table raises IntegrityError.
+        updates: request_id -> the columns to set (status and what goes with it). An id that
+            is in neither the table nor `rows` raises KeyError. A row whose status is already
+            terminal is left as it is: a late "running" never resurrects a finished request.
+
+        The batched writer (store_writer.py) writes through this alone; the single-row methods
+        above stay for callers that write one request at a time.
+        """
+        table = Base.metadata.tables[ServedRequest.__tablename__]
+        with self._session.begin() as s:
+            if rows:
+                s.execute(insert(ServedRequest), [{**_ROW_DEFAULTS, **row} for row in rows])
+            if not updates:
+                return
+            ids = list(updates)
+            known = select(ServedRequest.request_id).where(ServedRequest.request_id.in_(ids))
+            missing = set(ids) - set(s.scalars(known))
+            if missing:
+                # Raising inside begin() rolls the transaction back: nothing is written.
+                raise KeyError(f"no served request with request_id {min(missing)!r}")
+            # One executemany per set of columns (a handful: running, finished, failed, ...).
+            by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+            for request_id, values in updates.items():
+                params = {"rid": request_id, **{f"v_{k}": v for k, v in values.items()}}
+                by_columns.setdefault(tuple(sorted(values)), []).append(params)
+            for columns, batch in by_columns.items():
+                stmt = (
+                    table.update()
+                    .where(table.c.request_id == bindparam("rid"))
+                    .where(table.c.status.not_in(TERMINAL))
+                    .values({c: bindparam(f"v_{c}") for c in columns})
+                )
+                s.execute(stmt, batch)
 
     def _update(self, request_id: str, **values: Any) -> None:
         with self._session.begin() as s:

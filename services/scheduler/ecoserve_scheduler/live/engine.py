@@ -133,6 +133,11 @@ class LiveEngine:
     def worker_ids(self) -> list[str]:
         return list(self._workers)
 
+    @property
+    def failure(self) -> str | None:
+        """Why the engine cannot serve (None while it can): health checks report it."""
+        return None if self._thread.is_alive() or not self._thread.ident else "engine loop exited"
+
     # ---- the loop ----------------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -149,18 +154,21 @@ class LiveEngine:
             self._dispatch(now)
             if now - self._stats_at > STATS_EVERY_S:
                 self._stats_at = now
-                self.stats_snapshot = {
-                    **self.core.stats(),
-                    "workers": list(self._workers),
-                    "engine": {
-                        "steps": self.steps,
-                        "core_s": self.core_s,
-                        "forward_s": self.forward_s,
-                        "decode_tokens": self.decode_tokens,
-                        "prefill_tokens": self.prefill_tokens,
-                        "workers_dropped": self.workers_dropped,
-                    },
-                }
+                self._publish_stats()
+
+    def _publish_stats(self) -> None:
+        self.stats_snapshot = {
+            **self.core.stats(),
+            "workers": list(self._workers),
+            "engine": {
+                "steps": self.steps,
+                "core_s": self.core_s,
+                "forward_s": self.forward_s,
+                "decode_tokens": self.decode_tokens,
+                "prefill_tokens": self.prefill_tokens,
+                "workers_dropped": self.workers_dropped,
+            },
+        }
 
     def _drain_inbox(self) -> None:
         while True:

@@ -4,8 +4,9 @@
 "exhausted" when `max_pending` requests are already in the system), asks the predictor, records
 the request in the store and submits it; `follow` yields its tokens until it ends and records
 the end. A deadline that passes aborts the request (the engine frees its KV blocks in its next
-iteration) and raises TimeoutError. The store is written from the caller's thread, never from
-the engine loop.
+iteration) and raises TimeoutError. The store is a RequestStore (written from the caller's
+thread) or, as `serve` runs it, a StoreWriter (queued, written in batches by its own thread);
+never from the engine loop.
 
 Sampling parameters arrive already built and checked (`SamplingParams.checked` at each edge);
 `start` validates them again (InvalidSampling, a ValueError naming the field) so nothing bad
@@ -38,6 +39,7 @@ from ..core.events import FinishEvent, TokenEvent
 from ..core.request import Request
 from .detokenize import TextStream
 from .engine import LiveEngine, RequestHandle
+from .engine_client import EngineClient
 from .prediction import PredictorClient
 
 RETRY_AFTER_S = 1.0
@@ -74,7 +76,7 @@ class Rejected(Exception):
 class Frontend:
     def __init__(
         self,
-        engine: LiveEngine,
+        engine: LiveEngine | EngineClient,
         tokenizer,
         store=None,
         limits: ApiLimits | None = None,
@@ -219,11 +221,14 @@ class Frontend:
     def stats(self) -> dict:
         """The core's and the engine's stats, requests pending and the predictor's counts."""
         pred = self.predictor
-        return {
+        out = {
             **self.engine.stats_snapshot,
             "pending": self.engine.pending,
             "predictor": {"calls": pred.calls, "failures": pred.failures},
         }
+        if hasattr(self.store, "stats"):  # a StoreWriter: its write counters
+            out["store"] = self.store.stats()
+        return out
 
     def record_end(self, rid: str, reason: str, n: int) -> None:
         if self.store is None:

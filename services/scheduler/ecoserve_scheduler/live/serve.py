@@ -7,7 +7,10 @@ message saying how to get it. Its served name (ecoserve_common.models.served_nam
 /v1/models lists and what responses carry as `model`.
 
 Start-up order: the store (schema created; rows a previous run left queued or running are
-failed with a reason, so none vanish), the tokenizer, the engine's worker socket, then the
+failed with a reason, so none vanish; written from then on by one batching thread,
+store_writer.StoreWriter), the tokenizer, the engine core (by default its own
+process, engine_client.EngineClient; `--engine-process false` keeps it a thread of this one)
+with its worker socket, then the
 gRPC API and, with `http_address`, the OpenAI-compatible HTTP API. SIGTERM / SIGINT stop the
 APIs (in-flight gRPC calls get 2 s), then the engine.
 """
@@ -25,6 +28,7 @@ from ecoserve_common.models import ModelMissing, resolve, served_name
 
 from ..core import SchedulerCore, make_policy
 from ..store import RequestStore, create_schema, make_engine
+from ..store_writer import StoreWriter
 from .settings import SchedulerSettings
 
 log = logging.getLogger("ecoserve_scheduler")
@@ -33,6 +37,7 @@ log = logging.getLogger("ecoserve_scheduler")
 def run(settings: SchedulerSettings, ready: threading.Event | None = None) -> int:
     from .api import SchedulerService, build_server
     from .engine import LiveEngine
+    from .engine_client import EngineClient
     from .frontend import ApiLimits, Frontend
     from .prediction import PredictorClient
     from .tokenizer import ModelTokenizer
@@ -45,13 +50,25 @@ def run(settings: SchedulerSettings, ready: threading.Event | None = None) -> in
     lost = store.fail_unfinished("scheduler restarted before it finished", time.time())
     if lost:
         log.warning("%d requests of a previous run failed: scheduler restarted", lost)
+    writer = StoreWriter(store)  # request threads queue; one thread writes batches
+    writer.start()
     tokenizer = ModelTokenizer(model_dir)
-    engine = LiveEngine(
-        SchedulerCore(make_policy(settings.policy)),
-        settings.worker_bind,
-        settings.worker_auth_token,
-        settings.worker_timeout_s,
-    ).start()
+    engine: LiveEngine | EngineClient
+    if settings.engine_process:
+        engine = EngineClient(
+            settings.policy,
+            settings.worker_bind,
+            settings.worker_auth_token,
+            settings.worker_timeout_s,
+            settings.log_level,
+        ).start()
+    else:
+        engine = LiveEngine(
+            SchedulerCore(make_policy(settings.policy)),
+            settings.worker_bind,
+            settings.worker_auth_token,
+            settings.worker_timeout_s,
+        ).start()
     predictor = PredictorClient(
         settings.predictor or None,
         settings.predictor_timeout_s,
@@ -63,7 +80,7 @@ def run(settings: SchedulerSettings, ready: threading.Event | None = None) -> in
         max_pending=settings.max_pending,
         vocab_size=tokenizer.vocab_size,
     )
-    frontend = Frontend(engine, tokenizer, store, limits, predictor)
+    frontend = Frontend(engine, tokenizer, writer, limits, predictor)
     server, port = build_server(
         SchedulerService(frontend), settings.grpc_address, api_key=settings.api_key
     )
@@ -107,6 +124,8 @@ def run(settings: SchedulerSettings, ready: threading.Event | None = None) -> in
         http.should_exit = True
     server.stop(grace=2.0).wait()
     engine.stop()
+    if not writer.close():
+        log.error("store writer: %d writes not flushed at exit", writer.queued)
     predictor.close()
     return 0
 

@@ -32,6 +32,7 @@ class SchedulerSettings:
     api_key: str = ""  # bearer token clients must present on gRPC and /v1 HTTP; empty: open
     max_pending: int = 1024  # requests in the system before RESOURCE_EXHAUSTED
     worker_timeout_s: float = 10.0  # silence after which a worker is dropped
+    engine_process: bool = True  # the engine core in its own process (False: a thread)
     log_level: str = "INFO"
 
     @classmethod
@@ -41,7 +42,7 @@ class SchedulerSettings:
             env = ENV_PREFIX + f.name.upper()
             p.add_argument(
                 "--" + f.name.replace("_", "-"),
-                type=type(f.default),
+                type=_parse_bool if isinstance(f.default, bool) else type(f.default),
                 default=None,
                 help=f"env {env}; default {f.default!r}",
             )
@@ -56,7 +57,10 @@ class SchedulerSettings:
             if args[f.name] is not None:
                 values[f.name] = args[f.name]
             elif ENV_PREFIX + f.name.upper() in environ:
-                values[f.name] = type(f.default)(environ[ENV_PREFIX + f.name.upper()])
+                raw = environ[ENV_PREFIX + f.name.upper()]
+                values[f.name] = (
+                    _parse_bool(raw) if isinstance(f.default, bool) else type(f.default)(raw)
+                )
         settings = cls(**values)
         if not settings.model:
             raise SystemExit(
@@ -67,3 +71,13 @@ class SchedulerSettings:
 
     def replace(self, **changes) -> SchedulerSettings:
         return dataclasses.replace(self, **changes)
+
+
+def _parse_bool(text: str) -> bool:
+    """true/false, 1/0, yes/no, on/off (bool("false") would be True)."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r} (use true or false)")

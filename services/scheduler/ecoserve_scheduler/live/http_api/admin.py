@@ -1,6 +1,7 @@
-"""What operators and probes read: /health (503 while no worker is registered), /v1/models,
-Prometheus /metrics and /stats (the scheduler's stats as JSON, as the gRPC Stats call gives).
-/health, /metrics and /stats stay open when an API key guards /v1."""
+"""What operators and probes read: /health (503 while no worker is registered or the engine
+core is down, with the reason), /v1/models, Prometheus /metrics and /stats (the scheduler's
+stats as JSON, as the gRPC Stats call gives). /health, /metrics and /stats stay open when an
+API key guards /v1."""
 
 from __future__ import annotations
 
@@ -20,10 +21,12 @@ def models(ctx: Ctx) -> dict:
 
 @router.get("/health")
 def health(ctx: Ctx) -> JSONResponse:
-    workers = ctx.frontend.engine.worker_ids()
+    engine = ctx.frontend.engine
+    workers = engine.worker_ids()
+    status = engine.failure or ("ok" if workers else "no workers")
     return JSONResponse(
-        {"status": "ok" if workers else "no workers", "workers": workers},
-        status_code=200 if workers else 503,
+        {"status": status, "workers": workers},
+        status_code=200 if status == "ok" else 503,
     )
 
 

@@ -34,6 +34,9 @@ class Metrics:
         self.preemptions = Gauge("ecoserve_preemptions", "Preemptions so far", registry=r)
         self.pred_calls = Gauge("ecoserve_predictor_calls", "Predictor calls", registry=r)
         self.pred_errors = Gauge("ecoserve_predictor_errors", "Predictor failures", registry=r)
+        self.store_writes = Gauge(
+            "ecoserve_store_writes", "Request-store writes so far", ["result"], registry=r
+        )
         self.pred_latency = Gauge(
             "ecoserve_predictor_latency_seconds_mean", "Mean predictor call time", registry=r
         )
@@ -57,6 +60,10 @@ class Metrics:
             self.kv_blocks.labels(wid, "used").set(kv["blocks_used"])
             self.kv_blocks.labels(wid, "total").set(kv["num_blocks"])
             self.kv_tokens.labels(wid).set(kv["tokens_written"])
+        if hasattr(frontend.store, "stats"):  # a StoreWriter
+            for result, n in frontend.store.stats().items():
+                if result in ("written", "failed", "queued", "retries"):
+                    self.store_writes.labels(result).set(n)
         p = frontend.predictor
         self.pred_calls.set(p.calls)
         self.pred_errors.set(p.failures)

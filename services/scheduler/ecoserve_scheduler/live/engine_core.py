@@ -1,0 +1,133 @@
+"""The engine core in its own process (as vLLM v1's EngineCore): queues, ledger, plans, worker I/O.
+
+Why a process: the front end (HTTP and gRPC threads, tokenisation, detokenisation, the store)
+and the engine loop shared one GIL, so every streamed token's handling competed with the loop
+that sends the workers their next plan. Here the loop's process does nothing else.
+
+`run_engine_core` is the child's entry point (`EngineClient` starts it with the "spawn" method,
+so the child starts clean: no grpc or uvicorn threads forked). It connects to two IPC sockets
+the front end bound in a private (0700) directory:
+
+- commands, PULL: ("add", Request), ("abort", request_id), ("stop",);
+- outputs, PUSH: ("ready", worker_address), ("events", [TokenEvent | FinishEvent |
+  PreemptEvent, ...]) in the order the core raised them, ("stats", dict) every STATS_EVERY_S.
+
+Messages are pickled: both ends are this program, and only this user can reach the sockets
+(their directory is 0700). Invariant: only the loop thread touches the core and every socket.
+The child ignores SIGINT (the front end decides when to stop) and exits when its parent is
+gone, so no engine outlives the front end whose requests it holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import signal
+
+import zmq
+
+from ..core import SchedulerCore, make_policy
+from ..core.events import FinishEvent
+from .engine import LiveEngine
+
+log = logging.getLogger(__name__)
+
+
+class EngineCore(LiveEngine):
+    """A LiveEngine whose callers live in another process: commands arrive on `commands`,
+    events and stats leave on `outputs` instead of through RequestHandles."""
+
+    def __init__(self, core: SchedulerCore, commands: zmq.Socket, outputs: zmq.Socket, **kw):
+        super().__init__(core, **kw)
+        self._commands = commands
+        self._outputs = outputs
+        self._live: set[str] = set()  # requests added and not yet finished
+        self._parent = os.getppid()
+
+    def _send(self, message: tuple) -> None:
+        self._outputs.send(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def _drain_inbox(self) -> None:
+        now = None
+        while True:
+            try:
+                message = pickle.loads(self._commands.recv(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            now = self.clock()
+            kind = message[0]
+            if kind == "add":
+                request = message[1]
+                try:
+                    events = self.core.add(request, now)
+                except ValueError as exc:  # duplicate id: the caller hears why
+                    self._send(("events", [FinishEvent(request.request_id, f"failed: {exc}")]))
+                    continue
+                self._live.add(request.request_id)
+                self._deliver(events)
+            elif kind == "abort":
+                self._deliver(self.core.abort(message[1], now))
+            elif kind == "stop":
+                self._stop.set()
+                return
+
+    def _deliver(self, events) -> None:
+        out = []
+        for ev in events:
+            if ev.request_id not in self._live:
+                continue
+            out.append(ev)
+            if isinstance(ev, FinishEvent):
+                self._live.discard(ev.request_id)
+                self.core.release(ev.request_id)
+        if out:
+            self._send(("events", out))
+
+    def _publish_stats(self) -> None:
+        super()._publish_stats()
+        self._send(("stats", self.stats_snapshot))
+        if os.getppid() != self._parent:  # the front end is gone: nobody to serve
+            log.warning("engine core: front end exited; stopping")
+            self._stop.set()
+
+
+def run_engine_core(
+    policy: str,
+    worker_bind: str,
+    auth_token: str,
+    worker_timeout_s: float,
+    commands_address: str,
+    outputs_address: str,
+    log_level: str = "INFO",
+) -> None:
+    """The child process: build the core, connect to the front end, run the loop until told to
+    stop (or the front end is gone)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(
+        level=log_level.upper(),
+        format="%(asctime)s %(levelname)s engine-core %(name)s: %(message)s",
+    )
+    ctx = zmq.Context()
+    commands = ctx.socket(zmq.PULL)
+    outputs = ctx.socket(zmq.PUSH)
+    for sock, address in ((commands, commands_address), (outputs, outputs_address)):
+        sock.setsockopt(zmq.LINGER, 1000)  # the last events still reach a front end that waits
+        sock.connect(address)
+    engine = EngineCore(
+        SchedulerCore(make_policy(policy)),
+        commands,
+        outputs,
+        bind=worker_bind,
+        auth_token=auth_token,
+        worker_timeout_s=worker_timeout_s,
+        context=ctx,
+    )
+    engine._send(("ready", engine.address))
+    try:
+        engine._run()  # in this thread: the process exists for this loop
+    finally:
+        engine._sock.close()
+        commands.close()
+        outputs.close()
+        ctx.term()
