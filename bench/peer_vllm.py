@@ -166,7 +166,8 @@ def run_system(name: str, a, work: dict) -> dict:
         wait_http(base, None, 120)
         ready = time.monotonic() - t0
         pids: dict = {n: p.pid for n, p in stack.procs.items()}
-        core = children(pids["scheduler"])  # the engine core process (none with a thread)
+        # The engine core process (none with --engine-process false).
+        core = [c for c in children(pids["scheduler"]) if b".engine_core" in _cmdline(c)]
         if core:
             pids["scheduler"] = (pids["scheduler"], False)  # the front end alone
             pids["engine-core"] = core[0]
@@ -248,6 +249,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=2048, help="vLLM's --max-model-len")
     p.add_argument("--merge", action="store_true", help="keep other systems in OUT/summary.json")
     return p
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def main(argv: list[str] | None = None) -> int:

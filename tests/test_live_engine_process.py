@@ -61,6 +61,7 @@ def proc_stack(model_dir):
 def test_outputs_equal_direct_greedy(proc_stack, prompts, reference, policy):  # noqa: F811
     engine, _ = proc_stack(policy, workers=("w0", "w1"))
     assert engine.pid != os.getpid()
+    assert b"k" not in Path(f"/proc/{engine.pid}/cmdline").read_bytes().split(b"\0")  # secret
     handles = submit_all(engine, prompts)
     for h, ref in zip(handles, reference, strict=True):
         assert h.wait(WAIT_S), h.request_id

@@ -119,6 +119,37 @@ def test_token_budget_grows_past_the_knee_to_the_step_target():
     assert token_budget(rows, fraction=0.9, step_target_s=1e-4) == knee  # nothing fits
 
 
+class _ClockedRunner:
+    """A runner whose step costs `cost(tokens)` seconds of a fake perf_counter."""
+
+    block_size, num_blocks = 16, 4096
+    config = type("Config", (), {"vocab_size": 1000, "max_position_embeddings": 4096})
+
+    def __init__(self, cost):
+        self.cost, self.now, self.calls = cost, 0.0, 0
+
+    def step(self, seqs):
+        self.calls += 1
+        self.now += self.cost(sum(len(s[1]) for s in seqs))
+
+
+def test_start_up_profile_stops_past_the_step_target_and_times_long_steps_once(monkeypatch):
+    """Only the prefill sizes up to the first one slower than the target are timed (bigger
+    ones would be slower still); a step over LONG_STEP_S is timed once after its warm-up."""
+    import time
+
+    from ecoserve_worker import profiling
+
+    r = _ClockedRunner(lambda tokens: 0.002 * tokens)  # 16 -> 32 ms ... 1024 -> 2 s
+    monkeypatch.setattr(time, "perf_counter", lambda: r.now)
+    rows = profile_runner(r, profiling.budget_shapes(), stop_above_s=0.3)
+    assert [row["prefill_tokens"] for row in rows] == [16, 32, 64, 128, 256]  # 256: 0.51 s
+    assert [row["latency_s"] for row in rows] == pytest.approx([0.032, 0.064, 0.128, 0.256, 0.512])
+    # warm-up + 3 runs for the three short steps; warm-up + 1 for the two over 0.25 s
+    assert r.calls == 3 * 4 + 2 * 2
+    assert token_budget(rows, step=16, step_target_s=0.3) == 128
+
+
 def test_token_budget_with_overhead_and_ignored_rows():
     # t = c0 + s*T: tokens/s = T / (c0 + s*T) keeps rising (more slowly) up to 1024, so the
     # budget is the first size within 90% of the rate at 1024 (computed directly here).
@@ -206,7 +237,7 @@ def test_start_up_profile_is_reused_only_with_the_same_key(
     monkeypatch.setenv("ECOSERVE_PROFILE_CACHE", str(tmp_path))
     calls = []
 
-    def fake_profile(r, shapes=None, repeats=3):
+    def fake_profile(r, shapes=None, repeats=3, stop_above_s=None):
         calls.append(torch.get_num_threads())
         return profile_runner(r, SMALL_SHAPES, repeats=1)
 
@@ -230,3 +261,5 @@ def test_start_up_profile_is_reused_only_with_the_same_key(
     assert profile_cache.load(key) is None
     cli.profile_at_start(runner, None, None, model_dir)
     assert len(calls) == 4
+    cli.profile_at_start(runner, None, None, model_dir, step_target_s=0.5)
+    assert len(calls) == 5  # another cut of the prefill sizes: another profile

@@ -190,27 +190,30 @@ def profile_at_start(
     use_cache: bool = True,
     step_target_s: float | None = None,
 ) -> int:
-    """Time the default shape grid, or reuse this machine's earlier profile of the same model
-    and settings (`profile_cache`); return the budget to announce (given, else profiled)."""
+    """Time what the budget needs (pure prefill steps, smallest first, up to the first one
+    slower than the step target) or, with `out`, the whole default grid; or reuse this
+    machine's earlier profile of the same model and settings (`profile_cache`). Return the
+    budget to announce (given, else profiled)."""
     import time
 
     import torch
 
     from . import profile_cache
-    from .profiling import default_shapes, profile_runner, write_timings
+    from .profiling import budget_shapes, default_shapes, profile_runner, write_timings
     from .profiling import token_budget as knee
 
     t0 = time.perf_counter()
+    shapes = default_shapes() if out else budget_shapes()
+    stop_above_s = None if out else step_target_s
     key = None
     rows = None
     if use_cache and model_dir is not None:
-        key = profile_cache.profile_key(
-            runner, model_dir, torch.get_num_threads(), default_shapes()
-        )
+        grid = [*shapes, (-1, int(1e6 * (stop_above_s or 0)), 0, 0)]  # the cut is in the key
+        key = profile_cache.profile_key(runner, model_dir, torch.get_num_threads(), grid)
         rows = profile_cache.load(key)
     source = "cached profile" if rows else "profiled"
     if not rows:
-        rows = profile_runner(runner)
+        rows = profile_runner(runner, shapes, stop_above_s=stop_above_s)
         if key is not None:
             profile_cache.store(key, rows)
     budget = token_budget or knee(

@@ -38,6 +38,12 @@ def default_shapes() -> list[Shape]:
     return shapes
 
 
+def budget_shapes() -> list[Shape]:
+    """What `token_budget` reads: pure prefill steps, smallest first. A worker starting up
+    times only these (the whole grid is for `--profile-out`, the simulator's cost model)."""
+    return [(t, 0, 0, 0) for t in PREFILL_TOKENS]
+
+
 def _blocks_needed(tokens: int, block_size: int) -> int:
     return -(-tokens // block_size)
 
@@ -86,10 +92,19 @@ def _sync(runner) -> None:
         torch.cuda.synchronize(dev)
 
 
+# A step whose warm-up took longer than this is timed once: its run-to-run spread is small next
+# to its length, and the long steps are most of a profile's time.
+LONG_STEP_S = 0.25
+
+
 def time_step(runner, seqs: Sequence[tuple], repeats: int = 3) -> float:
-    """Median wall time of `runner.step(seqs)` over `repeats` runs after one warm-up."""
+    """Median wall time of `runner.step(seqs)` over `repeats` runs after one warm-up (one run
+    where the warm-up took over LONG_STEP_S)."""
+    t0 = time.perf_counter()
     runner.step(seqs)
     _sync(runner)
+    if time.perf_counter() - t0 > LONG_STEP_S:
+        repeats = 1
     samples = []
     for _ in range(max(1, repeats)):
         t0 = time.perf_counter()
@@ -114,11 +129,16 @@ def row_for(shape: Shape, latency_s: float) -> dict[str, Any]:
 
 
 def profile_runner(
-    runner, shapes: Iterable[Shape] | None = None, repeats: int = 3
+    runner,
+    shapes: Iterable[Shape] | None = None,
+    repeats: int = 3,
+    stop_above_s: float | None = None,
 ) -> list[dict[str, Any]]:
     """Time `runner.step` over a grid of batch shapes; rows in the cost model's timing format.
 
-    Shapes that do not fit the runner's pool (or its max positions) are skipped.
+    Shapes that do not fit the runner's pool (or its max positions) are skipped. With
+    `stop_above_s` (for shapes in growing order, as `budget_shapes`), timing stops after the
+    first step slower than that: the bigger ones would be too, and no budget takes them.
     """
     max_pos = getattr(getattr(runner, "config", None), "max_position_embeddings", None)
     rows = []
@@ -129,7 +149,10 @@ def profile_runner(
             continue
         if max_pos is not None and max(pctx + prefill, ctx + 1) > max_pos:
             continue
-        rows.append(row_for(shape, time_step(runner, build_step(runner, shape), repeats)))
+        latency = time_step(runner, build_step(runner, shape), repeats)
+        rows.append(row_for(shape, latency))
+        if stop_above_s is not None and latency > stop_above_s:
+            break
     return rows
 
 

@@ -16,9 +16,11 @@ requests fail at once with the same reason.
 from __future__ import annotations
 
 import logging
-import multiprocessing
+import os
 import pickle
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -29,7 +31,7 @@ import zmq
 from ..core.events import FinishEvent, TokenEvent
 from ..core.request import Request
 from .engine import RequestHandle
-from .engine_core import run_engine_core
+from .engine_core import AUTH_TOKEN_ENV
 
 log = logging.getLogger(__name__)
 
@@ -60,17 +62,12 @@ class EngineClient:
         self._outputs.setsockopt(zmq.LINGER, 0)
         self._commands.bind(commands_address)
         self._outputs.bind(outputs_address)
-        self._process = multiprocessing.get_context("spawn").Process(
-            target=run_engine_core,
-            args=(policy, worker_bind, auth_token, worker_timeout_s),
-            kwargs={
-                "commands_address": commands_address,
-                "outputs_address": outputs_address,
-                "log_level": log_level,
-            },
-            name="ecoserve-engine-core",
-            daemon=True,
-        )
+        self._argv = [sys.executable, "-m", "ecoserve_scheduler.live.engine_core"]
+        self._argv += ["--policy", policy, "--worker-bind", worker_bind]
+        self._argv += ["--worker-timeout-s", str(worker_timeout_s), "--log-level", log_level]
+        self._argv += ["--commands", commands_address, "--outputs", outputs_address]
+        self._env = {**os.environ, AUTH_TOKEN_ENV: auth_token}  # a secret: never in argv
+        self._process: subprocess.Popen | None = None
         self._send_lock = threading.Lock()
         self._handles: dict[str, RequestHandle] = {}
         self._handles_lock = threading.Lock()
@@ -85,16 +82,17 @@ class EngineClient:
 
     def start(self, timeout_s: float = READY_TIMEOUT_S) -> EngineClient:
         """Start the core process and wait until it has bound the worker socket."""
-        self._process.start()
+        self._process = proc = subprocess.Popen(self._argv, env=self._env)
         deadline = time.monotonic() + timeout_s
         while not self.address:
-            if not self._process.is_alive():
+            if proc.poll() is not None:
                 raise EngineCoreDied(
-                    f"engine core exited during start-up (exit code {self._process.exitcode}); "
+                    f"engine core exited during start-up (exit code {proc.returncode}); "
                     "its log says why (e.g. the worker address is taken)"
                 )
             if time.monotonic() > deadline:
-                self._process.kill()
+                proc.kill()
+                proc.wait()
                 raise EngineCoreDied(f"engine core not ready after {timeout_s:g} s")
             if self._outputs.poll(POLL_MS):
                 message = pickle.loads(self._outputs.recv())
@@ -105,12 +103,14 @@ class EngineClient:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         self._stopping = True
-        if self._process.is_alive():
+        proc = self._process
+        if proc is not None and proc.poll() is None:
             self._send(("stop",))
-            self._process.join(timeout_s)
-            if self._process.is_alive():
-                self._process.kill()
-                self._process.join(2)
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         if self._reader.ident is not None:
             self._reader.join(2)
         self._commands.close()
@@ -120,7 +120,7 @@ class EngineClient:
 
     @property
     def pid(self) -> int | None:
-        return self._process.pid
+        return None if self._process is None else self._process.pid
 
     @property
     def failure(self) -> str | None:
@@ -164,7 +164,7 @@ class EngineClient:
     def _read(self) -> None:
         while True:
             if not self._outputs.poll(POLL_MS):
-                if not self._process.is_alive():
+                if self._process is None or self._process.poll() is not None:
                     break
                 continue
             kind, body = pickle.loads(self._outputs.recv())
@@ -172,7 +172,7 @@ class EngineClient:
                 self._deliver(body)
             elif kind == "stats":
                 self.stats_snapshot = body
-        code = self._process.exitcode
+        code = None if self._process is None else self._process.returncode
         why = "engine core stopped" if self._stopping else f"engine core exited (code {code})"
         if not self._stopping:
             log.error("%s: failing the requests it held", why)

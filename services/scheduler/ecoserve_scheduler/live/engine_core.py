@@ -4,9 +4,11 @@ Why a process: the front end (HTTP and gRPC threads, tokenisation, detokenisatio
 and the engine loop shared one GIL, so every streamed token's handling competed with the loop
 that sends the workers their next plan. Here the loop's process does nothing else.
 
-`run_engine_core` is the child's entry point (`EngineClient` starts it with the "spawn" method,
-so the child starts clean: no grpc or uvicorn threads forked). It connects to two IPC sockets
-the front end bound in a private (0700) directory:
+`python -m ecoserve_scheduler.live.engine_core` is the child (`EngineClient` starts it as a
+plain subprocess: it starts clean, with no grpc or uvicorn threads forked and without
+re-importing the parent's main module as multiprocessing's "spawn" would; the worker secret
+comes in the environment, never argv). It connects to two IPC sockets the front end bound in a
+private (0700) directory:
 
 - commands, PULL: ("add", Request), ("abort", request_id), ("stop",);
 - outputs, PUSH: ("ready", worker_address), ("events", [TokenEvent | FinishEvent |
@@ -20,10 +22,12 @@ gone, so no engine outlives the front end whose requests it holds.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import pickle
 import signal
+import sys
 
 import zmq
 
@@ -131,3 +135,31 @@ def run_engine_core(
         commands.close()
         outputs.close()
         ctx.term()
+
+
+AUTH_TOKEN_ENV = "ECOSERVE_WORKER_AUTH_TOKEN"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ecoserve_scheduler.live.engine_core")
+    p.add_argument("--policy", required=True)
+    p.add_argument("--worker-bind", required=True)
+    p.add_argument("--worker-timeout-s", type=float, required=True)
+    p.add_argument("--commands", required=True, help="ipc:// address the front end bound")
+    p.add_argument("--outputs", required=True, help="ipc:// address the front end bound")
+    p.add_argument("--log-level", default="INFO")
+    a = p.parse_args(argv)
+    run_engine_core(
+        a.policy,
+        a.worker_bind,
+        os.environ.get(AUTH_TOKEN_ENV, ""),
+        a.worker_timeout_s,
+        a.commands,
+        a.outputs,
+        a.log_level,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
