@@ -77,7 +77,7 @@ HEADLINE = (
     "cpu_s_per_token",
 )
 QUICK = {"n": 8, "single": 2, "saturated_n": 16, "max_steps": 4, "rate_factor": 2.0}
-FULL = {"n": 40, "single": 5, "saturated_n": 64, "max_steps": 0, "rate_factor": 1.5}
+FULL = {"n": 60, "single": 5, "saturated_n": 64, "max_steps": 0, "rate_factor": 1.5}
 
 
 def measure(name: str, base: str, a, work: dict, pids: dict[str, int], engine=None) -> dict:
