@@ -71,7 +71,7 @@ def zmq_roundtrip(plan, iters: int) -> dict[str, float]:
         [str(REPO / "services/worker"), str(REPO / "services/scheduler"), env.get("PYTHONPATH", "")]
     )
     cmd = [sys.executable, "-m", "ecoserve_worker", "--scheduler", addr, "--worker-id", "echo"]
-    cmd += ["--echo", "--heartbeat-s", "3600", "--log-level", "WARNING"]
+    cmd += ["--echo", "--heartbeat-s", "3600", "--log-level", "WARNING", "--insecure"]
     proc = subprocess.Popen(cmd, env=env)
 
     def recv(body_wanted: str) -> pb.Envelope:

@@ -135,7 +135,8 @@ def test_commands_parse_with_each_services_own_cli(services):
         cmd = services[name]["command"]
         assert cmd[0] == "ecoserve-worker"
         args = worker_parser().parse_args(cmd[1:])
-        assert args.model == "smollm2-135m-instruct" and args.auth_token == "t"
+        assert args.model == "smollm2-135m-instruct" and "--auth-token" not in cmd  # no secret
+        assert services[name]["environment"]["ECOSERVE_WORKER_AUTH_TOKEN"] == "t"
         assert args.device == ("cuda" if name == "worker-gpu" else "cpu")
         assert args.dtype == ("bfloat16" if name == "worker-gpu" else "float32")
     for name in ("predictor", "predictor-gpu"):
@@ -160,7 +161,9 @@ def test_scheduler_environment_is_its_settings_and_addresses_agree(services):
     for name in ("worker", "worker-gpu"):
         args = worker_parser().parse_args(services[name]["command"][1:])
         assert args.scheduler == f"tcp://scheduler:{worker_port}"
-        assert args.auth_token == s.worker_auth_token
+        worker_env = services[name]["environment"]
+        assert worker_env["ECOSERVE_WORKER_AUTH_TOKEN"] == s.worker_auth_token
+        assert worker_env["ECOSERVE_WORKER_KEYS_DIR"] == s.worker_keys_dir  # one key directory
     published = {p.split(":")[1] for p in services["scheduler"]["ports"]}
     assert {s.grpc_address.rsplit(":", 1)[1], s.http_address.rsplit(":", 1)[1]} <= published
     host, port = s.predictor.rsplit(":", 1)
@@ -178,7 +181,10 @@ def test_scheduler_environment_is_its_settings_and_addresses_agree(services):
     assert fetch["command"][4] == s.model == "smollm2-135m-instruct"
     assert fetch["volumes"] == ["models:/models"] and s.models_dir == "/models"
     for name in ("scheduler", "worker", "worker-gpu"):
-        assert services[name]["volumes"] == ["models:/models:ro"], name
+        assert services[name]["volumes"] == ["models:/models:ro", "keys:/keys:ro"], name
+    keys = services["keys"]  # the one-shot job that makes the worker-plane keys
+    assert keys["command"][:4] == ["python", "-m", "ecoserve_common.curve", "init"]
+    assert keys["command"][4] == s.worker_keys_dir and keys["volumes"] == ["keys:/keys"]
     for name in ("worker", "worker-gpu"):
         assert services[name]["environment"]["ECOSERVE_MODELS_DIR"] == s.models_dir
     assert services["scheduler"]["depends_on"]["model"] == {

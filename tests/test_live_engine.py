@@ -51,13 +51,18 @@ def reference(model_dir, prompts):
 
 
 def start_worker(
-    addr: str, wid: str, model_dir, token: str = "k", num_blocks: int = 64
+    addr: str, wid: str, model_dir, token: str = "k", num_blocks: int = 64, keys_dir=None
 ) -> subprocess.Popen:
+    """A real worker process on the tiny model. The secret goes in its environment (never its
+    argv); with `keys_dir` it speaks CURVE with those keys, else it runs --insecure (against a
+    LiveEngine built without keys, the tests' in-process default)."""
     path = [str(REPO / "services/worker"), str(REPO / "services/scheduler")]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(path + [os.environ.get("PYTHONPATH", "")]))
+    env["ECOSERVE_WORKER_AUTH_TOKEN"] = token
     cmd = [sys.executable, "-m", "ecoserve_worker", "--scheduler", addr, "--worker-id", wid]
     cmd += ["--model", str(model_dir), "--num-blocks", str(num_blocks), "--block-size", "16"]
-    cmd += ["--no-profile", "--token-budget", "128", "--auth-token", token, "--heartbeat-s", "0.2"]
+    cmd += ["--no-profile", "--token-budget", "128", "--heartbeat-s", "0.2"]
+    cmd += ["--keys-dir", str(keys_dir)] if keys_dir else ["--insecure"]
     cmd += ["--dtype", "float32"]  # the references are fp32 (bf16 is the default on some CPUs)
     return subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
 

@@ -42,8 +42,8 @@ REPO = Path(__file__).resolve().parents[1]
 def proc_stack(model_dir):
     made = []
 
-    def start(policy: str = "vllm", workers=("w0",)):
-        engine = EngineClient(policy, auth_token="k", worker_timeout_s=10.0).start()
+    def start(policy: str = "vllm", workers=("w0",), **kw):
+        engine = EngineClient(policy, auth_token="k", worker_timeout_s=10.0, **kw).start()
         procs = {w: start_worker(engine.address, w, model_dir) for w in workers}
         made.append((engine, procs))
         wait_for(lambda: sorted(engine.worker_ids()) == sorted(workers))
@@ -86,7 +86,7 @@ def test_cancel_and_duplicate_ids_cross_the_process_boundary(proc_stack):
 
 
 def test_a_dead_engine_core_fails_every_held_request_and_says_why(proc_stack):
-    engine, _ = proc_stack("vllm")
+    engine, _ = proc_stack("vllm", restart=False)  # restarts: tests/security/
     sp = SamplingParams(max_tokens=MAX_TOKENS * 50, ignore_eos=True)
     held = [
         engine.submit(Request(f"h{i}", 8, 0.0, sp, prompt_token_ids=tuple(range(20, 28))))

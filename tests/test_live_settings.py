@@ -12,7 +12,7 @@ def test_flag_beats_env_beats_default():
     s = SchedulerSettings.load(["--policy", "sjf"], environ=env)
     assert (s.model, s.policy, s.max_pending) == ("/m", "sjf", 7)
     assert s.grpc_address == SchedulerSettings.grpc_address  # default kept
-    assert SchedulerSettings.load(["--model", "/x"], environ={}).worker_timeout_s == 10.0
+    assert SchedulerSettings.load(["--model", "/x"], environ={}).worker_timeout_s == 2.0
 
 
 def test_model_defaults_to_smollm2_and_may_not_be_empty():

@@ -66,10 +66,10 @@ def test_cuda_without_cuda_is_a_clear_error(caplog):
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
-    assert main([*BASE, "--device", "cuda", "--model", "/nonexistent"]) == 2
+    assert main([*BASE, "--insecure", "--device", "cuda", "--model", "/nonexistent"]) == 2
     assert "CUDA is not available" in caplog.text
 
 
 def test_missing_model_is_a_clear_error(tmp_path, caplog):
-    assert main([*BASE, "--model", str(tmp_path)]) == 2
+    assert main([*BASE, "--insecure", "--model", str(tmp_path)]) == 2  # keys are checked first
     assert "no config.json" in caplog.text

@@ -65,12 +65,14 @@ class FakeScheduler:
         port = self.sock.bind_to_random_port("tcp://127.0.0.1")
         self.addr = f"tcp://127.0.0.1:{port}"
         self.peer: bytes | None = None
+        self.last_env: pb.Envelope | None = None
 
     def recv(self, skip_heartbeats: bool = True) -> tuple[pb.Envelope, str]:
         while True:
             assert self.sock.poll(TIMEOUT_MS), "worker sent nothing"
             self.peer, frame = self.sock.recv_multipart()
             env, body = decode(frame)
+            self.last_env = env
             if not (skip_heartbeats and body == "heartbeat"):
                 return env, body
 
@@ -161,7 +163,8 @@ def test_registration_carries_backend_info(runner, serve):
     assert (reg.model_id, reg.block_size, reg.num_blocks) == ("tiny", BLOCK, NUM_BLOCKS)
     assert (reg.token_budget, reg.device, reg.auth_token) == (BUDGET, "cpu", "s3cret")
     assert reg.max_model_len == info["max_model_len"] > 0
-    assert sched.peer == b"w0"  # the ROUTER sees the worker id as the routing id
+    # The ROUTER gives the connection its own routing id; the worker id travels in the frame.
+    assert sched.peer != b"w0" and sched.last_env.worker_id == "w0"
 
 
 def test_refused_registration_exits_with_reason(runner, serve, caplog):
@@ -287,6 +290,7 @@ def test_cli_process_serves_and_exits_on_sigterm(ctx):
     env = dict(os.environ, PYTHONPATH=f"{REPO / 'services/worker'}:{REPO / 'services/scheduler'}")
     cmd = [sys.executable, "-m", "ecoserve_worker", "--scheduler", sched.addr, "--worker-id"]
     cmd += ["w0", "--sim", PROFILE, "--num-blocks", str(NUM_BLOCKS), "--block-size", str(BLOCK)]
+    cmd += ["--insecure"]  # the fake scheduler is a plain ROUTER
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
     try:
         assert sched.accept().device == "sim"

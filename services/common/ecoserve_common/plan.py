@@ -94,12 +94,17 @@ class BatchPlan:
 
 @dataclass(frozen=True)
 class StepResult:
+    """A step's outcome. `error` set: the whole step failed, `tokens` is empty. Otherwise one
+    token per id of plan.sampled_ids(), in that order; `failed` lists (request_id, reason) for
+    rows whose sampling alone failed: those requests fail, their entry in `tokens` is a
+    placeholder, and every other row's token stands."""
+
     step_id: int
     worker_id: str
-    # One sampled token per id of plan.sampled_ids(), in that order.
     tokens: tuple[int, ...] | list[int] = ()
     forward_s: float = 0.0
     error: str | None = None
+    failed: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -3,17 +3,34 @@
 Every edge that accepts them (the OpenAI HTTP API, the gRPC API, the SDK before it sends) builds
 a SamplingParams through `SamplingParams.checked` (or calls `validate`) so a bad value is refused
 with the same message everywhere, and nothing that reaches the engine or a worker can raise there.
-The proto fields bound what can cross the wire: `top_k` is uint32, `seed` uint64.
+What the HTTP API takes besides (stop strings, OpenAI's penalties) is checked here too
+(`check_stop_strings`, `check_penalty`), so every bound lives in this one module.
+
+Invariants of a validated SamplingParams (what a worker may rely on):
+- max_tokens in [1, MAX_TOKENS];
+- temperature finite: 0 (greedy) or in [MIN_TEMPERATURE, MAX_TEMPERATURE], so logits /
+  temperature never overflows float32 (a denormal such as 1e-40 would);
+- top_p in (0, 1]; top_k in [0, MAX_TOP_K] (0 = off);
+- seed None or in [0, 2**63): what torch.Generator.manual_seed and the uint64 proto take alike;
+- at most MAX_STOP_TOKEN_IDS stop ids, each in [0, MAX_TOKEN_ID].
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-MAX_SEED = 2**64 - 1  # proto uint64
+MAX_TOKENS = 2**31 - 1  # scheduler.proto int32
+MIN_TEMPERATURE = 1e-3  # below it (and above 0) is refused: use 0 for greedy
+MAX_TEMPERATURE = 100.0
+MAX_SEED = 2**63 - 1
 MAX_TOP_K = 2**31 - 1  # scheduler.proto int32 (worker.proto uint32)
 MAX_TOKEN_ID = 2**32 - 1  # proto uint32
+MAX_STOP_TOKEN_IDS = 64
+MAX_STOP_STRINGS = 4  # OpenAI's limit
+MAX_STOP_STRING_CHARS = 256  # each stop string; the text stream searches and holds back this much
+MAX_PENALTY = 2.0  # OpenAI's presence / frequency penalties are in [-2, 2]
 
 
 class InvalidSampling(ValueError):
@@ -23,6 +40,14 @@ class InvalidSampling(ValueError):
         super().__init__(message)
         self.field = field
         self.message = message
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -37,25 +62,44 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raise InvalidSampling naming the first bad field."""
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
+        if not _is_int(self.max_tokens):
             raise InvalidSampling(
                 "max_tokens", f"max_tokens must be an integer ({self.max_tokens!r})"
             )
         if self.max_tokens <= 0:
             raise InvalidSampling("max_tokens", f"max_tokens must be > 0 (got {self.max_tokens})")
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+        if self.max_tokens > MAX_TOKENS:
             raise InvalidSampling(
-                "temperature", f"temperature must be >= 0 (got {self.temperature})"
+                "max_tokens", f"max_tokens must be <= {MAX_TOKENS} (got {self.max_tokens})"
             )
-        if not (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
+        self._check_temperature()
+        if not (_is_number(self.top_p) and math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
             raise InvalidSampling("top_p", f"top_p must be in (0, 1] (got {self.top_p})")
-        if not 0 <= self.top_k <= MAX_TOP_K:
+        if not (_is_int(self.top_k) and 0 <= self.top_k <= MAX_TOP_K):
             raise InvalidSampling("top_k", f"top_k must be in [0, {MAX_TOP_K}] (got {self.top_k})")
-        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
-            raise InvalidSampling("seed", f"seed must be in [0, 2**64) (got {self.seed})")
+        if self.seed is not None and not (_is_int(self.seed) and 0 <= self.seed <= MAX_SEED):
+            raise InvalidSampling("seed", f"seed must be in [0, 2**63) (got {self.seed})")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidSampling(
+                "stop_token_ids",
+                f"stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} ids "
+                f"(got {len(self.stop_token_ids)})",
+            )
         for t in self.stop_token_ids:
-            if not 0 <= t <= MAX_TOKEN_ID:
+            if not (_is_int(t) and 0 <= t <= MAX_TOKEN_ID):
                 raise InvalidSampling("stop_token_ids", f"stop_token_ids: {t} is not a token id")
+
+    def _check_temperature(self) -> None:
+        t = self.temperature
+        ok = _is_number(t) and math.isfinite(t)
+        if ok and t != 0:
+            ok = MIN_TEMPERATURE <= t <= MAX_TEMPERATURE
+        if not ok:
+            raise InvalidSampling(
+                "temperature",
+                f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, "
+                f"{MAX_TEMPERATURE:g}] (got {t})",
+            )
 
     @classmethod
     def checked(cls, **fields) -> SamplingParams:
@@ -64,3 +108,38 @@ class SamplingParams:
         params = cls(**fields)
         params.validate()
         return params
+
+
+def check_stop_strings(stop: Sequence[str]) -> tuple[str, ...]:
+    """OpenAI's `stop`: at most MAX_STOP_STRINGS strings of at most MAX_STOP_STRING_CHARS
+    characters each; returns the non-empty ones. Raises InvalidSampling("stop", ...)."""
+    if len(stop) > MAX_STOP_STRINGS:
+        raise InvalidSampling(
+            "stop", f"stop takes at most {MAX_STOP_STRINGS} strings (got {len(stop)})"
+        )
+    for s in stop:
+        if len(s) > MAX_STOP_STRING_CHARS:
+            raise InvalidSampling(
+                "stop",
+                f"a stop string has at most {MAX_STOP_STRING_CHARS} characters (got {len(s)})",
+            )
+    return tuple(s for s in stop if s)
+
+
+def check_penalty(field: str, value: float | None, neutral: float) -> None:
+    """OpenAI's `presence_penalty` / `frequency_penalty` (neutral 0) and vLLM's
+    `repetition_penalty` (neutral 1). The sampler does not apply penalties, so a value other
+    than the neutral one is refused rather than silently ignored; a non-finite or
+    out-of-range one is refused as such. Raises InvalidSampling naming `field`."""
+    if value is None:
+        return
+    if not (_is_number(value) and math.isfinite(value)):
+        raise InvalidSampling(field, f"{field} must be a finite number (got {value})")
+    if abs(value - neutral) > MAX_PENALTY:
+        raise InvalidSampling(
+            field,
+            f"{field} must be in [{neutral - MAX_PENALTY:g}, {neutral + MAX_PENALTY:g}] "
+            f"(got {value})",
+        )
+    if value != neutral:
+        raise InvalidSampling(field, f"{field} is not supported (only {neutral:g})")

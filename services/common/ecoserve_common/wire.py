@@ -235,10 +235,16 @@ def step_inputs_from_proto(m: pb.BatchPlan, worker_id: str) -> StepInputs:
 
 
 def result_to_proto(r: StepResult) -> pb.StepResult:
+    failed = [pb.StepResult.RowFailure(request_id=rid, reason=why) for rid, why in r.failed]
     return pb.StepResult(
-        step_id=r.step_id, tokens=r.tokens, forward_s=r.forward_s, error=r.error or ""
+        step_id=r.step_id,
+        tokens=r.tokens,
+        forward_s=r.forward_s,
+        error=r.error or "",
+        failed=failed,
     )
 
 
 def result_from_proto(m: pb.StepResult, worker_id: str) -> StepResult:
-    return StepResult(m.step_id, worker_id, tuple(m.tokens), m.forward_s, m.error or None)
+    failed = tuple((f.request_id, f.reason) for f in m.failed)
+    return StepResult(m.step_id, worker_id, tuple(m.tokens), m.forward_s, m.error or None, failed)

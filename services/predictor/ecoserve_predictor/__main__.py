@@ -3,7 +3,11 @@
 ecoserve-predictor train --out DIR [--data-dir ../shared/data] [--kind encoder|bag]
 ecoserve-predictor retrain --pairs served.jsonl --out DIR [--min-rows 1000]
     (served.jsonl: `ecoserve-scheduler export-pairs --db URL --out served.jsonl`)
-ecoserve-predictor serve [--artifact DIR] [--address 0.0.0.0:50061] [--device auto|cpu|cuda]
+ecoserve-predictor serve [--artifact DIR] [--address 127.0.0.1:50061] [--device auto|cpu|cuda]
+
+`serve` binds the loopback interface unless told otherwise: the predictor has no
+authentication, so reaching it from other hosts (`--address 0.0.0.0:50061`, as the compose file
+does inside its private network) is a deliberate choice.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import sys
 import threading
 
 log = logging.getLogger("ecoserve_predictor")
+
+DEFAULT_ADDRESS = "127.0.0.1:50061"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="serve an artifact over gRPC")
     s.add_argument("--artifact", default=None, help="artifact dir (default: the packaged one)")
-    s.add_argument("--address", default="0.0.0.0:50061")
+    s.add_argument(
+        "--address",
+        default=DEFAULT_ADDRESS,
+        help=f"host:port to bind (default {DEFAULT_ADDRESS}: this machine only; no authentication)",
+    )
     s.add_argument("--device", default="auto", help="auto, cpu or cuda")
     s.add_argument("--max-batch", type=int, default=64, help="prompts per model batch")
     s.add_argument(

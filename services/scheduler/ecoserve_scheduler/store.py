@@ -3,10 +3,18 @@
 This module is the single definition of the `served_requests` schema. The scheduler writes it
 through `RequestStore`; the response-length predictor's retraining reads `finished_pairs`.
 It is I/O, so nothing under `ecoserve_scheduler/core/` may import it (the core stays pure).
+
+SQLite (`make_engine`): WAL journal and a busy timeout on every connection, so a burst of
+writers waits for the lock instead of failing with "database is locked" and readers never
+block the writer; the database file is created (or tightened to) mode 0600, since rows hold
+prompts (user data), and SQLite gives its -wal / -shm files the same mode.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import stat
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -19,10 +27,17 @@ from sqlalchemy import (
     Text,
     bindparam,
     create_engine,
+    event,
+    exc,
     insert,
+    make_url,
     select,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+log = logging.getLogger(__name__)
+
+SQLITE_BUSY_TIMEOUT_MS = 5000  # how long a SQLite writer waits for the lock before failing
 
 
 class Base(DeclarativeBase):
@@ -83,12 +98,55 @@ class ServedRequest(Base):
     finished_s: Mapped[float | None] = mapped_column(Float)
 
 
+class DuplicateRequest(ValueError):
+    """A request id already in the store (or already queued for it)."""
+
+
+def is_duplicate(e: BaseException) -> bool:
+    """Whether a store `add` failed because the request id is taken (not because the
+    database failed): the only add failure a client is told about."""
+    return isinstance(e, (DuplicateRequest, exc.IntegrityError))
+
+
 def make_engine(url: str = "sqlite:///ecoserve.db", **kw: Any) -> Engine:
-    if url.startswith("sqlite"):
-        # The scheduler may touch the store from more than one thread; each session still
-        # uses one connection at a time.
-        kw["connect_args"] = {"check_same_thread": False, **kw.get("connect_args", {})}
-    return create_engine(url, future=True, pool_pre_ping=True, **kw)
+    """An engine for `url`; for SQLite: WAL, a busy timeout and a 0600 file (see above)."""
+    if not url.startswith("sqlite"):
+        return create_engine(url, future=True, pool_pre_ping=True, **kw)
+    # The scheduler may touch the store from more than one thread; each session still
+    # uses one connection at a time.
+    kw["connect_args"] = {"check_same_thread": False, **kw.get("connect_args", {})}
+    _private_file(make_url(url).database)
+    engine = create_engine(url, future=True, pool_pre_ping=True, **kw)
+    event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    try:
+        cur.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        cur.execute("PRAGMA journal_mode = WAL")  # an in-memory database stays "memory"
+        cur.execute("PRAGMA synchronous = NORMAL")  # WAL's usual pairing: durable at checkpoints
+    finally:
+        cur.close()
+
+
+def _private_file(database: str | None) -> None:
+    """Create the SQLite file with mode 0600, or take group and other access off an
+    existing one (an in-memory or URI database is left alone)."""
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    fd = os.open(database, os.O_CREAT | os.O_RDONLY, 0o600)
+    try:
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        if mode & 0o077:
+            try:
+                os.fchmod(fd, 0o600)
+                log.warning("request store %s had mode %o: set to 0600", database, mode)
+            except OSError as e:  # not ours to change: say so, and go on
+                log.warning("request store %s: mode %o left as it is (%s)", database, mode, e)
+    finally:
+        os.close(fd)
 
 
 class SchemaVersion(Base):
@@ -200,13 +258,14 @@ class RequestStore:
     def finished_pairs(
         self, limit: int | None = None, model_id: str | None = None
     ) -> list[tuple[str, int]]:
-        """(prompt, response_tokens) of finished rows, oldest first by finished_s.
+        """(prompt, response_tokens) of finished rows, oldest first by finished_s; rows stored
+        without their prompt (`store_prompts` off) have nothing to train on and are left out.
 
         With `limit`, only the newest `limit` rows, still oldest first. request_id breaks
         finished_s ties so the order (and which rows a limit keeps) is deterministic.
         """
         q = select(ServedRequest.prompt, ServedRequest.response_tokens).where(
-            ServedRequest.status == "finished"
+            ServedRequest.status == "finished", ServedRequest.prompt != ""
         )
         if model_id is not None:
             q = q.where(ServedRequest.model_id == model_id)
@@ -259,10 +318,14 @@ class RequestStore:
                 s.execute(stmt, batch)
 
     def _update(self, request_id: str, **values: Any) -> None:
+        """Set `values` on one row; a row already terminal is left as it is (as in
+        `write_batch`): a late update never changes how a request ended."""
         with self._session.begin() as s:
             row = s.get(ServedRequest, request_id)
             if row is None:
                 # Raising inside begin() rolls the transaction back: nothing is written.
                 raise KeyError(f"no served request with request_id {request_id!r}")
+            if row.status in TERMINAL:
+                return
             for name, value in values.items():
                 setattr(row, name, value)

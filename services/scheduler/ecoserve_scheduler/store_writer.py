@@ -27,7 +27,7 @@ from typing import Any
 
 from sqlalchemy import exc
 
-from .store import TERMINAL, RequestStore, ServedRequest
+from .store import TERMINAL, DuplicateRequest, RequestStore, ServedRequest
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,8 @@ class StoreWriter:
         predicted_tokens: int | None = None,
     ) -> None:
         """Queue the insert of a queued request; a request_id this writer already accepted
-        raises ValueError here (one from an earlier run fails at write time, see above)."""
+        raises DuplicateRequest (a ValueError) here (one from an earlier run fails at write
+        time, see above)."""
         row = {"request_id": request_id, "prompt": prompt, "prompt_tokens": prompt_tokens}
         row |= {"max_tokens": max_tokens, "arrival_s": arrival_s, "model_id": model_id}
         self._put(request_id, {**row, "predicted_tokens": predicted_tokens}, is_add=True)
@@ -130,7 +131,7 @@ class StoreWriter:
                 raise RuntimeError("store writer is closed")
             if is_add:
                 if request_id in self._ids:
-                    raise ValueError(f"request_id {request_id!r} was already added")
+                    raise DuplicateRequest(f"request_id {request_id!r} was already added")
                 self._ids.add(request_id)
             self._queue.append((request_id, values, is_add))
             self._accepted += 1

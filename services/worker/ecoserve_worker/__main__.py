@@ -13,6 +13,12 @@
 checkpoint directory; a name or .gguf is fetched and converted into the models directory the
 first time (`ecoserve_worker.models.ensure_model`; `make model` does it ahead of time).
 
+Worker-plane keys and secrets never come from the command line (any user sees it in `ps`):
+the CURVE keys from `--keys-dir` / ECOSERVE_WORKER_KEYS_DIR (the scheduler's server.key and this
+worker's worker.key_secret), the shared secret from ECOSERVE_WORKER_AUTH_TOKEN or
+`--auth-token-file`. Without keys the worker refuses to start unless `--insecure` (or
+ECOSERVE_WORKER_PLANE_INSECURE=true) says the network is trusted.
+
 A model worker profiles itself before it registers: it times steps over a grid of batch shapes,
 announces the token budget where prefill throughput stops improving (unless --token-budget is
 given) and, with --profile-out, writes the timings as JSONL the simulator's cost model fits
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import socket
 import sys
@@ -32,6 +39,10 @@ from ecoserve_common.models import DEFAULT_MODEL
 from .dtypes import DTYPES, default_dtype
 
 log = logging.getLogger("ecoserve_worker")
+
+KEYS_ENV = "ECOSERVE_WORKER_KEYS_DIR"
+INSECURE_ENV = "ECOSERVE_WORKER_PLANE_INSECURE"
+TOKEN_ENV = "ECOSERVE_WORKER_AUTH_TOKEN"
 
 DEFAULT_TOKEN_BUDGET = 512
 # A profiled budget grows while a pure prefill step stays within this. Not a per-step TPOT
@@ -102,10 +113,66 @@ def build_parser() -> argparse.ArgumentParser:
         help="profile even where this machine kept a profile of the same model and settings "
         "($ECOSERVE_PROFILE_CACHE, default ~/.cache/ecoserve/profiles)",
     )
-    p.add_argument("--auth-token", default="", help="shared secret the scheduler checks")
-    p.add_argument("--heartbeat-s", type=float, default=1.0, help="idle heartbeat period")
+    p.add_argument(
+        "--keys-dir",
+        default=os.environ.get(KEYS_ENV, ""),
+        help=f"CURVE keys: server.key and worker.key_secret (env {KEYS_ENV})",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        default=_env_true(INSECURE_ENV),
+        help=f"no keys: a plain, unauthenticated connection (env {INSECURE_ENV}=true)",
+    )
+    p.add_argument("--auth-token", action=_RefuseSecret, help=f"not a flag: set env {TOKEN_ENV}")
+    p.add_argument(
+        "--auth-token-file",
+        default="",
+        help=f"a file holding the shared secret (default: env {TOKEN_ENV}, else none)",
+    )
+    p.add_argument(
+        "--heartbeat-s",
+        type=float,
+        default=0.5,
+        help="heartbeat period, during steps too (the scheduler may ask for a shorter one)",
+    )
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     return p
+
+
+class _RefuseSecret(argparse.Action):
+    """--auth-token: refused (a command line is visible to every user in `ps`), saying where
+    the secret goes instead."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(
+            f"{option_string}: not on the command line; set {TOKEN_ENV} or --auth-token-file"
+        )
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def worker_plane(args: argparse.Namespace):
+    """(WorkerKeys or None, auth token) from files and the environment; ValueError saying what
+    to do when there are no keys and --insecure was not given."""
+    from ecoserve_common.curve import HOW_TO_CREATE, WorkerKeys
+
+    token = os.environ.get(TOKEN_ENV, "")
+    if args.auth_token_file:
+        with open(args.auth_token_file) as f:
+            token = f.read().strip()
+    if args.keys_dir:
+        return WorkerKeys.load(os.path.expanduser(args.keys_dir)), token
+    if args.insecure:
+        log.warning("worker plane INSECURE (--insecure): no encryption, no scheduler identity")
+        return None, token
+    raise ValueError(
+        f"no worker keys: give --keys-dir DIR (or {KEYS_ENV}) holding the scheduler's server.key "
+        f"and a worker.key_secret ({HOW_TO_CREATE} on the scheduler's host; another host: see "
+        f"services/worker/README.md), or --insecure on a trusted, isolated network"
+    )
 
 
 def _device(text: str) -> str:
@@ -244,19 +311,18 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from ecoserve_common.curve import KeysError
+
     from .server import WorkerServer
 
     try:
+        keys, token = worker_plane(args)  # before the model loads: fail fast
         backend = make_backend(args)
-    except (
-        ValueError,
-        KeyError,
-        OSError,
-    ) as exc:  # bad model dir / unknown profile: say so, no trace
+    except (ValueError, KeyError, OSError, KeysError) as exc:  # say so, no trace
         log.error("cannot start worker: %s", exc)
         return 2
     server = WorkerServer(
-        args.scheduler, args.worker_id, backend, args.auth_token, heartbeat_s=args.heartbeat_s
+        args.scheduler, args.worker_id, backend, token, heartbeat_s=args.heartbeat_s, keys=keys
     )
 
     def on_signal(signum, _frame) -> None:

@@ -5,7 +5,8 @@ Each answers `execute(step) -> StepResult` (one token per id of `step.sampled_id
 and `info() -> dict` with the facts the Register message carries. The server passes the plan's
 columns as they came off the wire (`StepInputs`); an in-process `BatchPlan` works too. A backend
 never raises out of `execute`: a failed step comes back as a StepResult with `error` set, so the
-scheduler can recompute its requests and the worker keeps serving.
+scheduler can recompute its requests and the worker keeps serving; a step where only some rows'
+sampling failed comes back with those rows in `failed` (their requests fail, the rest stand).
 
 torch is imported only by ModelBackend, so a sim worker starts fast and small (a scale test runs
 dozens of them on one machine).
@@ -40,7 +41,9 @@ class ModelBackend:
         model_id: str | None = None,
         max_generators: int = DEFAULT_MAX_GENERATORS,
     ) -> None:
-        from .sampling import Sampler  # torch only when a model runs
+        from .sampling import RowErrors, Sampler  # torch only when a model runs
+
+        self._row_errors = RowErrors
 
         self.runner = runner
         self.token_budget = token_budget
@@ -66,6 +69,12 @@ class ModelBackend:
             inp = step if isinstance(step, StepInputs) else StepInputs.from_plan(step)
             self.runner.copy_blocks(inp.block_copies)
             tokens = self.sampler.sample(self.runner.forward(inp), inp)
+        except self._row_errors as exc:  # some rows' sampling failed: only their requests fail
+            log.warning("step %d: %s", step.step_id, exc)
+            kept = [0 if t is None else t for t in exc.tokens]  # placeholders for failed rows
+            elapsed = time.perf_counter() - start
+            failed = tuple(exc.errors.items())
+            return StepResult(step.step_id, step.worker_id, kept, elapsed, None, failed)
         except Exception as exc:  # a bad plan or a device error fails the step, not the worker
             log.exception("step %d failed", step.step_id)
             error = f"{type(exc).__name__}: {exc}"

@@ -3,8 +3,9 @@ generators that make a request's samples reproducible whatever else shares the b
 
 `Sampler.sample` reads the step's sampling columns (`StepInputs.sampling_sets` and
 `sampling_index`): when every distinct setting is greedy, the step is one argmax over the batch;
-otherwise each sampling row is drawn on its own, and a row whose sampling raises is reported by
-request id (`RowErrors`) after every other row has been drawn.
+otherwise each sampling row is drawn on its own. A row whose sampling raises, or whose logits or
+probabilities are not finite, is reported by request id (`RowErrors`) after every other row has
+been drawn: one poisoned row never costs the rest of the batch their tokens.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def sample(
         drop = cum - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the token crossing top_p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     probs = torch.softmax(logits, dim=-1)
+    if not bool(torch.isfinite(probs).all()):  # NaN logits, or every token filtered out
+        raise ValueError("sampling probabilities are not finite")
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
@@ -87,11 +90,19 @@ class Sampler:
     def sample(self, logits: torch.Tensor, inp: StepInputs) -> list[int]:
         """One token per sampling row of `inp`; `logits` has one row per sampling row."""
         sets = inp.sampling_sets
-        if all(sp.temperature <= 0 for sp in sets):
-            # All greedy (the common case): one argmax over the batch, not one per row.
-            return greedy(logits)
         rids = inp.request_ids
         rows = inp.sample_rows
+        if all(sp.temperature <= 0 for sp in sets):
+            # All greedy (the common case): one argmax over the batch, not one per row, and
+            # one check that no row's logits hold NaN or inf (argmax would pick garbage).
+            tokens = greedy(logits)
+            if len(tokens) and not bool(torch.isfinite(logits).all()):
+                bad = (~torch.isfinite(logits).all(-1)).nonzero().flatten().tolist()
+                errors = {
+                    rids[i if rows is None else rows[i]]: "logits are not finite" for i in bad
+                }
+                raise RowErrors(errors, [None if i in bad else t for i, t in enumerate(tokens)])
+            return tokens
         tokens: list[int | None] = []
         errors: dict[str, str] = {}
         for i, k in enumerate(inp.sampling_index):

@@ -4,27 +4,40 @@ a StepResult.
 
 Protocol (one protobuf Envelope per frame, see proto/worker.proto):
 
-- start: send Register (the backend's info + auth token), wait for Registered; refused -> exit.
+- connect: CURVE with `WorkerKeys` (this worker's key pair, the scheduler's public key), or
+  the NULL mechanism without; no routing id of its own (the ROUTER gives each connection one,
+  so no peer can take over another's); frames over MAX_FRAME_BYTES are refused.
+- start: send Register (the backend's info, the auth token and a random `incarnation` for this
+  process), wait for Registered; refused -> exit. Unanswered, Register is sent again every
+  REGISTER_RETRY_S with a warning (the scheduler may be down, or the keys may not match).
 - Plan -> execute -> StepResult. Heartbeat -> Heartbeat echoing the sender's `sent_s`, so the
-  scheduler can time the round trip. When nothing has been sent for `heartbeat_s`, the worker
-  sends its own Heartbeat (its clock in `sent_s`).
+  scheduler can time the round trip. When nothing has been sent for `heartbeat_s` (at most the
+  scheduler's `Registered.heartbeat_s`), the worker sends its own Heartbeat (its clock in
+  `sent_s`), during a long step too: a pulse thread takes the socket while `execute` runs.
 - Drain: the step in flight is already done (one step at a time); later plans get an Error with
   code "draining". Shutdown: exit. `stop()` (SIGTERM in the CLI) exits too.
 - Error "unregistered" (a restarted scheduler does not know this worker): send Register again
-  and keep serving; the Registered that answers it is checked like the first one.
+  and keep serving; the Registered that answers it is checked like the first one. While one
+  Register is unanswered (less than REGISTER_RETRY_S old), further "unregistered" replies send
+  none: a burst of them must not become a burst of registrations.
 - A frame that cannot be used gets an Error reply with its code ("malformed", "version",
   "unknown", "invalid") and the loop goes on: bad input never kills the worker.
+
+Invariant: the socket is used by one thread at a time. The loop thread holds `_sock_lock`
+except while the backend executes a step; the pulse thread only sends while it holds it.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from typing import Any, Protocol
 
 import zmq
 
+from ecoserve_common.curve import WorkerKeys, connect_curve, limit_frames
 from ecoserve_common.pb import worker_pb2 as pb
 from ecoserve_common.plan import StepInputs, StepResult
 from ecoserve_common.wire import WireError, decode, encode, result_to_proto, step_inputs_from_proto
@@ -33,6 +46,7 @@ log = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
+REGISTER_RETRY_S = 5.0  # an unanswered Register is sent again after this long
 
 
 class Backend(Protocol):
@@ -42,16 +56,19 @@ class Backend(Protocol):
 
 
 class WorkerServer:
+    """`keys=None` is the NULL mechanism: only against a scheduler run insecure, or tests."""
+
     def __init__(
         self,
         scheduler_addr: str,
         worker_id: str,
         backend: Backend,
         auth_token: str = "",
-        heartbeat_s: float = 1.0,
+        heartbeat_s: float = 0.5,
         poll_s: float = 0.05,
         context: zmq.Context | None = None,
         linger_ms: int = 200,
+        keys: WorkerKeys | None = None,
     ) -> None:
         self.scheduler_addr = scheduler_addr
         self.worker_id = worker_id
@@ -60,11 +77,16 @@ class WorkerServer:
         self.heartbeat_s = heartbeat_s
         self.poll_s = poll_s  # longest wait before checking stop(): bounds shutdown latency
         self.linger_ms = linger_ms
+        self.keys = keys
+        self.incarnation = secrets.token_hex(8)  # this process's start, as Register says
         self._own_context = context is None
         self._context = context or zmq.Context()
         self._stop = threading.Event()
         self._sock: zmq.Socket | None = None
+        self._sock_lock = threading.Lock()  # the loop holds it except inside execute()
         self._last_sent = 0.0
+        self._register_sent: float | None = None  # when the unanswered Register went out
+        self.registers_sent = 0
         self.draining = False
         self.steps_done = 0
         self._exit_code = EXIT_OK  # what run() returns when _serve ends on a frame
@@ -77,24 +99,37 @@ class WorkerServer:
 
     def run(self) -> int:
         """Register, then serve until Shutdown or stop(). Returns an exit code (0 ok, 1 refused)."""
+        self._sock_lock.acquire()
         self._sock = self._connect()
+        pulse = threading.Thread(target=self._pulse, name="worker-pulse", daemon=True)
+        pulse.start()
         try:
             code = self._register()
             if code is not None:
                 return code
             return self._serve()
         finally:
+            self._stop.set()  # ends the pulse thread too
             self._sock.close(linger=self.linger_ms)
             self._sock = None
+            self._sock_lock.release()
+            pulse.join(2)
             if self._own_context:
                 self._context.term()
             log.info("worker %s stopped after %d steps", self.worker_id, self.steps_done)
 
     def _connect(self) -> zmq.Socket:
         sock = self._context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.ROUTING_ID, self.worker_id.encode())
+        limit_frames(sock)
+        if self.keys is not None:
+            connect_curve(sock, self.keys)
         sock.connect(self.scheduler_addr)
-        log.info("worker %s connecting to %s", self.worker_id, self.scheduler_addr)
+        log.info(
+            "worker %s connecting to %s (%s)",
+            self.worker_id,
+            self.scheduler_addr,
+            "CURVE" if self.keys is not None else "INSECURE: no keys",
+        )
         return sock
 
     def _register(self) -> int | None:
@@ -104,6 +139,15 @@ class WorkerServer:
         while not self._stop.is_set():
             msg = self._recv(self.poll_s)
             if msg is None:
+                if time.monotonic() - (self._register_sent or 0.0) >= REGISTER_RETRY_S:
+                    log.warning(
+                        "no answer from the scheduler at %s in %.0fs: is it up, and does it "
+                        "allow this worker's key (its server.key here, this key in its "
+                        "workers/)? registering again",
+                        self.scheduler_addr,
+                        REGISTER_RETRY_S,
+                    )
+                    self._send_register()
                 continue
             env, body = msg
             if body == "registered":
@@ -119,7 +163,11 @@ class WorkerServer:
             log.error("scheduler refused worker %s: %s", self.worker_id, reply.reason)
             self._exit_code = EXIT_REFUSED
             return EXIT_REFUSED
-        log.info("worker %s registered with %s", self.worker_id, self.scheduler_addr)
+        if self._register_sent is not None:  # a duplicate acknowledgement logs nothing
+            log.info("worker %s registered with %s", self.worker_id, self.scheduler_addr)
+        self._register_sent = None
+        if 0 < reply.heartbeat_s < self.heartbeat_s:
+            self.heartbeat_s = reply.heartbeat_s  # the scheduler's timeout decides
         return None
 
     def _serve(self) -> int:
@@ -151,8 +199,10 @@ class WorkerServer:
             if self._on_registered(env.registered) is not None:
                 return False
         elif body == "error" and env.error.code == "unregistered":
-            log.warning("scheduler does not know this worker (restarted?): registering again")
-            self._send_register()
+            pending = self._register_sent
+            if pending is None or time.monotonic() - pending >= REGISTER_RETRY_S:
+                log.warning("scheduler does not know this worker (restarted?): registering again")
+                self._send_register()
         elif body == "error":  # logged, never answered: two peers must not trade Errors forever
             log.warning("scheduler reported %s: %s", env.error.code, env.error.message)
         else:
@@ -169,9 +219,28 @@ class WorkerServer:
             log.warning("bad plan %d: %s", msg.step_id, e)
             self._send_error(e.code, e.message, msg.step_id)
             return
-        result = self.backend.execute(step)
+        self._sock_lock.release()  # the pulse thread may heartbeat while the step runs
+        try:
+            result = self.backend.execute(step)
+        finally:
+            self._sock_lock.acquire()
         self.steps_done += 1
         self._send(result_to_proto(result))
+
+    def _pulse(self) -> None:
+        """Heartbeat while a step runs (the loop heartbeats when idle): a long prefill must not
+        look like a dead worker. Takes the socket only while the loop has let go of it."""
+        while not self._stop.wait(min(self.heartbeat_s, 1.0) / 2):
+            if not self._sock_lock.acquire(blocking=False):
+                continue  # the loop has the socket: it heartbeats itself
+            try:
+                if (
+                    self._sock is not None
+                    and time.monotonic() - self._last_sent >= self.heartbeat_s
+                ):
+                    self._send(pb.Heartbeat(sent_s=time.time(), steps_done=self.steps_done))
+            finally:
+                self._sock_lock.release()
 
     def _recv(self, timeout_s: float) -> tuple[pb.Envelope, str] | None:
         """The next usable frame, or None (timeout, or a bad frame already answered)."""
@@ -186,7 +255,13 @@ class WorkerServer:
             return None
 
     def _send_register(self) -> None:
-        self._send(pb.Register(auth_token=self.auth_token, **self.backend.info()))
+        self._register_sent = time.monotonic()
+        self.registers_sent += 1
+        self._send(
+            pb.Register(
+                auth_token=self.auth_token, incarnation=self.incarnation, **self.backend.info()
+            )
+        )
 
     def _send_error(self, code: str, message: str, step_id: int = 0) -> None:
         self._send(pb.Error(code=code, message=message, step_id=step_id))

@@ -31,7 +31,7 @@ class Envelope(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., worker_id: _Optional[str] = ..., register: _Optional[_Union[Register, _Mapping]] = ..., registered: _Optional[_Union[Registered, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., plan: _Optional[_Union[BatchPlan, _Mapping]] = ..., result: _Optional[_Union[StepResult, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., drain: _Optional[_Union[Drain, _Mapping]] = ..., shutdown: _Optional[_Union[Shutdown, _Mapping]] = ...) -> None: ...
 
 class Register(_message.Message):
-    __slots__ = ("model_id", "block_size", "num_blocks", "token_budget", "device", "max_model_len", "auth_token")
+    __slots__ = ("model_id", "block_size", "num_blocks", "token_budget", "device", "max_model_len", "auth_token", "incarnation")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +39,7 @@ class Register(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     AUTH_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     block_size: int
     num_blocks: int
@@ -46,15 +47,18 @@ class Register(_message.Message):
     device: str
     max_model_len: int
     auth_token: str
-    def __init__(self, model_id: _Optional[str] = ..., block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., token_budget: _Optional[int] = ..., device: _Optional[str] = ..., max_model_len: _Optional[int] = ..., auth_token: _Optional[str] = ...) -> None: ...
+    incarnation: str
+    def __init__(self, model_id: _Optional[str] = ..., block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., token_budget: _Optional[int] = ..., device: _Optional[str] = ..., max_model_len: _Optional[int] = ..., auth_token: _Optional[str] = ..., incarnation: _Optional[str] = ...) -> None: ...
 
 class Registered(_message.Message):
-    __slots__ = ("accepted", "reason")
+    __slots__ = ("accepted", "reason", "heartbeat_s")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_S_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     reason: str
-    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+    heartbeat_s: float
+    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., heartbeat_s: _Optional[float] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ("sent_s", "steps_done")
@@ -139,16 +143,25 @@ class BatchPlan(_message.Message):
     def __init__(self, step_id: _Optional[int] = ..., decodes: _Optional[_Union[DecodeBatch, _Mapping]] = ..., prefills: _Optional[_Iterable[_Union[PrefillChunk, _Mapping]]] = ..., block_copies: _Optional[_Iterable[_Union[BlockCopy, _Mapping]]] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("step_id", "tokens", "forward_s", "error")
+    __slots__ = ("step_id", "tokens", "forward_s", "error", "failed")
+    class RowFailure(_message.Message):
+        __slots__ = ("request_id", "reason")
+        REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+        REASON_FIELD_NUMBER: _ClassVar[int]
+        request_id: str
+        reason: str
+        def __init__(self, request_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     FORWARD_S_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
     forward_s: float
     error: str
-    def __init__(self, step_id: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., forward_s: _Optional[float] = ..., error: _Optional[str] = ...) -> None: ...
+    failed: _containers.RepeatedCompositeFieldContainer[StepResult.RowFailure]
+    def __init__(self, step_id: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., forward_s: _Optional[float] = ..., error: _Optional[str] = ..., failed: _Optional[_Iterable[_Union[StepResult.RowFailure, _Mapping]]] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "message", "step_id")

@@ -106,9 +106,7 @@ class SchedulerCore:
         batching)."""
         w = self.workers[worker_id]
         if w.in_flight is not None:
-            raise RuntimeError(
-                f"worker {worker_id} already has step {w.in_flight.step_id} in flight"
-            )
+            raise RuntimeError(f"worker {worker_id} already has step {w.in_flight.step_id} out")
         policy, step = self.policy, Step(w, now, self.iter_time_ema_s, self.workers)
         policy.queue.begin_step()
         # 1. KVCPipe: a host about to write into its loan first has the guest moved away.
@@ -275,6 +273,10 @@ class SchedulerCore:
             return self._step_failed(plan, now, "result has the wrong token count")
         events: list[Event] = []
         wid, running, append = w.spec.worker_id, Status.RUNNING, events.append
+        for rid, why in result.failed:  # a row whose sampling failed fails its request alone
+            if (bad := self.requests.get(rid)) and bad.status is running and bad.worker_id == wid:
+                self._release(bad)
+                append(self._fail(bad, now, f"failed: sampling: {why}"))
         new = tuple.__new__  # builds a TokenEvent at half the cost of calling the NamedTuple
         # Decodes: the hot loop. `w.in_flight_reqs` is aligned with plan.decodes.
         for r, token in zip(w.in_flight_reqs, tokens, strict=False):

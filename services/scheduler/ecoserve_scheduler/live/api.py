@@ -2,7 +2,10 @@
 
 Rejected("invalid") is INVALID_ARGUMENT with the reason, "exhausted" is RESOURCE_EXHAUSTED
 with a `retry-after-ms` trailer, "exists" is ALREADY_EXISTS; a passed deadline is
-DEADLINE_EXCEEDED. A client that cancels the call aborts its request.
+DEADLINE_EXCEEDED. A client that cancels the call aborts its request. A call without a deadline
+waits as long as its request runs. Every path ends the request's store row terminal (the
+Frontend's follow records the end however the call stops), and no status carries database or
+Python internals: anything unexpected is INTERNAL "internal error", logged here.
 
 Sampling parameters are built with `SamplingParams.checked`: a bad one is INVALID_ARGUMENT
 whose details start with the field's name ("top_k: ..."). The request id is the caller's
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 from collections.abc import Iterator
 
 import grpc
@@ -25,6 +29,8 @@ from ecoserve_common.pb import scheduler_pb2_grpc as pb_grpc
 from ecoserve_common.sampling import InvalidSampling, SamplingParams
 
 from .frontend import RETRY_AFTER_S, Frontend, GenerateParams, Rejected
+
+log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Scheduler"].full_name
 _CODES = {
@@ -62,16 +68,14 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         )
 
     def Cancel(self, request, context) -> pb.CancelResponse:
-        store = self.frontend.store
-        row = store.get(request.request_id) if store else None
+        row = self._row(request.request_id, context)
         self.frontend.cancel(request.request_id)
         return pb.CancelResponse(found=row is not None and row.status in ("queued", "running"))
 
     def GetRequest(self, request, context) -> pb.RequestInfo:
-        store = self.frontend.store
-        row = store.get(request.request_id) if store else None
+        row = self._row(request.request_id, context)
         if row is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"no request {request.request_id!r}")
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no request {request.request_id[:128]!r}")
         return pb.RequestInfo(
             request_id=row.request_id,
             status=row.status,
@@ -90,6 +94,17 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             workers=snap.get("workers", []),
         )
 
+    def _row(self, request_id: str, context):
+        """The request's store row (None without a store); UNAVAILABLE if the store fails."""
+        store = self.frontend.store
+        if store is None or check_request_id(request_id) is not None:
+            return None
+        try:
+            return store.get(request_id)
+        except Exception:
+            log.exception("store read of %r failed", request_id)
+            context.abort(grpc.StatusCode.UNAVAILABLE, "request store unavailable; retry")
+
     def _start(self, m: pb.GenerateRequest, context):
         rid = m.request_id or new_request_id("req-")
         problem = check_request_id(rid)
@@ -104,10 +119,15 @@ class SchedulerService(pb_grpc.SchedulerServicer):
                 retry_ms = str(int(RETRY_AFTER_S * 1000))
                 context.set_trailing_metadata((("retry-after-ms", retry_ms),))
             context.abort(_CODES[r.code], r.message)
+        except Exception:
+            log.exception("request %r could not start", rid)
+            context.abort(grpc.StatusCode.INTERNAL, "internal error")
         context.add_callback(lambda: self.frontend.cancel(handle.request_id))  # no-op when done
         return handle, n
 
     def _follow(self, handle, context):
+        """The request's tokens; without a deadline time_remaining() is None or grpc's
+        far-future value, which the Frontend's follow takes as no deadline."""
         try:
             yield from self.frontend.follow(handle, context.time_remaining())
         except TimeoutError as e:

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-MAX_STOP = 4  # OpenAI's limit on stop strings per request
+from ecoserve_common.sampling import MAX_STOP_STRINGS
+
+MAX_STOP = MAX_STOP_STRINGS  # OpenAI's limit on stop strings per request (checked at the edge)
 PREFIX_TOKENS = 6  # ids of context decoded before the new ones
 
 

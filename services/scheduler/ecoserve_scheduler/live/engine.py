@@ -2,17 +2,27 @@
 
 The core decides; this loop only moves frames and reads the clock:
 
-- a ROUTER socket (ROUTER_HANDOVER on, so a restarted worker with the same id takes over its
-  routing id) receives Register / StepResult / Heartbeat / Error from DEALER workers;
-- Register is checked against the shared secret, then becomes `core.add_worker`; a worker that
-  registers again under a live id is removed first (its requests recomputed), then re-added;
+- the worker plane (`worker_plane.WorkerPlane`: a ROUTER; CURVE with allow-listed keys when
+  given `ServerKeys`) receives Register / StepResult / Heartbeat / Error from DEALER workers,
+  each frame with its connection's key; a registered worker's frames must carry the key it
+  registered with;
+- Register is checked (worker id, shared secret, pool) and becomes `core.add_worker`. It is
+  idempotent: the same process (same key and `incarnation`) registering again is only
+  acknowledged (on a new connection its step in flight fails: plan or result may be lost); a
+  new incarnation under a live id is a restart, removed first (requests recomputed), re-added;
 - every registered worker with no step in flight gets `core.schedule(worker, now)`; a result
   goes to `core.update`, whose events reach each request's handle;
-- a worker silent for `worker_timeout_s` (no result, heartbeat or other frame) is dropped with
-  `core.remove_worker`: its in-flight requests go back to the queues and run elsewhere, so no
-  accepted request is lost while any worker is left;
+- a worker silent for `worker_timeout_s` (plus twice its slowest step while one is in flight)
+  is dropped with `core.remove_worker`: its in-flight requests run elsewhere. Workers heartbeat
+  every timeout/4 (`Registered.heartbeat_s`), during steps too. Time the loop itself did not
+  run (a stalled process) does not count as their silence;
 - an Error that answers a plan (draining, invalid) fails that step, as a failed step result;
-- frames from an unregistered peer get Error "unregistered" (the worker then registers again).
+- frames from an unregistered peer get Error "unregistered" (the worker then registers again);
+  strangers' Registers and the replies they get are rationed by the plane; the rest dropped.
+
+Anything unexpected inside the loop (a core method raising, a bug) marks the engine dead:
+`failure` says why (health checks answer 503), every request it held fails with that reason,
+new ones fail at once. It is never silently gone while health says ok.
 
 Other threads talk to the loop only through `submit` / `cancel` (a thread-safe queue); each
 request's events arrive on its own `RequestHandle` queue. Invariant: only the loop thread
@@ -21,7 +31,6 @@ touches the core and the socket.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import queue
 import threading
@@ -31,17 +40,21 @@ from dataclasses import dataclass, field
 
 import zmq
 
+from ecoserve_common.curve import ServerKeys
 from ecoserve_common.pb import worker_pb2 as pb
 from ecoserve_common.wire import WireError, decode, encode, plan_to_proto, result_from_proto
 
 from ..core import SchedulerCore, StepResult, WorkerSpec
 from ..core.events import FinishEvent, PreemptEvent, TokenEvent
 from ..core.request import Request
+from .worker_plane import Inbound, WorkerConn, WorkerPlane, refusal
 
 log = logging.getLogger(__name__)
 
 IDLE_POLL_S = 0.002  # longest wait for a frame when no command is pending
+FRAMES_PER_TICK = 64  # take what is there, but never starve the rest of the loop
 STATS_EVERY_S = 0.05
+STALL_S = 0.5  # a loop iteration this late means the loop, not the workers, was silent
 
 
 @dataclass
@@ -58,22 +71,25 @@ class RequestHandle:
         return self.done.wait(timeout)
 
 
-@dataclass
-class _Worker:
-    routing_id: bytes
-    last_seen: float
-    steps: int = 0
+def close_handle(handle: RequestHandle, reason: str) -> None:
+    handle.finish_reason = reason
+    handle.events.put(FinishEvent(handle.request_id, reason))
+    handle.done.set()
 
 
 class LiveEngine:
+    """`keys=None` is the NULL mechanism (no encryption, no peer keys): for tests in one
+    process only. The services (`serve`) refuse to run that way unless told to."""
+
     def __init__(
         self,
         core: SchedulerCore,
         bind: str = "tcp://127.0.0.1:*",
         auth_token: str = "",
-        worker_timeout_s: float = 10.0,
+        worker_timeout_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
         context: zmq.Context | None = None,
+        keys: ServerKeys | None = None,
     ) -> None:
         self.core = core
         self.auth_token = auth_token
@@ -81,16 +97,14 @@ class LiveEngine:
         self.clock = clock
         self._own_context = context is None
         self._ctx = context or zmq.Context()
-        self._sock = self._ctx.socket(zmq.ROUTER)
-        self._sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.bind(bind)
-        self.address = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._plane = WorkerPlane(self._ctx, bind, keys)
+        self.address = self._plane.address
+        self._workers: dict[str, WorkerConn] = self._plane.workers  # the plane's, by worker id
         self._inbox: queue.Queue = queue.Queue()
         self._handles: dict[str, RequestHandle] = {}
-        self._workers: dict[str, _Worker] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="live-engine", daemon=True)
+        self._failure: str | None = None
         self.workers_dropped = 0
         self.core_s = 0.0  # time inside core.schedule / core.update (scheduler overhead)
         self.forward_s = 0.0  # workers' reported step time
@@ -98,9 +112,10 @@ class LiveEngine:
         self.decode_tokens = 0  # tokens planned: with forward_s, the workers' speed in situ
         self.prefill_tokens = 0
         self._pending = 0  # submitted, not yet finished: admission control reads it
-        self._pending_lock = threading.Lock()
+        self._pending_lock = threading.Lock()  # also orders submit against the loop's death
         self.stats_snapshot: dict = {}  # the core's stats, refreshed by the loop
         self._stats_at = 0.0
+        self._tick_at = 0.0
 
     # ---- other threads -----------------------------------------------------------------------
 
@@ -112,15 +127,19 @@ class LiveEngine:
         self._stop.set()
         if self._thread.ident is not None:  # started
             self._thread.join(10)
-        self._sock.close()
+        self._plane.close()
         if self._own_context:
             self._ctx.term()
 
     def submit(self, request: Request) -> RequestHandle:
         handle = RequestHandle(request.request_id)
         with self._pending_lock:
-            self._pending += 1
-        self._inbox.put(("add", request, handle))
+            failure = self._failure
+            if failure is None:
+                self._pending += 1
+                self._inbox.put(("add", request, handle))
+        if failure is not None:
+            close_handle(handle, f"failed: {failure}")
         return handle
 
     @property
@@ -131,30 +150,58 @@ class LiveEngine:
         self._inbox.put(("abort", request_id, None))
 
     def worker_ids(self) -> list[str]:
-        return list(self._workers)
+        return [] if self._failure else list(self._workers)
 
     @property
     def failure(self) -> str | None:
         """Why the engine cannot serve (None while it can): health checks report it."""
-        return None if self._thread.is_alive() or not self._thread.ident else "engine loop exited"
+        if self._failure is None and self._thread.ident and not self._thread.is_alive():
+            return "engine loop exited"
+        return self._failure
 
     # ---- the loop ----------------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception as exc:  # anything unexpected: dead, and saying so (never silently)
+            log.exception("engine loop failed")
+            self._die(f"engine loop failed: {type(exc).__name__}: {exc}")
+
+    def _loop(self) -> None:
         poller = zmq.Poller()
-        poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._plane.sock, zmq.POLLIN)
+        self._tick_at = self.clock()
         while not self._stop.is_set():
             self._drain_inbox()
-            for _ in range(64):  # take what is there, but never starve the rest of the loop
-                if not poller.poll(0 if _ else IDLE_POLL_S * 1000):
+            for i in range(FRAMES_PER_TICK):
+                if not poller.poll(0 if i else IDLE_POLL_S * 1000):
                     break
-                self._on_frames(self._sock.recv_multipart())
+                inbound = self._plane.read()
+                if inbound is not None:
+                    self._on_inbound(inbound)
             now = self.clock()
+            self._forgive_stall(now)
             self._drop_silent(now)
             self._dispatch(now)
             if now - self._stats_at > STATS_EVERY_S:
                 self._stats_at = now
                 self._publish_stats()
+
+    def _die(self, reason: str) -> None:
+        """The loop is over: fail every request held or still queued; later submits fail."""
+        with self._pending_lock:
+            self._failure = reason
+        held, self._handles = list(self._handles.values()), {}
+        while True:
+            try:
+                kind, _, handle = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "add":
+                held.append(handle)
+        for handle in held:
+            self._finish(handle, f"failed: {reason}")
 
     def _publish_stats(self) -> None:
         self.stats_snapshot = {
@@ -167,6 +214,8 @@ class LiveEngine:
                 "decode_tokens": self.decode_tokens,
                 "prefill_tokens": self.prefill_tokens,
                 "workers_dropped": self.workers_dropped,
+                "frames_dropped": self._plane.dropped,
+                "worker_plane_secure": self._plane.secure,
             },
         }
 
@@ -203,47 +252,60 @@ class LiveEngine:
             if plan is not None:
                 self.decode_tokens += len(plan.decodes)
                 self.prefill_tokens += plan.num_tokens - len(plan.decodes)
-                self._sock.send_multipart([w.routing_id, encode("scheduler", plan_to_proto(plan))])
+                w.plan_sent_s = now
+                self._plane.send(w, encode("scheduler", plan_to_proto(plan)))
         return events
 
+    def _forgive_stall(self, now: float) -> None:
+        """A loop that did not run for a while read no heartbeats: that silence is its own."""
+        gap, self._tick_at = now - self._tick_at, now
+        if gap > STALL_S:
+            log.warning("engine loop stalled %.1fs: workers' silence during it not counted", gap)
+            for w in self._workers.values():
+                w.last_seen += gap
+
     def _drop_silent(self, now: float) -> None:
-        for wid in [
-            k for k, w in self._workers.items() if now - w.last_seen > self.worker_timeout_s
-        ]:
-            log.warning(
-                "worker %s silent for %.1fs: dropped", wid, now - self._workers[wid].last_seen
-            )
-            self._remove(wid, now)
+        for wid, w in list(self._workers.items()):
+            limit = self.worker_timeout_s
+            if self.core.workers[wid].in_flight is not None:
+                limit += 2 * w.slowest_step_s  # a step its heartbeats might not cover
+            if now - w.last_seen > limit:
+                log.warning("worker %s silent for %.1fs: dropped", wid, now - w.last_seen)
+                self._remove(wid, now)
 
     def _remove(self, wid: str, now: float) -> None:
-        del self._workers[wid]
+        self._plane.remove(wid)
         self.workers_dropped += 1
         self._deliver(self.core.remove_worker(wid, now))
 
     # ---- frames ------------------------------------------------------------------------------
 
-    def _on_frames(self, frames: list[bytes]) -> None:
-        if len(frames) != 2:
-            log.warning("dropped a message of %d frames (want routing id + one frame)", len(frames))
-            return
-        rid, frame = frames
-        try:
-            env, body = decode(frame)
-        except WireError as e:
-            self._reply(rid, pb.Error(code=e.code, message=e.message))
-            return
+    def _on_inbound(self, inb: Inbound) -> None:
         now = self.clock()
-        wid = rid.decode(errors="replace")
-        if body == "register":
-            self._on_register(rid, wid, env.register, now)
+        w = inb.worker
+        if w is not None and inb.key != w.key:
+            # Not possible while routing ids are the ROUTER's own; should it happen, this
+            # connection is not the one that registered, and no plan may go there again.
+            log.error("worker %s: a frame with another key on its connection: dropped", w.worker_id)
+            self._remove(w.worker_id, now)
             return
-        w = self._workers.get(wid)
-        if w is None or w.routing_id != rid:
-            self._reply(rid, pb.Error(code="unregistered", message=f"unknown worker {wid!r}"))
+        try:
+            env, body = decode(inb.data)
+        except WireError as e:
+            self._reply(inb, pb.Error(code=e.code, message=e.message), now)
+            return
+        if body == "register":
+            if self._plane.may_register(inb, now):
+                self._on_register(inb, env, now)
+            return
+        if w is None:
+            self._reply(inb, pb.Error(code="unregistered", message="register first"), now)
             return
         w.last_seen = now
+        wid = w.worker_id
         if body == "result":
             w.steps += 1
+            w.slowest_step_s = max(w.slowest_step_s, now - w.plan_sent_s)
             result = result_from_proto(env.result, wid)
             t0 = time.perf_counter()
             events = self.core.update(result, now)
@@ -259,35 +321,45 @@ class LiveEngine:
         elif body == "error":
             log.warning("worker %s reported %s: %s", wid, env.error.code, env.error.message)
         elif body != "heartbeat":
-            self._reply(rid, pb.Error(code="unknown", message=f"a scheduler does not take {body}"))
+            self._reply(inb, pb.Error(code="unknown", message=f"a scheduler takes no {body}"), now)
 
-    def _on_register(self, rid: bytes, wid: str, reg: pb.Register, now: float) -> None:
-        if not hmac.compare_digest(reg.auth_token.encode(), self.auth_token.encode()):
-            log.warning("worker %s refused: bad auth token", wid)
-            self._reply(rid, pb.Registered(accepted=False, reason="bad auth token"))
+    def _on_register(self, inb: Inbound, env: pb.Envelope, now: float) -> None:
+        reg, wid = env.register, env.worker_id
+        kind, why = "refused", refusal(wid, reg, self.auth_token)
+        if not why:
+            kind, why = self._plane.classify(inb.routing_id, inb.key, wid, reg.incarnation)
+        if kind == "refused":
+            log.warning("worker %r refused: %s", wid, why)
+            self._plane.send_to(inb.routing_id, encode("scheduler", pb.Registered(reason=why)))
             return
-        if reg.num_blocks <= 0 or reg.block_size <= 0:
-            self._reply(rid, pb.Registered(accepted=False, reason="no KV blocks announced"))
-            return
-        if wid in self._workers:  # restarted under the same id: its old pool is gone
-            self._remove(wid, now)
-        spec = WorkerSpec(
-            wid,
-            num_blocks=reg.num_blocks,
-            block_size=reg.block_size,
-            token_budget=reg.token_budget or 512,
-            max_model_len=reg.max_model_len or 4096,
-        )
-        self.core.add_worker(spec)
-        self._workers[wid] = _Worker(rid, now)
-        log.info("worker %s registered: %s on %s", wid, reg.model_id, reg.device)
-        self._reply(rid, pb.Registered(accepted=True))
+        if kind in ("again", "moved"):  # the same process: acknowledge, keep its state
+            self._workers[wid].last_seen = now
+            if kind == "moved":
+                self._plane.move(wid, inb.routing_id)
+                step = self.core.workers[wid].in_flight
+                if step is not None:
+                    self._fail_step(wid, step.step_id, "worker reconnected: step lost", now)
+        else:
+            if kind == "restarted":  # its old pool is gone: its requests are recomputed
+                self._remove(wid, now)
+            spec = WorkerSpec(
+                wid,
+                num_blocks=reg.num_blocks,
+                block_size=reg.block_size,
+                token_budget=reg.token_budget or 512,
+                max_model_len=reg.max_model_len or 4096,
+            )
+            self.core.add_worker(spec)
+            self._plane.add(inb.routing_id, inb.key, wid, reg.incarnation, now)
+            log.info("worker %s registered: %s on %s", wid, reg.model_id, reg.device)
+        ok = pb.Registered(accepted=True, heartbeat_s=self.worker_timeout_s / 4)
+        self._plane.send_to(inb.routing_id, encode("scheduler", ok))
 
     def _fail_step(self, wid: str, step_id: int, why: str, now: float) -> None:
         self._deliver(self.core.update(StepResult(step_id, wid, (), 0.0, why), now))
 
-    def _reply(self, rid: bytes, body) -> None:
-        self._sock.send_multipart([rid, encode("scheduler", body)])
+    def _reply(self, inb: Inbound, body, now: float) -> None:
+        self._plane.reply(inb, encode("scheduler", body), now)
 
     # ---- events to callers -------------------------------------------------------------------
 
@@ -310,6 +382,4 @@ class LiveEngine:
     def _finish(self, handle: RequestHandle, reason: str) -> None:
         with self._pending_lock:
             self._pending -= 1
-        handle.finish_reason = reason
-        handle.events.put(FinishEvent(handle.request_id, reason))
-        handle.done.set()
+        close_handle(handle, reason)

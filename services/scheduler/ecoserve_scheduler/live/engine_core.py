@@ -18,6 +18,13 @@ Messages are pickled: both ends are this program, and only this user can reach t
 (their directory is 0700). Invariant: only the loop thread touches the core and every socket.
 The child ignores SIGINT (the front end decides when to stop) and exits when its parent is
 gone, so no engine outlives the front end whose requests it holds.
+
+When the loop fails (anything unexpected), the child sends ("dead", reason) and exits 1; the
+front end fails what it held with that reason and starts a fresh core (engine_client).
+Workers' keys come from `--worker-keys-dir` (a path; the files hold the secrets), the shared
+worker secret from the environment: neither is ever in argv. Test hook: with
+ECOSERVE_ENGINE_CORE_TEST_CRASH_AFTER_STEPS=N the first core (`--generation 1`) raises inside
+its loop once it has run N steps, so the recovery path can be tested end to end.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ import sys
 
 import zmq
 
+from ecoserve_common.curve import ServerKeys
+
 from ..core import SchedulerCore, make_policy
 from ..core.events import FinishEvent
 from .engine import LiveEngine
@@ -42,12 +51,20 @@ class EngineCore(LiveEngine):
     """A LiveEngine whose callers live in another process: commands arrive on `commands`,
     events and stats leave on `outputs` instead of through RequestHandles."""
 
-    def __init__(self, core: SchedulerCore, commands: zmq.Socket, outputs: zmq.Socket, **kw):
+    def __init__(
+        self,
+        core: SchedulerCore,
+        commands: zmq.Socket,
+        outputs: zmq.Socket,
+        crash_after_steps: int | None = None,
+        **kw,
+    ):
         super().__init__(core, **kw)
         self._commands = commands
         self._outputs = outputs
         self._live: set[str] = set()  # requests added and not yet finished
         self._parent = os.getppid()
+        self._crash_after_steps = crash_after_steps  # the test hook (module docstring)
 
     def _send(self, message: tuple) -> None:
         self._outputs.send(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
@@ -88,6 +105,15 @@ class EngineCore(LiveEngine):
         if out:
             self._send(("events", out))
 
+    def _dispatch(self, now: float) -> None:
+        if self._crash_after_steps is not None and self.steps >= self._crash_after_steps:
+            raise RuntimeError(f"test crash after {self.steps} steps ({CRASH_ENV})")
+        super()._dispatch(now)
+
+    def _die(self, reason: str) -> None:
+        self._failure = reason
+        self._send(("dead", reason))  # the front end fails the requests it holds
+
     def _publish_stats(self) -> None:
         super()._publish_stats()
         self._send(("stats", self.stats_snapshot))
@@ -104,14 +130,17 @@ def run_engine_core(
     commands_address: str,
     outputs_address: str,
     log_level: str = "INFO",
-) -> None:
+    keys_dir: str = "",
+    crash_after_steps: int | None = None,
+) -> int:
     """The child process: build the core, connect to the front end, run the loop until told to
-    stop (or the front end is gone)."""
+    stop (or the front end is gone). Returns the exit code: 1 when the loop failed."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(
         level=log_level.upper(),
         format="%(asctime)s %(levelname)s engine-core %(name)s: %(message)s",
     )
+    keys = ServerKeys.load(keys_dir) if keys_dir else None  # KeysError: start-up fails, said
     ctx = zmq.Context()
     commands = ctx.socket(zmq.PULL)
     outputs = ctx.socket(zmq.PUSH)
@@ -122,22 +151,26 @@ def run_engine_core(
         SchedulerCore(make_policy(policy)),
         commands,
         outputs,
+        crash_after_steps,
         bind=worker_bind,
         auth_token=auth_token,
         worker_timeout_s=worker_timeout_s,
         context=ctx,
+        keys=keys,
     )
     engine._send(("ready", engine.address))
     try:
         engine._run()  # in this thread: the process exists for this loop
     finally:
-        engine._sock.close()
+        engine._plane.close()
         commands.close()
         outputs.close()
         ctx.term()
+    return 1 if engine._failure else 0
 
 
 AUTH_TOKEN_ENV = "ECOSERVE_WORKER_AUTH_TOKEN"
+CRASH_ENV = "ECOSERVE_ENGINE_CORE_TEST_CRASH_AFTER_STEPS"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,11 +178,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policy", required=True)
     p.add_argument("--worker-bind", required=True)
     p.add_argument("--worker-timeout-s", type=float, required=True)
+    p.add_argument("--worker-keys-dir", default="", help="CURVE keys; empty: NULL mechanism")
     p.add_argument("--commands", required=True, help="ipc:// address the front end bound")
     p.add_argument("--outputs", required=True, help="ipc:// address the front end bound")
+    p.add_argument("--generation", type=int, default=1, help="1 + restarts before this one")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
-    run_engine_core(
+    crash = os.environ.get(CRASH_ENV)
+    return run_engine_core(
         a.policy,
         a.worker_bind,
         os.environ.get(AUTH_TOKEN_ENV, ""),
@@ -157,8 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         a.commands,
         a.outputs,
         a.log_level,
+        a.worker_keys_dir,
+        int(crash) if crash and a.generation == 1 else None,
     )
-    return 0
 
 
 if __name__ == "__main__":

@@ -8,6 +8,20 @@ iteration) and raises TimeoutError. The store is a RequestStore (written from th
 thread) or, as `serve` runs it, a StoreWriter (queued, written in batches by its own thread);
 never from the engine loop.
 
+Admission is one atomic check-and-increment (`admit`): requests in the engine plus those being
+started never exceed `max_pending`, however many threads start requests at once, and a refusal
+costs no tokenizing or predicting. An edge may `admit` first (the HTTP API does, on its event
+loop, so a 429 is immediate) and hand the Admission to `start`; `start` admits by itself
+otherwise. Either way the Admission is released once the engine holds the request (or it was
+refused).
+
+The store never costs a client its request: a store call that fails is logged and counted
+(`store_errors`) and the request goes on. Only a duplicate request id refuses a request
+(Rejected "exists", a message without database text). Every row the Frontend adds ends
+terminal: `follow` / `follow_text` (and the HTTP API's async streams) record the end however
+the caller stops reading (follow.py). With `store_prompts=False` rows carry token counts and
+no prompt text.
+
 Sampling parameters arrive already built and checked (`SamplingParams.checked` at each edge);
 `start` validates them again (InvalidSampling, a ValueError naming the field) so nothing bad
 reaches the engine whoever builds a GenerateParams. The request id is minted at the edge (see
@@ -25,9 +39,9 @@ store records it finished, with the tokens up to the stop string.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import queue
+import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -35,14 +49,17 @@ from dataclasses import dataclass, field
 from ecoserve_common.ids import new_request_id
 from ecoserve_common.sampling import SamplingParams
 
-from ..core.events import FinishEvent, TokenEvent
 from ..core.request import Request
-from .detokenize import TextStream
+from ..store import is_duplicate
 from .engine import LiveEngine, RequestHandle
 from .engine_client import EngineClient
+from .follow import Follow, Piece, TextFollow
 from .prediction import PredictorClient
 
+log = logging.getLogger(__name__)
+
 RETRY_AFTER_S = 1.0
+CHARS_PER_TOKEN_LIMIT = 32  # a text prompt over this many characters per context token is refused
 
 
 @dataclass(frozen=True)
@@ -50,6 +67,15 @@ class ApiLimits:
     max_model_len: int = 4096  # prompt + max_tokens
     max_pending: int = 1024  # requests in the system before new ones are refused
     vocab_size: int | None = None  # token ids must be below it when known
+    # Characters of a text prompt, checked before it is tokenized; None: the model's context
+    # times CHARS_PER_TOKEN_LIMIT (far above any real text's few characters per token).
+    max_prompt_chars: int | None = None
+
+    @property
+    def prompt_chars(self) -> int:
+        if self.max_prompt_chars is not None:
+            return self.max_prompt_chars
+        return self.max_model_len * CHARS_PER_TOKEN_LIMIT
 
 
 @dataclass(frozen=True)
@@ -65,12 +91,27 @@ class GenerateParams:
 
 
 class Rejected(Exception):
-    """A request refused before it ran: code "invalid", "exhausted" or "exists"."""
+    """A request refused before it ran: code "invalid", "exhausted" or "exists"; `param` names
+    the request field at fault where one is (an OpenAI 400's `param`)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.param = param
+
+
+class Admission:
+    """Room for one request, reserved by `Frontend.admit`; `release` (idempotent) gives it back
+    once the engine counts the request, or it was refused."""
+
+    def __init__(self, frontend: Frontend) -> None:
+        self._frontend: Frontend | None = frontend
+
+    def release(self) -> None:
+        frontend, self._frontend = self._frontend, None
+        if frontend is not None:
+            frontend._unadmit()
 
 
 class Frontend:
@@ -83,9 +124,10 @@ class Frontend:
         predictor: PredictorClient | None = None,
         clock: Callable[[], float] | None = None,
         wall_clock: Callable[[], float] = time.time,
+        store_prompts: bool = True,
     ) -> None:
         """`clock` times requests for the core: by default the engine's (monotonic) clock.
-        `wall_clock` stamps the store's rows."""
+        `wall_clock` stamps the store's rows. `store_prompts=False` stores no prompt text."""
         self.engine = engine
         self.tokenizer = tokenizer
         self.store = store
@@ -93,21 +135,50 @@ class Frontend:
         self.predictor = predictor or PredictorClient(None)
         self.clock = clock or getattr(engine, "clock", None) or time.monotonic
         self.wall_clock = wall_clock
+        self.store_prompts = store_prompts
+        self.store_errors = 0  # store calls that failed (logged; the requests went on)
+        self.rejected = 0  # requests refused as over capacity
+        self._admit_lock = threading.Lock()
+        self._starting = 0  # admitted, not yet in the engine's `pending`
 
-    def start(self, p: GenerateParams) -> tuple[RequestHandle, int]:
-        """Raises Rejected, or InvalidSampling for a bad sampling parameter."""
-        sampling = self.with_eos(p.sampling)
-        sampling.validate()
-        ids = self._prompt_ids(p)
-        problem = self._check_length(len(ids), sampling.max_tokens)
-        if problem:
-            raise Rejected("invalid", problem)
-        if self.engine.pending >= self.limits.max_pending:
-            raise Rejected(
-                "exhausted",
-                f"{self.engine.pending} requests in the system (limit "
-                f"{self.limits.max_pending}); retry after {RETRY_AFTER_S:g} s",
-            )
+    def admit(self) -> Admission:
+        """Reserve room for one request at once, or raise Rejected("exhausted"): the engine's
+        pending requests plus those being started never exceed `max_pending`."""
+        with self._admit_lock:
+            held = self.engine.pending + self._starting
+            if held >= self.limits.max_pending:
+                self.rejected += 1
+                raise Rejected(
+                    "exhausted",
+                    f"{held} requests in the system (limit {self.limits.max_pending}); "
+                    f"retry after {RETRY_AFTER_S:g} s",
+                )
+            self._starting += 1
+        return Admission(self)
+
+    def _unadmit(self) -> None:
+        with self._admit_lock:
+            self._starting -= 1
+
+    def start(
+        self, p: GenerateParams, admission: Admission | None = None
+    ) -> tuple[RequestHandle, int]:
+        """Raises Rejected, or InvalidSampling for a bad sampling parameter. `admission`: room
+        the caller reserved with `admit` (released here whatever happens)."""
+        try:
+            p.sampling.validate()  # the caller's fields, before the model's EOS ids join them
+            sampling = self.with_eos(p.sampling)
+            ids = self._prompt_ids(p)
+            problem = self._check_length(len(ids), sampling.max_tokens)
+            if problem:
+                raise Rejected("invalid", problem)
+            admission = admission or self.admit()
+            return self._submit(p, sampling, ids), len(ids)
+        finally:
+            if admission is not None:
+                admission.release()
+
+    def _submit(self, p: GenerateParams, sampling: SamplingParams, ids: list[int]):
         rid = p.request_id or new_request_id()
         text = p.prompt or self.tokenizer.decode(ids)
         guess = self.predictor.predict(text)
@@ -123,46 +194,64 @@ class Frontend:
             predicted_rl_upper=min(guess.upper, cap),
             rl_bucket=guess.bucket,
         )
+        added = False
         if self.store is not None:
+            stored = text if self.store_prompts else ""
             try:
                 self.store.add(
-                    rid, text, len(ids), cap, self.wall_clock(), predicted_tokens=guess.point
+                    rid, stored, len(ids), cap, self.wall_clock(), predicted_tokens=guess.point
                 )
-            except Exception as exc:  # a duplicate id: refused before anything runs
-                raise Rejected("exists", f"request {rid!r}: {exc}"[:300]) from exc
-        return self.engine.submit(req), len(ids)
+                added = True
+            except Exception as exc:
+                if is_duplicate(exc):  # refused before anything runs; no database text
+                    raise Rejected("exists", f"request_id {rid!r} is already in use") from None
+                self._store_failed("add", rid, exc)
+        try:
+            return self.engine.submit(req)
+        except Exception:
+            if added:
+                self.store_call("fail", rid, "failed: not submitted", self.wall_clock())
+            raise
+
+    def following(self, handle: RequestHandle, timeout_s: float | None = None) -> Follow:
+        """A reader of `handle`'s events that records the end (see follow.py)."""
+        return Follow(self, handle, timeout_s)
+
+    def text_of(
+        self, follow: Follow, sampling: SamplingParams, stop: Sequence[str] = ()
+    ) -> TextFollow:
+        """The text path over `follow`: the tokens that end the request add no text."""
+        ending = set(self.with_eos(sampling).stop_token_ids)
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        if eos is not None and not sampling.ignore_eos:
+            ending.add(eos)
+        return TextFollow(follow, self.tokenizer, ending, stop)
 
     def follow(
         self, handle: RequestHandle, timeout_s: float | None = None
     ) -> Iterator[tuple[list[int], str | None]]:
-        """(new tokens, None) as they come, then ([], finish reason); records the end.
+        """(new tokens, None) as they come, then ([], finish reason); records the end, also
+        when the caller stops early (aborted) or the deadline passes (TimeoutError).
 
         Tokens already queued when the caller comes back are handed over together: a reader
-        that falls behind (a busy HTTP thread pool) catches up in one hop, not one per token.
+        that falls behind (a busy thread pool) catches up in one hop, not one per token.
         """
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        started = False
-        while True:
-            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                events = [handle.events.get(timeout=wait)]
-            except queue.Empty:
-                self.engine.cancel(handle.request_id)
-                self.record_end(handle.request_id, "aborted", len(handle.tokens))
-                raise TimeoutError("deadline passed; request aborted") from None
-            with contextlib.suppress(queue.Empty):
-                while not isinstance(events[-1], FinishEvent):
-                    events.append(handle.events.get_nowait())
-            tokens = [ev.token_id for ev in events if isinstance(ev, TokenEvent)]
-            if tokens:
-                if not started and self.store is not None:
-                    self.store.mark_running(handle.request_id)
-                started = True
-                yield tokens, None
-            if isinstance(events[-1], FinishEvent):
-                self.record_end(handle.request_id, events[-1].reason, len(handle.tokens))
-                yield [], events[-1].reason
-                return
+        f = self.following(handle, timeout_s)
+        try:
+            while True:
+                tokens, finish = f.take(f.next_events())
+                if finish:
+                    f.finish(finish)  # before anything is handed on: the caller may stop
+                if tokens:
+                    yield tokens, None
+                if finish:
+                    yield [], finish
+                    return
+        except Exception as exc:
+            f.close(f"failed: {type(exc).__name__}")
+            raise
+        finally:
+            f.close()
 
     def follow_text(
         self,
@@ -170,39 +259,19 @@ class Frontend:
         sampling: SamplingParams,
         stop: tuple[str, ...] = (),
         timeout_s: float | None = None,
-    ) -> Iterator[tuple[str, str | None, int]]:
+    ) -> Iterator[Piece]:
         """(new text, None, tokens so far) as it becomes final, then ("", finish reason, tokens).
 
         A token that ends the request (an EOS unless `ignore_eos`, or one of `stop_token_ids`)
         adds no text. A stop string ends it with "stop": the text before it is the last,
         the engine aborts the request and the store records it finished."""
-        ending = set(self.with_eos(sampling).stop_token_ids)
-        eos = getattr(self.tokenizer, "eos_token_id", None)
-        if eos is not None and not sampling.ignore_eos:
-            ending.add(eos)
-        text = TextStream(self.tokenizer, stop)
-        events = self.follow(handle, timeout_s)
+        f = self.following(handle, timeout_s)
+        text = self.text_of(f, sampling, stop)
         try:
-            for tokens, finish in events:
-                if finish:
-                    rest = text.flush()
-                    if rest:
-                        yield rest, None, len(handle.tokens)
-                    yield "", finish, len(handle.tokens)
-                    return
-                out = text.push([t for t in tokens if t not in ending])
-                if text.stopped:
-                    events.close()
-                    self.engine.cancel(handle.request_id)
-                    self.record_end(handle.request_id, "stop", text.tokens_used)
-                    if out:
-                        yield out, None, text.tokens_used
-                    yield "", "stop", text.tokens_used
-                    return
-                if out:
-                    yield out, None, len(handle.tokens)
+            while f.ended is None:
+                yield from text.feed(*f.take(f.next_events()))
         finally:
-            events.close()
+            f.close()
 
     def with_eos(self, sampling: SamplingParams) -> SamplingParams:
         """`sampling` with the model's other EOS ids among its stop ids (unless ignore_eos)."""
@@ -225,34 +294,61 @@ class Frontend:
             **self.engine.stats_snapshot,
             "pending": self.engine.pending,
             "predictor": {"calls": pred.calls, "failures": pred.failures},
+            "frontend": {"store_errors": self.store_errors, "rejected": self.rejected},
         }
         if hasattr(self.store, "stats"):  # a StoreWriter: its write counters
             out["store"] = self.store.stats()
         return out
 
     def record_end(self, rid: str, reason: str, n: int) -> None:
-        if self.store is None:
-            return
         now = self.wall_clock()
         if reason in ("stop", "length"):
-            self.store.finish(rid, n, now)
+            self.store_call("finish", rid, n, now)
         elif reason == "aborted":
-            self.store.abort(rid, now)
+            self.store_call("abort", rid, now)
         else:
-            self.store.fail(rid, reason, now)
+            self.store_call("fail", rid, reason, now)
+
+    def store_call(self, verb: str, rid: str, *args) -> None:
+        """`store.<verb>(rid, *args)`; a failure is logged and counted, never raised: the
+        request goes on for its client whatever the store does."""
+        if self.store is None:
+            return
+        try:
+            getattr(self.store, verb)(rid, *args)
+        except Exception as exc:
+            self._store_failed(verb, rid, exc)
+
+    def _store_failed(self, verb: str, rid: str, exc: Exception) -> None:
+        self.store_errors += 1
+        # The type and first line only: a driver's message can carry SQL and prompt text.
+        first = (str(exc).splitlines() or [""])[0][:200]
+        log.warning("store %s of request %r failed: %s: %s", verb, rid, type(exc).__name__, first)
 
     def _prompt_ids(self, p: GenerateParams) -> list[int]:
         if p.prompt and p.prompt_token_ids:
-            raise Rejected("invalid", "give prompt or prompt_token_ids, not both")
+            raise Rejected("invalid", "give prompt or prompt_token_ids, not both", "prompt")
+        limits = self.limits
         if p.prompt_token_ids:
+            if len(p.prompt_token_ids) > limits.max_model_len:
+                raise Rejected("invalid", self._too_long(len(p.prompt_token_ids)), "prompt")
             ids = [int(t) for t in p.prompt_token_ids]
-            vocab = self.limits.vocab_size
+            vocab = limits.vocab_size
             if vocab is not None and (max(ids) >= vocab or min(ids) < 0):
-                raise Rejected("invalid", f"token ids must be in [0, {vocab})")
+                raise Rejected("invalid", f"token ids must be in [0, {vocab})", "prompt")
             return ids
         if not p.prompt.strip():
-            raise Rejected("invalid", "empty prompt")
+            raise Rejected("invalid", "empty prompt", "prompt")
+        if len(p.prompt) > limits.prompt_chars:
+            raise Rejected(
+                "invalid",
+                f"prompt has {len(p.prompt)} characters; at most {limits.prompt_chars}",
+                "prompt",
+            )
         return self.tokenizer.encode(p.prompt)
+
+    def _too_long(self, prompt_len: int) -> str:
+        return f"prompt ({prompt_len} tokens) exceeds the model's {self.limits.max_model_len}"
 
     def _check_length(self, prompt_len: int, max_tokens: int) -> str | None:
         if prompt_len + max_tokens > self.limits.max_model_len:

@@ -13,6 +13,11 @@ process, engine_client.EngineClient; `--engine-process false` keeps it a thread 
 with its worker socket, then the
 gRPC API and, with `http_address`, the OpenAI-compatible HTTP API. SIGTERM / SIGINT stop the
 APIs (in-flight gRPC calls get 2 s), then the engine.
+
+The worker plane is secure by default: `worker_keys_dir` must hold the CURVE keys
+(`python -m ecoserve_common.curve init DIR`), or start-up stops with exit code 2 and a message
+saying how to make them; `worker_plane_insecure` is the explicit opt-out (a plain socket any
+peer that reaches it may use; for a trusted, isolated network only).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import threading
 import time
 from pathlib import Path
 
+from ecoserve_common.curve import HOW_TO_CREATE, KeysError, ServerKeys
 from ecoserve_common.models import ModelMissing, resolve, served_name
 
 from ..core import SchedulerCore, make_policy
@@ -32,6 +38,26 @@ from ..store_writer import StoreWriter
 from .settings import SchedulerSettings
 
 log = logging.getLogger("ecoserve_scheduler")
+
+
+def worker_plane_keys(settings: SchedulerSettings) -> ServerKeys | None:
+    """The worker plane's CURVE keys (None: insecure, only when asked for); KeysError when
+    none are configured or they cannot be used."""
+    if settings.worker_keys_dir:
+        return ServerKeys.load(Path(settings.worker_keys_dir).expanduser())
+    if settings.worker_plane_insecure:
+        log.warning(
+            "worker plane INSECURE (worker_plane_insecure): no encryption, any peer that reaches "
+            "%s can register and read plans",
+            settings.worker_bind,
+        )
+        return None
+    raise KeysError(
+        "no worker keys: set --worker-keys-dir (ECOSERVE_WORKER_KEYS_DIR) to a directory made by "
+        f"{HOW_TO_CREATE}; workers use the same directory (or a copy of server.key and a worker "
+        "key pair, services/worker/README.md). For a trusted, isolated network only: "
+        "--worker-plane-insecure true (ECOSERVE_WORKER_PLANE_INSECURE)"
+    )
 
 
 def run(settings: SchedulerSettings, ready: threading.Event | None = None) -> int:
@@ -44,6 +70,7 @@ def run(settings: SchedulerSettings, ready: threading.Event | None = None) -> in
 
     root = Path(settings.models_dir).expanduser() if settings.models_dir else None
     model_dir = resolve(settings.model, root)  # ModelMissing before anything starts
+    keys = worker_plane_keys(settings)  # KeysError before anything starts
     db = make_engine(settings.db_url)
     create_schema(db)
     store = RequestStore(db)
@@ -61,6 +88,7 @@ def run(settings: SchedulerSettings, ready: threading.Event | None = None) -> in
             settings.worker_auth_token,
             settings.worker_timeout_s,
             settings.log_level,
+            str(Path(settings.worker_keys_dir).expanduser()) if keys is not None else "",
         ).start()
     else:
         engine = LiveEngine(
@@ -68,6 +96,7 @@ def run(settings: SchedulerSettings, ready: threading.Event | None = None) -> in
             settings.worker_bind,
             settings.worker_auth_token,
             settings.worker_timeout_s,
+            keys=keys,
         ).start()
     predictor = PredictorClient(
         settings.predictor or None,
@@ -80,7 +109,9 @@ def run(settings: SchedulerSettings, ready: threading.Event | None = None) -> in
         max_pending=settings.max_pending,
         vocab_size=tokenizer.vocab_size,
     )
-    frontend = Frontend(engine, tokenizer, writer, limits, predictor)
+    frontend = Frontend(
+        engine, tokenizer, writer, limits, predictor, store_prompts=settings.store_prompts
+    )
     server, port = build_server(
         SchedulerService(frontend), settings.grpc_address, api_key=settings.api_key
     )
@@ -89,13 +120,17 @@ def run(settings: SchedulerSettings, ready: threading.Event | None = None) -> in
     if settings.http_address:
         import uvicorn
 
-        from .http_api import create_app
+        from .http_api import HttpLimits, create_app, uvicorn_config
 
         host, _, http_port = settings.http_address.rpartition(":")
-        app = create_app(frontend, served_name(settings.model), api_key=settings.api_key)
-        http = uvicorn.Server(
-            uvicorn.Config(app, host=host, port=int(http_port), log_level="warning")
+        http_limits = HttpLimits(
+            max_body_bytes=settings.http_max_body_bytes,
+            header_timeout_s=settings.http_header_timeout_s,
         )
+        app = create_app(
+            frontend, served_name(settings.model), api_key=settings.api_key, limits=http_limits
+        )
+        http = uvicorn.Server(uvicorn_config(app, host, int(http_port), http_limits))
         http.install_signal_handlers = lambda: None  # this process's handlers stop it
         threading.Thread(target=http.run, name="http", daemon=True).start()
         log.info("OpenAI-compatible HTTP on http://%s/v1", settings.http_address)
@@ -104,7 +139,7 @@ def run(settings: SchedulerSettings, ready: threading.Event | None = None) -> in
         served_name(settings.model),
         model_dir,
         port,
-        engine.address,
+        engine.address + (" (CURVE)" if keys is not None else " (INSECURE)"),
         settings.policy,
         settings.db_url.split("@")[-1],
     )
@@ -138,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return run(settings)
-    except ModelMissing as exc:
+    except (ModelMissing, KeysError) as exc:
         print(f"ecoserve-scheduler: cannot start: {exc}", file=sys.stderr)
         return 2
 

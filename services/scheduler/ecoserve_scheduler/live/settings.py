@@ -1,7 +1,9 @@
 """Typed settings of the scheduler service: every field is a flag and an environment variable.
 
 A field `worker_bind` is `--worker-bind` and `ECOSERVE_WORKER_BIND`; a flag beats the
-environment, which beats the default.
+environment, which beats the default. Secrets are the exception: a field marked `SECRET` is
+taken from its environment variable or from the file its `*_file` field names, and its flag
+only says so and exits, because a command line is visible to every user (`ps`).
 """
 
 from __future__ import annotations
@@ -9,11 +11,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 from ecoserve_common.models import DEFAULT_MODEL
 
 ENV_PREFIX = "ECOSERVE_"
+SECRET = {"secret": True}  # field metadata: environment or file only, never a flag's value
 
 
 @dataclass(frozen=True)
@@ -28,11 +32,17 @@ class SchedulerSettings:
     predictor: str = ""  # predictor gRPC address; empty: default lengths
     predictor_timeout_s: float = 0.05
     default_response_tokens: int = 256  # used when the predictor is absent or fails
-    worker_auth_token: str = ""  # shared secret workers must present
+    worker_auth_token: str = field(default="", metadata=SECRET)  # shared secret in Register
+    worker_auth_token_file: str = ""  # a file holding it (instead of ECOSERVE_WORKER_AUTH_TOKEN)
+    worker_keys_dir: str = ""  # CURVE keys (ecoserve_common.curve): server pair + workers/ list
+    worker_plane_insecure: bool = False  # no keys: a plain, unauthenticated worker plane
     api_key: str = ""  # bearer token clients must present on gRPC and /v1 HTTP; empty: open
     max_pending: int = 1024  # requests in the system before RESOURCE_EXHAUSTED
-    worker_timeout_s: float = 10.0  # silence after which a worker is dropped
+    worker_timeout_s: float = 2.0  # silence after which a worker is dropped (it beats at /4)
     engine_process: bool = True  # the engine core in its own process (False: a thread)
+    store_prompts: bool = True  # keep prompt text in the request store; False: token counts only
+    http_max_body_bytes: int = 4 << 20  # a larger HTTP body is a 413, refused unread
+    http_header_timeout_s: float = 10.0  # an HTTP request head not complete by then: closed
     log_level: str = "INFO"
 
     @classmethod
@@ -40,8 +50,12 @@ class SchedulerSettings:
         p = argparse.ArgumentParser(prog=prog, description="EcoServe scheduler service")
         for f in fields(cls):
             env = ENV_PREFIX + f.name.upper()
+            flag = "--" + f.name.replace("_", "-")
+            if f.metadata.get("secret"):
+                p.add_argument(flag, action=_RefuseSecret, help=f"not a flag: set env {env}")
+                continue
             p.add_argument(
-                "--" + f.name.replace("_", "-"),
+                flag,
                 type=_parse_bool if isinstance(f.default, bool) else type(f.default),
                 default=None,
                 help=f"env {env}; default {f.default!r}",
@@ -62,6 +76,13 @@ class SchedulerSettings:
                     _parse_bool(raw) if isinstance(f.default, bool) else type(f.default)(raw)
                 )
         settings = cls(**values)
+        if settings.worker_auth_token_file:
+            path = Path(settings.worker_auth_token_file)
+            try:
+                token = path.read_text().strip()
+            except OSError as exc:
+                raise SystemExit(f"--worker-auth-token-file: cannot read {path}: {exc}") from None
+            settings = settings.replace(worker_auth_token=token)
         if not settings.model:
             raise SystemExit(
                 "--model (or ECOSERVE_MODEL) is empty: give a registered name "
@@ -71,6 +92,17 @@ class SchedulerSettings:
 
     def replace(self, **changes) -> SchedulerSettings:
         return dataclasses.replace(self, **changes)
+
+
+class _RefuseSecret(argparse.Action):
+    """A secret's flag: refused with where to put the secret instead."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        name = self.dest
+        parser.error(
+            f"{option_string}: secrets are not taken on the command line (any user sees it in "
+            f"ps); set {ENV_PREFIX}{name.upper()} or --{name.replace('_', '-')}-file PATH"
+        )
 
 
 def _parse_bool(text: str) -> bool:

@@ -1,7 +1,10 @@
 """What operators and probes read: /health (503 while no worker is registered or the engine
 core is down, with the reason), /v1/models, Prometheus /metrics and /stats (the scheduler's
 stats as JSON, as the gRPC Stats call gives). /health, /metrics and /stats stay open when an
-API key guards /v1."""
+API key guards the rest.
+
+Every route here is `async` and quick (it reads snapshots the engine keeps): none waits for a
+thread, so no amount of request traffic starves a probe or a scrape."""
 
 from __future__ import annotations
 
@@ -15,12 +18,12 @@ router = APIRouter()
 
 
 @router.get("/v1/models")
-def models(ctx: Ctx) -> dict:
+async def models(ctx: Ctx) -> dict:
     return ModelList(data=[ModelCard(id=ctx.model_id)]).model_dump()
 
 
 @router.get("/health")
-def health(ctx: Ctx) -> JSONResponse:
+async def health(ctx: Ctx) -> JSONResponse:
     engine = ctx.frontend.engine
     workers = engine.worker_ids()
     status = engine.failure or ("ok" if workers else "no workers")
@@ -31,10 +34,10 @@ def health(ctx: Ctx) -> JSONResponse:
 
 
 @router.get("/metrics")
-def prometheus(ctx: Ctx) -> Response:
+async def prometheus(ctx: Ctx) -> Response:
     return Response(ctx.metrics.refresh(ctx.frontend), media_type="text/plain; version=0.0.4")
 
 
 @router.get("/stats")
-def stats(ctx: Ctx) -> dict:
+async def stats(ctx: Ctx) -> dict:
     return ctx.frontend.stats()

@@ -1,46 +1,61 @@
 """The app factory: one FastAPI app per Frontend, its routers wired to an ApiContext kept on
-`app.state.ecoserve` (routes take it as a dependency), the API-key guard on /v1, and OpenAI's
-error shape for bodies that fail validation."""
+`app.state.ecoserve` (routes take it as a dependency), the edge guard (API key, body size and
+time: edge.py) around it, and OpenAI's error shape for every error, including bodies that fail
+validation."""
 
 from __future__ import annotations
 
-import hmac
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
 
 from ..frontend import Frontend
 from . import admin, chat, completions
+from .edge import EdgeGuard, http_error, internal_error
 from .generation import DEFAULT_TIMEOUT_S, ApiContext, error
 from .metrics import Metrics
+from .server import HttpLimits
 
 
 def create_app(
-    frontend: Frontend, model_id: str, timeout_s: float = DEFAULT_TIMEOUT_S, api_key: str = ""
+    frontend: Frontend,
+    model_id: str,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    api_key: str = "",
+    limits: HttpLimits | None = None,
 ) -> FastAPI:
-    """With `api_key`, every /v1 route needs `Authorization: Bearer <key>` (/health, /metrics
-    and /stats stay open for probes and scrapers)."""
+    """With `api_key`, every route but /health, /metrics and /stats (probes and scrapers)
+    needs `Authorization: Bearer <key>`. `limits` bound bodies and the start-up threads; serve
+    the app with `uvicorn_config(app, ..., limits)` so connections are bounded too."""
+    limits = limits or HttpLimits()
     app = FastAPI(title="EcoServe", version="0.1.0")
-    app.state.ecoserve = ApiContext(frontend, model_id, timeout_s, Metrics())
+    pool = ThreadPoolExecutor(limits.start_threads, thread_name_prefix="http-start")
+    app.state.ecoserve = ApiContext(frontend, model_id, timeout_s, Metrics(), pool)
     for module in (completions, chat, admin):
         app.include_router(module.router)
     app.add_exception_handler(RequestValidationError, _bad_request)
-    if api_key:
-        expected = f"Bearer {api_key}".encode()
-
-        @app.middleware("http")
-        async def check_key(request: Request, call_next):
-            if request.url.path.startswith("/v1"):
-                got = request.headers.get("authorization", "").encode()
-                if not hmac.compare_digest(got, expected):
-                    return error(401, "missing or wrong API key", "authentication_error")
-            return await call_next(request)
-
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(Exception, internal_error)
+    app.add_middleware(
+        EdgeGuard,
+        api_key=api_key,
+        max_body_bytes=limits.max_body_bytes,
+        body_timeout_s=limits.body_timeout_s,
+    )
     return app
 
 
-async def _bad_request(_request: Request, exc: RequestValidationError):
+async def _bad_request(_request: Request, exc: Exception):
+    """A body that fails validation: 400 naming the first field at fault. The message lists
+    what was wrong without echoing the input (which may be large, or a secret)."""
+    assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
     loc = [str(x) for x in errors[0].get("loc", ()) if x != "body"] if errors else []
     param = ".".join(loc) or None
-    return error(400, f"invalid request: {errors}"[:2000], param=param)
+    parts = [
+        f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body') or 'body'}: {e.get('msg')}"
+        for e in errors[:5]
+    ]
+    return error(400, "invalid request: " + "; ".join(parts), param=param)

@@ -57,4 +57,4 @@ async def completions(body: CompletionRequest, request: Request, ctx: Ctx):
     params = GenerateParams(
         prompt=text, prompt_token_ids=ids, sampling=sampling, request_id=rid, stop=stop
     )
-    return await generate(ctx, params, render, body.stream, request)
+    return await generate(ctx, lambda: params, render, body.stream, request)

@@ -2,8 +2,20 @@
 a request body into checked SamplingParams, and running one request to a whole JSON response
 or a server-sent-event stream.
 
-A client that disconnects, streaming or not, has its request aborted at once, so its KV blocks
-are freed in the engine's next iteration.
+One request, in order:
+1. admission (`Frontend.admit`) on the event loop: over capacity is a 429 with Retry-After at
+   once, before any tokenizing, and never more than `max_pending` requests in the system;
+2. building the prompt (the chat template), tokenizing, the predictor call and the submit in
+   the app's own small thread pool (`start_threads`), never the event loop and never the
+   default pool that sync routes share; the admission is released once the engine holds the
+   request;
+3. following its tokens on the event loop (streaming.text_pieces): no thread waits for them,
+   so any number of waiting streams leaves /health, /metrics and /stats answering.
+
+A client that disconnects, streaming or not, has its request aborted at once (its KV blocks are
+freed in the engine's next iteration) and its row recorded aborted. A request that fails in the
+engine (e.g. its sampling failed on the worker) is a 500 `server_error` with the reason, or,
+streaming, a last chunk with finish_reason "error" and then an error event.
 """
 
 from __future__ import annotations
@@ -11,20 +23,27 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
-from ecoserve_common.sampling import InvalidSampling, SamplingParams
+from ecoserve_common.sampling import (
+    InvalidSampling,
+    SamplingParams,
+    check_penalty,
+    check_stop_strings,
+)
 
-from ..detokenize import MAX_STOP
-from ..frontend import RETRY_AFTER_S, Frontend, GenerateParams, Rejected
+from ..follow import Follow
+from ..frontend import RETRY_AFTER_S, Admission, Frontend, GenerateParams, Rejected
+from .edge import error_body
 from .metrics import Metrics
-from .schemas import ErrorDetail, ErrorResponse, SamplingFields, Usage
+from .schemas import SamplingFields, Usage
+from .streaming import text_pieces
 
 DEFAULT_TIMEOUT_S = 600.0
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
@@ -41,25 +60,20 @@ class ApiContext:
     model_id: str
     timeout_s: float
     metrics: Metrics
+    pool: ThreadPoolExecutor  # prompt building, tokenizing, predicting, submitting
 
     @property
     def tokenizer(self):
         return self.frontend.tokenizer
 
 
-def context(request: Request) -> ApiContext:
-    """FastAPI dependency: the app's ApiContext."""
+async def context(request: Request) -> ApiContext:
+    """FastAPI dependency: the app's ApiContext (async: a sync dependency would take a thread
+    of the shared pool for every request, /health's included)."""
     return request.app.state.ecoserve
 
 
 Ctx = Annotated[ApiContext, Depends(context)]  # a route's `ctx: Ctx` parameter
-
-
-def error_body(
-    message: str, kind: str, param: str | None = None, code: str | None = None
-) -> dict[str, Any]:
-    detail = ErrorDetail(message=message, type=kind, param=param, code=code)
-    return ErrorResponse(error=detail).model_dump()
 
 
 def error(
@@ -71,8 +85,7 @@ def error(
     code: str | None = None,
 ) -> JSONResponse:
     """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
-    body = error_body(message, kind, param, code)
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(error_body(message, kind, param, code), status, headers=headers)
 
 
 def unknown_model(ctx: ApiContext, model: str) -> JSONResponse | None:
@@ -102,6 +115,9 @@ def sampling_of(body: SamplingFields, max_tokens: int | None) -> SamplingParams:
     if body.n != 1:
         raise BadRequest("only n=1 is supported", "n")
     try:
+        check_penalty("presence_penalty", body.presence_penalty, 0.0)
+        check_penalty("frequency_penalty", body.frequency_penalty, 0.0)
+        check_penalty("repetition_penalty", body.repetition_penalty, 1.0)
         return SamplingParams.checked(
             max_tokens=max_tokens if max_tokens is not None else DEFAULT_MAX_TOKENS,
             temperature=body.temperature,
@@ -116,11 +132,12 @@ def sampling_of(body: SamplingFields, max_tokens: int | None) -> SamplingParams:
 
 
 def stops_of(body: SamplingFields) -> tuple[str, ...]:
-    """OpenAI's `stop`: a string or up to 4 strings (empty ones ignored)."""
+    """OpenAI's `stop`: a string or up to 4 strings (empty ones ignored), each bounded."""
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if len(stop) > MAX_STOP:
-        raise BadRequest(f"stop takes at most {MAX_STOP} strings (got {len(stop)})", "stop")
-    return tuple(s for s in stop if s)
+    try:
+        return check_stop_strings(stop)
+    except InvalidSampling as e:
+        raise BadRequest(e.message, e.field) from None
 
 
 def finish_of(reason: str | None) -> str | None:
@@ -130,6 +147,13 @@ def finish_of(reason: str | None) -> str | None:
     return reason if reason in ("stop", "length") else "error" if "failed" in reason else reason
 
 
+def _rejected(r: Rejected) -> JSONResponse:
+    if r.code == "exhausted":
+        retry = {"Retry-After": str(max(1, round(RETRY_AFTER_S)))}
+        return error(429, r.message, "rate_limit_error", headers=retry)
+    return error(400, r.message, param=r.param)
+
+
 async def _disconnected(request: Request) -> None:
     """Return when the client closes its connection (the body is already read, so the next
     ASGI message is the disconnect)."""
@@ -137,89 +161,140 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def _cancel_on_disconnect(ctx: ApiContext, request: Request, handle) -> asyncio.Task:
-    """A task that aborts the request when its client hangs up (cancel it once done)."""
+def _close_on_disconnect(request: Request, follows: list[Follow]) -> asyncio.Task:
+    """A task that, when the client hangs up, aborts the request and records it aborted
+    (cancel it once the response is done)."""
 
     async def watch() -> None:
         await _disconnected(request)
-        if not handle.done.is_set():
-            ctx.frontend.cancel(handle.request_id)
+        for f in follows:
+            f.close()
 
     return asyncio.ensure_future(watch())
 
 
+async def _start(ctx: ApiContext, build: Callable[[], GenerateParams], admission: Admission):
+    """(params, handle, prompt tokens) from `build` and Frontend.start, in the app's pool. If
+    the caller is cancelled meanwhile, a request that started anyway is aborted."""
+
+    def job():
+        try:
+            params = build()
+            handle, n = ctx.frontend.start(params, admission)
+            return params, handle, n
+        finally:
+            admission.release()
+
+    future = ctx.pool.submit(job)
+    try:
+        return await asyncio.wrap_future(future)
+    except asyncio.CancelledError:
+        if future.cancelled():
+            admission.release()  # it never ran
+        else:
+            future.add_done_callback(lambda done: _abort_started(ctx.frontend, done))
+        raise
+
+
+def _abort_started(frontend: Frontend, done: Future) -> None:
+    if not done.cancelled() and done.exception() is None:
+        frontend.following(done.result()[1]).close()
+
+
 async def generate(
-    ctx: ApiContext, params: GenerateParams, render: Render, stream: bool, request: Request
+    ctx: ApiContext,
+    build: Callable[[], GenerateParams],
+    render: Render,
+    stream: bool,
+    request: Request,
 ):
     """Run one request: 400 / 429 when refused, else a JSON body or an SSE stream of chunks.
-    `params.request_id` is the response's `id`."""
+    `build` makes the GenerateParams (in the pool: it may render a chat template); their
+    `request_id` is the response's `id`."""
     frontend = ctx.frontend
-    try:  # validation, predictor call and store write block: off the event loop
-        handle, prompt_len = await run_in_threadpool(frontend.start, params)
+    try:
+        admission = frontend.admit()
+        params, handle, prompt_len = await _start(ctx, build, admission)
+    except BadRequest as e:
+        return error(400, e.message, param=e.param)
     except InvalidSampling as e:
         return error(400, e.message, param=e.field)
     except Rejected as r:
-        if r.code == "exhausted":
-            retry = {"Retry-After": str(max(1, round(RETRY_AFTER_S)))}
-            return error(429, r.message, "rate_limit_error", headers=retry)
-        return error(400, r.message)
-    t0 = time.monotonic()
-    n_tokens = 0
+        return _rejected(r)
+    t0, first, follows = time.monotonic(), None, []
 
-    def texts() -> Iterator[tuple[str, str | None]]:
-        """(text, finish) from the request's text path; the last has its finish reason."""
-        nonlocal n_tokens
-        first = None
-        for text, finish, n in frontend.follow_text(
-            handle, params.sampling, params.stop, ctx.timeout_s
+    async def pieces() -> AsyncGenerator[tuple[str, str | None, int], None]:
+        nonlocal first
+        async for text, finish, n in text_pieces(
+            frontend, handle, params.sampling, params.stop, ctx.timeout_s, follows.append
         ):
-            n_tokens = n
             if n and first is None:
                 first = time.monotonic()
             if finish:
                 ctx.metrics.observe(t0, first, n, finish)
-            yield text, finish
-
-    def usage() -> Usage:
-        return Usage.of(prompt_len, n_tokens)
+            yield text, finish, n
 
     if stream:
-
-        def events() -> Iterator[str]:
-            try:
-                for text, finish in texts():
-                    chunk = render(text, finish, True, usage() if finish else None)
-                    yield f"data: {json.dumps(chunk)}\n\n"
-                yield "data: [DONE]\n\n"
-            except TimeoutError as e:
-                yield f"data: {json.dumps(error_body(str(e), 'timeout'))}\n\n"
-
-        async def sse() -> AsyncIterator[str]:
-            # Nothing is sent while a request waits, so the send cannot notice a client that
-            # left: a watcher does, and the abort ends `follow` in its thread.
-            gone = _cancel_on_disconnect(ctx, request, handle)
-            try:
-                async for chunk in iterate_in_threadpool(events()):
-                    yield chunk
-            finally:
-                gone.cancel()
-                if not handle.done.is_set():
-                    frontend.cancel(handle.request_id)
-
-        return StreamingResponse(sse(), media_type="text/event-stream")
-
-    def collect() -> tuple[str, str]:
-        parts, reason = [], ""
-        for text, finish in texts():
-            parts.append(text)
-            reason = finish or reason
-        return "".join(parts), reason
-
-    gone = _cancel_on_disconnect(ctx, request, handle)
+        events = _events(ctx, request, pieces(), render, prompt_len, follows)
+        return _Stream(events, lambda: _close_all(frontend, handle, follows))
+    gone = _close_on_disconnect(request, follows)
+    parts, reason, n_tokens = [], "", 0
     try:
-        out, reason = await run_in_threadpool(collect)
+        async for text, finish, n in pieces():
+            parts.append(text)
+            reason, n_tokens = finish or reason, n
     except TimeoutError as e:
         return error(504, str(e), "timeout")
     finally:
         gone.cancel()
-    return JSONResponse(render(out, reason, False, usage()))
+    if reason.startswith("failed"):
+        return error(500, reason, "server_error", code="request_failed")
+    return JSONResponse(render("".join(parts), reason, False, Usage.of(prompt_len, n_tokens)))
+
+
+class _Stream(StreamingResponse):
+    """An SSE response that runs `on_close` however it ends, even if its body never started
+    (a client gone before the headers were sent)."""
+
+    def __init__(self, body: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+        super().__init__(body, media_type="text/event-stream")
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+def _close_all(frontend: Frontend, handle, follows: list[Follow]) -> None:
+    """End the request's follow (one made here if the stream never began): a request still
+    running is aborted and recorded so."""
+    for f in follows or [frontend.following(handle)]:
+        f.close()
+
+
+async def _events(
+    ctx: ApiContext,
+    request: Request,
+    pieces: AsyncGenerator[tuple[str, str | None, int], None],
+    render: Render,
+    prompt_len: int,
+    follows: list[Follow],
+) -> AsyncIterator[str]:
+    """The SSE stream: a chunk per piece, the usage on the last, then [DONE]. Nothing is sent
+    while a request waits, so a send cannot notice a client that left: a watcher does."""
+    gone = _close_on_disconnect(request, follows)
+    try:
+        async for text, finish, n in pieces:
+            usage = Usage.of(prompt_len, n) if finish else None
+            yield f"data: {json.dumps(render(text, finish, True, usage))}\n\n"
+            if finish and finish.startswith("failed"):
+                failed = error_body(finish, "server_error", None, "request_failed")
+                yield f"data: {json.dumps(failed)}\n\n"
+        yield "data: [DONE]\n\n"
+    except TimeoutError as e:
+        yield f"data: {json.dumps(error_body(str(e), 'timeout'))}\n\n"
+    finally:
+        gone.cancel()
+        await pieces.aclose()  # a client that left: its request aborted and recorded

@@ -37,6 +37,12 @@ class Metrics:
         self.store_writes = Gauge(
             "ecoserve_store_writes", "Request-store writes so far", ["result"], registry=r
         )
+        self.store_errors = Gauge(
+            "ecoserve_store_errors", "Store calls that failed (the requests went on)", registry=r
+        )
+        self.rejected = Gauge(
+            "ecoserve_rejected_requests", "Requests refused as over capacity", registry=r
+        )
         self.pred_latency = Gauge(
             "ecoserve_predictor_latency_seconds_mean", "Mean predictor call time", registry=r
         )
@@ -64,6 +70,8 @@ class Metrics:
             for result, n in frontend.store.stats().items():
                 if result in ("written", "failed", "queued", "retries"):
                     self.store_writes.labels(result).set(n)
+        self.store_errors.set(frontend.store_errors)
+        self.rejected.set(frontend.rejected)
         p = frontend.predictor
         self.pred_calls.set(p.calls)
         self.pred_errors.set(p.failures)

@@ -1,7 +1,9 @@
 """Every OpenAI request and response body the HTTP API speaks, as pydantic models.
 
 Requests accept OpenAI's fields plus vLLM's extensions (`top_k`, `stop_token_ids`,
-`ignore_eos`); unknown fields are ignored, as OpenAI's clients send some we do not use.
+`ignore_eos`, `repetition_penalty`); unknown fields are ignored, as OpenAI's clients send some we
+do not use. Types are checked here; ranges in one place, ecoserve_common.sampling (a body's size
+is bounded before it is parsed: edge.py).
 Responses are built here and dumped as JSON, so a route never hand-writes a body.
 """
 
@@ -29,6 +31,11 @@ class SamplingFields(BaseModel):
     ignore_eos: bool = False  # vLLM's extension
     n: int = 1
     user: str | None = None
+    # Accepted so OpenAI's clients can send their neutral values; any other is a 400 (the
+    # sampler applies no penalties), see ecoserve_common.sampling.check_penalty.
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None  # vLLM's extension
 
 
 class CompletionRequest(SamplingFields):
