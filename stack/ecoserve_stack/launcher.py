@@ -8,8 +8,17 @@ test model once under --home instead. The scheduler gets the spec (its served na
 /v1/models lists), every worker the resolved directory, `--device` and, when given, `--dtype`
 (the worker's default: bfloat16 on a CPU with native bf16 and on cuda, else float32).
 
-It prints where to connect when every worker has registered, then waits; Ctrl-C (or SIGTERM)
-stops the workers, then the scheduler, then the predictor, each with SIGTERM and a grace period.
+The worker plane is CURVE-secured: the keys are made once under `--home`/keys (0700, secret
+files 0600; `ecoserve_common.curve.init_keys`) and kept; the scheduler and every worker get that
+directory and a fresh shared secret for this launch through the environment
+(ECOSERVE_WORKER_KEYS_DIR, ECOSERVE_WORKER_AUTH_TOKEN), never on a command line.
+
+It prints where to connect when every worker has registered, then waits. A process that exits
+is started again with backoff (supervise.Supervisor): a restarted worker registers again, a
+restarted scheduler fails the rows its predecessor left unfinished. Ctrl-C (or SIGTERM), during
+start-up too, stops the workers, then the scheduler, then the predictor, each with SIGTERM and a
+grace period. With ECOSERVE_API_KEY (or --api-key-file) every client call needs that key; the
+launcher's own readiness check sends it.
 """
 
 from __future__ import annotations
@@ -28,7 +37,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ecoserve_common.curve import init_keys
 from ecoserve_common.models import DEFAULT_MODEL, REGISTRY, ModelMissing, resolve, served_name
+
+from .supervise import Supervisor, stop_procs
 
 log = logging.getLogger("ecoserve.up")
 
@@ -65,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--token-budget",
         type=int,
         default=0,
-        help="tokens per step every worker announces, without profiling at start-up (which "
-        "takes about a minute for SmolLM2 on 2 cores); default: each worker profiles",
+        help="tokens per step every worker announces, without profiling at start-up (a few "
+        "seconds, once per machine: the profile is kept); default: each worker profiles",
     )
     p.add_argument("--policy", default="ecoserve")
     p.add_argument("--grpc-port", type=int, default=50051)
@@ -75,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--home", default=".ecoserve", help="tiny model and SQLite file go here")
     p.add_argument("--db-url", default=None, help="default: sqlite:///HOME/ecoserve.db")
     p.add_argument("--no-predictor", action="store_true", help="default lengths instead")
+    p.add_argument(
+        "--api-key-file",
+        default=None,
+        help="a file holding the bearer key clients must send on gRPC and /v1 HTTP (or set "
+        "ECOSERVE_API_KEY); never on a command line, where `ps` shows it",
+    )
     p.add_argument(
         "--worker-threads",
         type=int,
@@ -88,21 +106,32 @@ def _python(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
 
-def _wait_ready(address: str, workers: int, procs: dict[str, subprocess.Popen]) -> None:
+def _wait_ready(
+    address: str,
+    workers: int,
+    procs: dict[str, subprocess.Popen],
+    api_key: str = "",
+    stopping: threading.Event | None = None,
+) -> None:
+    """Until `workers` workers have registered (asked with the API key, when one is set);
+    RuntimeError when a process exits, `stopping` is set (Ctrl-C) or the time is up."""
     import grpc
 
     from ecoserve_common.pb import scheduler_pb2 as pb
     from ecoserve_common.pb import scheduler_pb2_grpc as pb_grpc
 
+    metadata = [("authorization", f"Bearer {api_key}")] if api_key else None
     deadline = time.monotonic() + READY_TIMEOUT_S
     with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.SchedulerStub(channel)
         while time.monotonic() < deadline:
+            if stopping is not None and stopping.is_set():
+                raise RuntimeError("interrupted during start-up")
             dead = [n for n, p in procs.items() if p.poll() is not None]
             if dead:
                 raise RuntimeError(f"{', '.join(dead)} exited during start-up")
             try:
-                stats = stub.Stats(pb.StatsRequest(), timeout=2)
+                stats = stub.Stats(pb.StatsRequest(), timeout=2, metadata=metadata)
                 if len(json.loads(stats.json).get("workers", [])) >= workers:
                     return
             except grpc.RpcError:
@@ -113,17 +142,7 @@ def _wait_ready(address: str, workers: int, procs: dict[str, subprocess.Popen]) 
 
 def stop_all(procs: dict[str, subprocess.Popen]) -> None:
     """SIGTERM in reverse start order (workers first), then SIGKILL what outlives the grace."""
-    for p in reversed(list(procs.values())):
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + GRACE_S
-    for name, p in reversed(list(procs.items())):
-        try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            log.warning("%s did not stop in %.0fs: killed", name, GRACE_S)
-            p.kill()
-            p.wait()
+    stop_procs(procs, GRACE_S)
 
 
 def worker_threads(workers: int, cores: int | None = None) -> int:
@@ -137,13 +156,18 @@ def worker_threads(workers: int, cores: int | None = None) -> int:
 
 @dataclass
 class Stack:
-    procs: dict[str, subprocess.Popen]
+    supervisor: Supervisor
     grpc_address: str
     http_address: str
     model: str  # the spec the scheduler serves
     model_dir: str  # what the workers load
     db_url: str
     predictor: str
+
+    @property
+    def procs(self) -> dict[str, subprocess.Popen]:
+        """Each service's current process, in start order."""
+        return self.supervisor.procs
 
     def describe(self, workers: int, policy: str) -> str:
         return (
@@ -180,17 +204,29 @@ def prepare_model(spec: str, home: Path) -> tuple[str, str]:
         raise RuntimeError(str(exc)) from None
 
 
-def start_stack(a: argparse.Namespace) -> Stack:
-    """Start every process of `a` (build_parser's options) and wait until all workers have
-    registered; on failure everything started is stopped and RuntimeError raised."""
+def start_stack(a: argparse.Namespace, stopping: threading.Event | None = None) -> Stack:
+    """Start every process of `a` (build_parser's options) under one Supervisor and wait until
+    all workers have registered; on failure (or `stopping` set: Ctrl-C) everything started is
+    stopped and RuntimeError raised."""
     home = Path(a.home).resolve()
     home.mkdir(parents=True, exist_ok=True)
     model, model_dir = prepare_model(a.model, home)
     token = secrets.token_hex(16)  # workers of this launch only
     worker_addr = f"tcp://127.0.0.1:{free_port()}"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", ECOSERVE_WORKER_AUTH_TOKEN=token)
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        ECOSERVE_WORKER_AUTH_TOKEN=token,
+        ECOSERVE_WORKER_KEYS_DIR=str(init_keys(home / "keys")),
+    )
+    api_key = os.environ.get("ECOSERVE_API_KEY", "")
+    if getattr(a, "api_key_file", None):
+        api_key = Path(a.api_key_file).read_text().strip()
+    if api_key:
+        env["ECOSERVE_API_KEY"] = api_key  # the environment, never a command line
+    sup = Supervisor()
     stack = Stack(
-        {},
+        sup,
         f"127.0.0.1:{a.grpc_port}",
         f"127.0.0.1:{a.http_port}",
         model,
@@ -198,28 +234,31 @@ def start_stack(a: argparse.Namespace) -> Stack:
         a.db_url or f"sqlite:///{home / 'ecoserve.db'}",
         "" if a.no_predictor else f"127.0.0.1:{free_port()}",
     )
-    procs = stack.procs
     try:
         if stack.predictor:
-            procs["predictor"] = subprocess.Popen(
-                _python("ecoserve_predictor", "serve", "--address", stack.predictor), env=env
+            sup.start(
+                "predictor",
+                _python("ecoserve_predictor", "serve", "--address", stack.predictor),
+                env,
             )
-        procs["scheduler"] = subprocess.Popen(
+        sup.start(
+            "scheduler",
             _python(
                 "ecoserve_scheduler.live.serve",
                 *("--model", model, "--policy", a.policy, "--grpc-address", stack.grpc_address),
                 *("--worker-bind", worker_addr, "--db-url", stack.db_url),
                 *("--predictor", stack.predictor, "--http-address", stack.http_address),
             ),
-            env=env,
+            env,
         )
         threads = a.worker_threads or worker_threads(a.workers)
         for i in range(a.workers):
-            procs[f"worker-{i}"] = subprocess.Popen(
+            sup.start(
+                f"worker-{i}",
                 _python(
                     "ecoserve_worker",
                     *("--scheduler", worker_addr, "--worker-id", f"w{i}", "--model", model_dir),
-                    *("--num-blocks", str(a.num_blocks), "--auth-token", token),
+                    *("--num-blocks", str(a.num_blocks)),
                     *("--threads", str(threads), "--device", a.device),
                     *(("--dtype", a.dtype) if a.dtype else ()),
                     *(
@@ -228,11 +267,11 @@ def start_stack(a: argparse.Namespace) -> Stack:
                         else ()
                     ),
                 ),
-                env=env,
+                env,
             )
-        _wait_ready(stack.grpc_address, a.workers, procs)
+        _wait_ready(stack.grpc_address, a.workers, stack.procs, api_key, stopping)
     except BaseException:
-        stop_all(procs)
+        sup.stop_all(GRACE_S)
         raise
     return stack
 
@@ -248,19 +287,16 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        stack = start_stack(a)
+        stack = start_stack(a, stopping)
     except RuntimeError as exc:
         log.error("%s", exc)
-        return 1
+        return 130 if stopping.is_set() else 1
     try:
         print(stack.describe(a.workers, a.policy), flush=True)
         print("ready (Ctrl-C stops everything)", flush=True)
         while not stopping.is_set():
-            dead = [n for n, p in stack.procs.items() if p.poll() is not None]
-            if dead:
-                log.error("%s exited; stopping the rest", ", ".join(dead))
-                return 1
+            stack.supervisor.poll()  # a process that exited is started again, with backoff
             stopping.wait(0.5)
         return 0
     finally:
-        stop_all(stack.procs)
+        stack.supervisor.stop_all(GRACE_S)
