@@ -76,6 +76,7 @@ def test_scheduler_restart_leaves_no_request_in_limbo(tmp_path):
         cmd = [sys.executable, "-m", "ecoserve_scheduler.cli", "serve", "--model", str(model)]
         cmd += ["--grpc-address", f"127.0.0.1:{port}", "--http-address", ""]
         cmd += ["--worker-bind", f"tcp://127.0.0.1:{free_port()}", "--db-url", db_url]
+        cmd += ["--queue-without-workers", "true"]  # no worker: accepted requests stay queued
         cmd += ["--worker-keys-dir", str(init_keys(tmp_path / "keys"))]  # secure by default
         return subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
 

@@ -62,7 +62,12 @@ def api(model_dir, tokenizer, tmp_path):
         db = make_engine(f"sqlite:///{tmp_path / 'store.db'}")
         create_schema(db)
         store = RequestStore(db)
-        limits = ApiLimits(max_model_len=2048, max_pending=max_pending, vocab_size=512)
+        limits = ApiLimits(
+            max_model_len=2048,
+            max_pending=max_pending,
+            vocab_size=512,
+            queue_without_workers=not workers,  # no worker: requests wait, for these tests
+        )
         server, port = build_server(
             SchedulerService(Frontend(engine, tokenizer, store, limits)), "127.0.0.1:0"
         )

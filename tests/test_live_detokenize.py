@@ -71,6 +71,9 @@ class FakeEngine:
     def cancel(self, rid):
         self.cancelled.append(rid)
 
+    def worker_ids(self) -> list[str]:
+        return ["w0"]
+
 
 class Store:
     def __init__(self):

@@ -46,6 +46,9 @@ class _Engine:
         self.submitted.append(request)
         return RequestHandle(request.request_id)
 
+    def worker_ids(self) -> list[str]:
+        return ["w0"]
+
 
 class _Tokenizer:
     eos_token_id = 2

@@ -51,7 +51,12 @@ def http(model_dir, tmp_path):
         procs = [start_worker(engine.address, w, model_dir) for w in workers]
         wait_for(lambda: len(engine.worker_ids()) == len(workers))
         tok = AutoTokenizer.from_pretrained(model_dir)
-        limits = ApiLimits(max_model_len=2048, max_pending=max_pending, vocab_size=512)
+        limits = ApiLimits(
+            max_model_len=2048,
+            max_pending=max_pending,
+            vocab_size=512,
+            queue_without_workers=not workers,  # no worker: requests wait, for these tests
+        )
         rows = None
         if store:
             db = make_engine(f"sqlite:///{tmp_path / 'store.db'}")

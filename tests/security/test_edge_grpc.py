@@ -144,3 +144,15 @@ def test_the_predictor_binds_this_machine_only_by_default():
 
     assert build_parser().parse_args(["serve"]).address == "127.0.0.1:50061"
     assert build_parser().parse_args(["serve", "--address", "0.0.0.0:1"]).address == "0.0.0.0:1"
+
+
+def test_with_no_worker_registered_a_call_is_unavailable_at_once(grpc_api):
+    engine = FakeEngine(hold=True)
+    engine.worker_ids = lambda: []
+    stub, store = grpc_api(engine)
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Complete(pb.GenerateRequest(prompt="hi", max_tokens=2, request_id="nw"), timeout=30)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "no worker is registered" in e.value.details()
+    assert dict(e.value.trailing_metadata())["retry-after-ms"] == "1000"
+    assert engine.submitted == [] and store.get("nw") is None  # refused: nothing recorded

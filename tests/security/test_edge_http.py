@@ -25,7 +25,7 @@ from fastapi.testclient import TestClient
 
 from ecoserve_scheduler.core.events import FinishEvent, TokenEvent
 from ecoserve_scheduler.live.engine import RequestHandle
-from ecoserve_scheduler.live.frontend import ApiLimits, Frontend
+from ecoserve_scheduler.live.frontend import ApiLimits, Frontend, GenerateParams
 from ecoserve_scheduler.live.http_api import HttpLimits, create_app, uvicorn_config
 from ecoserve_scheduler.live.prediction import PredictorClient
 
@@ -375,3 +375,24 @@ def test_every_error_has_openais_shape():
             assert 400 <= r.status_code < 500, (r.status_code, r.text)
             err = r.json()["error"]
             assert set(err) == {"message", "type", "param", "code"} and err["message"]
+
+
+def test_with_no_worker_registered_a_request_fails_at_once_with_503_and_a_reason():
+    """Finding 8: requests used to wait silently while no worker was registered. Bad input is
+    still a 400 (validation first); `queue_without_workers` restores waiting."""
+    engine = FakeEngine(hold=True)
+    engine.worker_ids = lambda: []  # e.g. the only worker is restarting
+    with served(create_app(make_frontend(engine), "tiny")) as base:
+        body = {"prompt": "hi", "max_tokens": 2}
+        r = httpx.post(base + "/v1/completions", json=body, timeout=30)
+        bad = httpx.post(base + "/v1/completions", json={**body, "max_tokens": 0}, timeout=30)
+        health = httpx.get(base + "/health", timeout=30)
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert r.json()["error"]["type"] == "service_unavailable"
+    assert "no worker is registered" in r.json()["error"]["message"]
+    assert bad.status_code == 400 and engine.submitted == [] and health.status_code == 503
+    queued = make_frontend(engine, queue_without_workers=True)
+    handle, _ = queued.start(GenerateParams(prompt="hi"))
+    assert engine.submitted and engine.pending == 1
+    engine.finish_all()
+    assert handle.done.is_set()

@@ -1,7 +1,8 @@
 """The scheduler's gRPC client API (proto/scheduler.proto): a thin map onto the Frontend.
 
 Rejected("invalid") is INVALID_ARGUMENT with the reason, "exhausted" is RESOURCE_EXHAUSTED
-with a `retry-after-ms` trailer, "exists" is ALREADY_EXISTS; a passed deadline is
+with a `retry-after-ms` trailer, "unavailable" (no worker registered) UNAVAILABLE with the
+same trailer, "exists" is ALREADY_EXISTS; a passed deadline is
 DEADLINE_EXCEEDED. A client that cancels the call aborts its request. A call without a deadline
 waits as long as its request runs. Every path ends the request's store row terminal (the
 Frontend's follow records the end however the call stops), and no status carries database or
@@ -37,6 +38,7 @@ _CODES = {
     "invalid": grpc.StatusCode.INVALID_ARGUMENT,
     "exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "exists": grpc.StatusCode.ALREADY_EXISTS,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
 }
 
 
@@ -115,7 +117,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         except InvalidSampling as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{e.field}: {e.message}")
         except Rejected as r:
-            if r.code == "exhausted":
+            if r.code in ("exhausted", "unavailable"):
                 retry_ms = str(int(RETRY_AFTER_S * 1000))
                 context.set_trailing_metadata((("retry-after-ms", retry_ms),))
             context.abort(_CODES[r.code], r.message)

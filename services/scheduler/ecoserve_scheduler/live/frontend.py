@@ -1,7 +1,8 @@
 """What every client interface (gRPC, OpenAI-compatible HTTP) does with one request.
 
 `start` validates (Rejected "invalid" with the reason), applies admission control (Rejected
-"exhausted" when `max_pending` requests are already in the system), asks the predictor, records
+"exhausted" when `max_pending` requests are already in the system, "unavailable" at once while
+no worker is registered unless `queue_without_workers`), asks the predictor, records
 the request in the store and submits it; `follow` yields its tokens until it ends and records
 the end. A deadline that passes aborts the request (the engine frees its KV blocks in its next
 iteration) and raises TimeoutError. The store is a RequestStore (written from the caller's
@@ -70,6 +71,9 @@ class ApiLimits:
     # Characters of a text prompt, checked before it is tokenized; None: the model's context
     # times CHARS_PER_TOKEN_LIMIT (far above any real text's few characters per token).
     max_prompt_chars: int | None = None
+    # False: with no worker registered a request is refused at once ("unavailable": HTTP 503,
+    # gRPC UNAVAILABLE) instead of waiting silently for one; True: it is queued until one comes.
+    queue_without_workers: bool = False
 
     @property
     def prompt_chars(self) -> int:
@@ -91,7 +95,8 @@ class GenerateParams:
 
 
 class Rejected(Exception):
-    """A request refused before it ran: code "invalid", "exhausted" or "exists"; `param` names
+    """A request refused before it ran: code "invalid", "exhausted", "unavailable" (no worker)
+    or "exists"; `param` names
     the request field at fault where one is (an OpenAI 400's `param`)."""
 
     def __init__(self, code: str, message: str, param: str | None = None) -> None:
@@ -172,6 +177,12 @@ class Frontend:
             problem = self._check_length(len(ids), sampling.max_tokens)
             if problem:
                 raise Rejected("invalid", problem)
+            if not self.limits.queue_without_workers and not self.engine.worker_ids():
+                raise Rejected(
+                    "unavailable",
+                    "no worker is registered (starting or restarting); "
+                    f"retry after {RETRY_AFTER_S:g} s",
+                )
             admission = admission or self.admit()
             return self._submit(p, sampling, ids), len(ids)
         finally:

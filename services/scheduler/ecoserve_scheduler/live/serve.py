@@ -108,6 +108,7 @@ def run(settings: SchedulerSettings, ready: threading.Event | None = None) -> in
         max_model_len=tokenizer.max_model_len,
         max_pending=settings.max_pending,
         vocab_size=tokenizer.vocab_size,
+        queue_without_workers=settings.queue_without_workers,
     )
     frontend = Frontend(
         engine, tokenizer, writer, limits, predictor, store_prompts=settings.store_prompts

@@ -40,6 +40,7 @@ class SchedulerSettings:
     max_pending: int = 1024  # requests in the system before RESOURCE_EXHAUSTED
     worker_timeout_s: float = 2.0  # silence after which a worker is dropped (it beats at /4)
     engine_process: bool = True  # the engine core in its own process (False: a thread)
+    queue_without_workers: bool = False  # False: no worker registered -> 503 at once
     store_prompts: bool = True  # keep prompt text in the request store; False: token counts only
     http_max_body_bytes: int = 4 << 20  # a larger HTTP body is a 413, refused unread
     http_header_timeout_s: float = 10.0  # an HTTP request head not complete by then: closed

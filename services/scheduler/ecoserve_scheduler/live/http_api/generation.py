@@ -148,9 +148,11 @@ def finish_of(reason: str | None) -> str | None:
 
 
 def _rejected(r: Rejected) -> JSONResponse:
+    retry = {"Retry-After": str(max(1, round(RETRY_AFTER_S)))}
     if r.code == "exhausted":
-        retry = {"Retry-After": str(max(1, round(RETRY_AFTER_S)))}
         return error(429, r.message, "rate_limit_error", headers=retry)
+    if r.code == "unavailable":
+        return error(503, r.message, "service_unavailable", headers=retry)
     return error(400, r.message, param=r.param)
 
 
