@@ -36,7 +36,8 @@ class SchedulerSettings:
     worker_auth_token_file: str = ""  # a file holding it (instead of ECOSERVE_WORKER_AUTH_TOKEN)
     worker_keys_dir: str = ""  # CURVE keys (ecoserve_common.curve): server pair + workers/ list
     worker_plane_insecure: bool = False  # no keys: a plain, unauthenticated worker plane
-    api_key: str = ""  # bearer token clients must present on gRPC and /v1 HTTP; empty: open
+    api_key: str = field(default="", metadata=SECRET)  # clients' bearer token; empty: open
+    api_key_file: str = ""  # a file holding it (instead of ECOSERVE_API_KEY)
     max_pending: int = 1024  # requests in the system before RESOURCE_EXHAUSTED
     worker_timeout_s: float = 2.0  # silence after which a worker is dropped (it beats at /4)
     engine_process: bool = True  # the engine core in its own process (False: a thread)
@@ -77,13 +78,15 @@ class SchedulerSettings:
                     _parse_bool(raw) if isinstance(f.default, bool) else type(f.default)(raw)
                 )
         settings = cls(**values)
-        if settings.worker_auth_token_file:
-            path = Path(settings.worker_auth_token_file)
-            try:
-                token = path.read_text().strip()
-            except OSError as exc:
-                raise SystemExit(f"--worker-auth-token-file: cannot read {path}: {exc}") from None
-            settings = settings.replace(worker_auth_token=token)
+        for secret in ("worker_auth_token", "api_key"):  # each SECRET field's *_file
+            if getattr(settings, secret + "_file"):
+                path = Path(getattr(settings, secret + "_file"))
+                flag = "--" + secret.replace("_", "-") + "-file"
+                try:
+                    value = path.read_text().strip()
+                except OSError as exc:
+                    raise SystemExit(f"{flag}: cannot read {path}: {exc}") from None
+                settings = settings.replace(**{secret: value})
         if not settings.model:
             raise SystemExit(
                 "--model (or ECOSERVE_MODEL) is empty: give a registered name "
