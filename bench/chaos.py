@@ -37,6 +37,9 @@ from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peer_measure import children  # noqa: E402
+
 TERMINAL = ("finished", "failed", "aborted")
 
 
@@ -63,13 +66,12 @@ def start_up(a, home: Path) -> tuple[subprocess.Popen, str]:
 def workers_of(launcher: int) -> list[int]:
     """Worker processes under the launcher (their command line names ecoserve_worker)."""
     out = []
-    for task in Path(f"/proc/{launcher}/task").iterdir():
-        for pid in (task / "children").read_text().split():
-            try:
-                if b"ecoserve_worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    out.append(int(pid))
-            except OSError:
-                pass
+    for pid in children(launcher):
+        try:
+            if b"ecoserve_worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                out.append(pid)
+        except OSError:
+            pass  # gone since it was listed
     return sorted(out)
 
 

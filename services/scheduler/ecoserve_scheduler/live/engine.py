@@ -45,7 +45,7 @@ from ecoserve_common.pb import worker_pb2 as pb
 from ecoserve_common.wire import WireError, decode, encode, plan_to_proto, result_from_proto
 
 from ..core import SchedulerCore, StepResult, WorkerSpec
-from ..core.events import FinishEvent, PreemptEvent, TokenEvent
+from ..core.events import FinishEvent, TokenEvent
 from ..core.request import Request
 from .worker_plane import Inbound, WorkerConn, WorkerPlane, refusal
 
@@ -69,6 +69,16 @@ class RequestHandle:
 
     def wait(self, timeout: float | None = None) -> bool:
         return self.done.wait(timeout)
+
+    def receive(self, ev) -> None:
+        """One of its events from the core: a token is kept and queued; a finish closes the
+        handle; a preemption is queued (recompute keeps the outputs: the stream just pauses)."""
+        if isinstance(ev, FinishEvent):
+            close_handle(self, ev.reason)
+            return
+        if isinstance(ev, TokenEvent):
+            self.tokens.append(ev.token_id)
+        self.events.put(ev)
 
 
 def close_handle(handle: RequestHandle, reason: str) -> None:
@@ -368,16 +378,12 @@ class LiveEngine:
             handle = self._handles.get(ev.request_id)
             if handle is None:
                 continue
-            if isinstance(ev, TokenEvent):
-                handle.tokens.append(ev.token_id)
-                handle.events.put(ev)
-            elif isinstance(ev, FinishEvent):
+            if isinstance(ev, FinishEvent):
                 self._finish(handle, ev.reason)
                 del self._handles[ev.request_id]
                 self.core.release(ev.request_id)
-            elif isinstance(ev, PreemptEvent):
-                # Recompute keeps the outputs so far: the stream just pauses, nothing repeats.
-                handle.events.put(ev)
+            else:
+                handle.receive(ev)
 
     def _finish(self, handle: RequestHandle, reason: str) -> None:
         with self._pending_lock:

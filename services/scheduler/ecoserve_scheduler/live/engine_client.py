@@ -33,7 +33,7 @@ from pathlib import Path
 
 import zmq
 
-from ..core.events import FinishEvent, TokenEvent
+from ..core.events import FinishEvent
 from ..core.request import Request
 from .engine import RequestHandle, close_handle
 from .engine_core import AUTH_TOKEN_ENV
@@ -276,12 +276,7 @@ class EngineClient:
             handle = self._handles.get(ev.request_id)
             if handle is None:
                 continue
-            if isinstance(ev, TokenEvent):
-                handle.tokens.append(ev.token_id)
-                handle.events.put(ev)
-            elif isinstance(ev, FinishEvent):
+            if isinstance(ev, FinishEvent):
                 with self._handles_lock:
                     self._handles.pop(ev.request_id, None)
-                close_handle(handle, ev.reason)
-            else:  # PreemptEvent: the stream pauses, nothing repeats
-                handle.events.put(ev)
+            handle.receive(ev)
