@@ -111,6 +111,8 @@ def main(argv=None) -> int:
         runner = ModelRunner(model_dir, "cpu", torch.float32, blocks + 1, BLOCK)
         server = WorkerServer("tcp://127.0.0.1:1", "w0", ModelBackend(runner))
         server._sock = _NullSocket()
+        if hasattr(server, "_sock_lock"):  # the serving loop holds it while it reads plans
+            server._sock_lock.acquire()
         samples = time_steps(server, msg, a.steps)
     samples.sort()
     print(

@@ -2,6 +2,7 @@
 the torch reference: random pools, scattered block tables, ragged contexts, sliding windows,
 fp32 and bf16; slots no row may read hold NaN, so reading one shows. And the loader's
 fallbacks: ECOSERVE_KERNELS=0 and a failed build give None (the torch path), never an error.
+The fused glue ops (csrc/fused_ops.cpp) are tested in test_worker_fused_ops.py.
 """
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ def test_build_failure_falls_back_with_a_warning(monkeypatch, tmp_path, caplog):
     broken.write_text("#error deliberately broken\n")
     monkeypatch.setenv(kernels.ENV, "1")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
-    monkeypatch.setattr(kernels, "SOURCE", broken)
+    monkeypatch.setattr(kernels, "SOURCES", [broken])
     monkeypatch.setattr(kernels, "cpu_tag", lambda: "broken_test")
     kernels._load.cache_clear()
     try:

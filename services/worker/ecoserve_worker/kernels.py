@@ -1,12 +1,13 @@
 """Optional C++ kernels for the worker's CPU hot path, compiled on first use.
 
 `paged_decode()` is the decode-attention kernel of ``csrc/paged_decode.cpp`` (it reads K/V
-straight from the paged pool through the block tables, no gather copy), or None where it
-cannot be had: ``ECOSERVE_KERNELS=0`` in the environment, no compiler or ninja, or any build
-error (logged once as a warning). Callers then use the pure-torch path, which stays the
-reference.
+straight from the paged pool through the block tables, no gather copy); `fused_ops()` the
+decoder layer's elementwise glue of ``csrc/fused_ops.cpp`` (residual add + RMSNorm, SiLU * up,
+rotary embedding). Each is None where it cannot be had: ``ECOSERVE_KERNELS=0`` in the
+environment, no compiler or ninja, or any build error (logged once as a warning). Callers then
+use the pure-torch path, which stays the reference.
 
-The source is built with ``torch.utils.cpp_extension.load`` (-O3 -march=native) into torch's
+The sources are built with ``torch.utils.cpp_extension.load`` (-O3 -march=native) into torch's
 extension cache (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``). That cache
 is keyed by the extension's name, so the name carries a hash of the CPU's model and flags, the
 compiler flags and the torch version: another machine sharing the directory builds its own.
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 
 ENV = "ECOSERVE_KERNELS"
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCE = CSRC / "paged_decode.cpp"  # includes paged_decode_tiles.h
+SOURCES = [CSRC / "paged_decode.cpp", CSRC / "fused_ops.cpp"]  # one library; include *.h
 CFLAGS = ["-O3", "-march=native"]
 
 
@@ -52,7 +53,8 @@ def cpu_tag() -> str:
 
 
 @cache
-def _load() -> Callable[..., torch.Tensor] | None:
+def _load() -> object | None:
+    """torch.ops.ecoserve once the library is built or loaded, else None."""
     if not enabled():
         log.info("%s=0: C++ kernels disabled, using the torch path", ENV)
         return None
@@ -64,21 +66,23 @@ def _load() -> Callable[..., torch.Tensor] | None:
         from torch.utils import cpp_extension
 
         cpp_extension.load(
-            name=f"ecoserve_paged_decode_{cpu_tag()}",
-            sources=[str(SOURCE)],
+            name=f"ecoserve_kernels_{cpu_tag()}",
+            sources=[str(src) for src in SOURCES],
             extra_cflags=CFLAGS,
             is_python_module=False,
             verbose=False,
         )
-        op = torch.ops.ecoserve.paged_decode
+        ops = torch.ops.ecoserve
+        for name in ("paged_decode", "add_rms_norm", "silu_mul", "rope_"):
+            getattr(ops, name)  # raises if the library lacks one
     except Exception as e:  # any failure: no kernel, the torch path
         return _unavailable(_brief(e))
-    log.info("C++ paged-decode kernel ready in %.1f s", time.perf_counter() - t0)
-    return op
+    log.info("C++ kernels ready in %.1f s", time.perf_counter() - t0)
+    return ops
 
 
 def _unavailable(reason: str) -> None:
-    log.warning("C++ paged-decode kernel unavailable (%s); using the torch path", reason)
+    log.warning("C++ kernels unavailable (%s); using the torch path", reason)
 
 
 def _brief(e: Exception) -> str:
@@ -93,16 +97,24 @@ def paged_decode() -> Callable[..., torch.Tensor] | None:
     """The op ``(q [B, H, D], pool [2, KVH, NB, BS, D], tables [B, W] int, lens [B] int,
     window: int (<= 0: none), scale: float) -> [B, H * D]``, or None (see the module doc).
     Built or loaded once per process."""
+    ops = _load()
+    return None if ops is None else ops.paged_decode
+
+
+def fused_ops() -> object | None:
+    """torch.ops.ecoserve with ``add_rms_norm(x, delta|None, weight, eps) -> y`` (x += delta in
+    place, y = weight * rms_norm(x)), ``silu_mul(gate_up [T, 2I]) -> [T, I]`` and
+    ``rope_(qk [T, H, D], cos, sin)`` (in place), or None (see the module doc)."""
     return _load()
 
 
 def main() -> int:
-    """`python -m ecoserve_worker.kernels`: build (or load) the kernel now, so a worker's first
-    start does not spend ~10 s compiling it (`make model` runs this). Exit code 0 either way:
-    without the kernel the worker runs the torch path."""
+    """`python -m ecoserve_worker.kernels`: build (or load) the kernels now, so a worker's first
+    start does not spend ~10 s compiling them (`make model` runs this). Exit code 0 either way:
+    without them the worker runs the torch path."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    op = paged_decode()
-    print("paged-decode kernel:", "ready" if op is not None else "unavailable (torch path)")
+    ops = _load()
+    print("C++ kernels:", "ready" if ops is not None else "unavailable (torch path)")
     return 0
 
 

@@ -28,6 +28,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from ecoserve_common.plan import StepInputs
 from ecoserve_common.sampling import SamplingParams
 
+from . import kernels
 from .attention import PagedAttention
 from .sampling import greedy, make_generator, sample
 
@@ -187,6 +188,10 @@ class ModelRunner:
         # is computed per step instead.
         self._rope_static = "dynamic" not in str(getattr(base.rotary_emb, "rope_type", ""))
         self._cos = self._sin = torch.empty(0, self.head_dim, dtype=dtype, device=self.device)
+        # The C++ glue (residual add + RMSNorm, SiLU * up, rotary) where it builds: a decode
+        # step is small enough that the per-call cost of ~10 tiny ATen ops per layer shows.
+        cpu_glue = self.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+        self.fused = kernels.fused_ops() if cpu_glue else None
 
     def _fuse_layer(self, index: int, layer: nn.Module) -> _Layer:
         attn, mlp = layer.self_attn, layer.mlp
@@ -245,11 +250,21 @@ class ModelRunner:
             return torch.empty(0, self.config.vocab_size, device=self.device)
         batch = self.attention.batch(inp)
         base = self.model.model
-        hidden = self.hidden_size
-        nh, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
         x = base.embed_tokens(batch.ids)  # [T, hidden]
-        n_tok = x.shape[0]
         cos, sin = self._rope(batch.positions, batch.max_pos)
+        if self.fused is not None:
+            x = self._layers_fused(x, cos, sin, batch)
+        else:
+            x = self._layers_torch(x, cos, sin, batch)
+        if batch.last is not None:
+            x = x.index_select(0, batch.last)
+        x = F.rms_norm(x, (self.hidden_size,), base.norm.weight, self.norm_eps)
+        return self.lm_head(x).float()
+
+    def _layers_torch(self, x: torch.Tensor, cos, sin, batch) -> torch.Tensor:
+        """The decoder layers in eager torch: the reference for `_layers_fused`."""
+        hidden, n_tok = self.hidden_size, x.shape[0]
+        nh, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
         for li, layer in enumerate(self.layers):
             h = F.rms_norm(x, (hidden,), layer.in_norm, layer.eps)
             qkv = layer.qkv(h).view(n_tok, nh + 2 * kvh, d)
@@ -262,10 +277,28 @@ class ModelRunner:
             h = F.rms_norm(x, (hidden,), layer.post_norm, layer.eps)
             gate, up = layer.gate_up(h).chunk(2, dim=-1)
             x = x + layer.down(layer.act(gate) * up)
-        if batch.last is not None:
-            x = x.index_select(0, batch.last)
-        x = F.rms_norm(x, (hidden,), base.norm.weight, self.norm_eps)
-        return self.lm_head(x).float()
+        return x
+
+    def _layers_fused(self, x: torch.Tensor, cos, sin, batch) -> torch.Tensor:
+        """The decoder layers with the C++ glue: x is the residual stream, updated in place by
+        add_rms_norm (each layer's output is added at the next norm, the last one here)."""
+        ops, n_tok = self.fused, x.shape[0]
+        nh, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
+        x = x.contiguous()
+        delta = None  # the previous layer's MLP output, not yet added to x
+        for li, layer in enumerate(self.layers):
+            h = ops.add_rms_norm(x, delta, layer.in_norm, layer.eps)
+            qkv = layer.qkv(h).view(n_tok, nh + 2 * kvh, d)
+            ops.rope_(qkv[:, : nh + kvh], cos, sin)  # q and k in place, k next to v
+            new_kv = qkv[:, nh:].view(n_tok, 2, kvh, d)
+            attn = self.attention(li, qkv[:, :nh], new_kv, layer.scaling, batch)
+            h = ops.add_rms_norm(x, layer.o_proj(attn), layer.post_norm, layer.eps)
+            if layer.act is F.silu:
+                delta = layer.down(ops.silu_mul(layer.gate_up(h)))
+            else:
+                gate, up = layer.gate_up(h).chunk(2, dim=-1)
+                delta = layer.down(layer.act(gate) * up)
+        return x + delta if delta is not None else x
 
     def step(self, seqs: Sequence[SeqInput]) -> torch.Tensor:
         """`forward` over row tuples (request_id, token_ids, start_pos, block_table), every
