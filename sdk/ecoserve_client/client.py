@@ -10,13 +10,14 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import grpc.aio
 
 from ecoserve_common.pb import scheduler_pb2 as pb
 from ecoserve_common.pb import scheduler_pb2_grpc as pb_grpc
+from ecoserve_common.plan import TokenLogprob
 from ecoserve_common.sampling import InvalidSampling, SamplingParams  # noqa: F401 (re-exported)
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
@@ -36,6 +37,7 @@ class Completion:
     token_ids: list[int]
     finish_reason: str
     prompt_tokens: int
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token id, if asked
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class Chunk:
     text: str
     token_ids: list[int]
     finish_reason: str  # empty until the last chunk
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token id, if asked
 
 
 def _request(
@@ -58,10 +61,17 @@ def _request(
     stop_token_ids: Sequence[int] = (),
     ignore_eos: bool = False,
     request_id: str = "",
+    logprobs: int | None = None,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    repetition_penalty: float = 1.0,
+    min_tokens: int = 0,
 ) -> pb.GenerateRequest:
     """The GenerateRequest every call sends: give `prompt` text or `token_ids`; an unknown
     keyword is a TypeError, an out-of-range sampling value an InvalidSampling (a ValueError
-    naming the field) before anything is sent: the contract's one validation."""
+    naming the field) before anything is sent: the contract's one validation. `logprobs=N`
+    returns each token's logprob and its N most likely alternatives (Completion.logprobs,
+    Chunk.logprobs); the penalties and min_tokens are as in ecoserve_common.sampling."""
     sp = SamplingParams.checked(
         max_tokens=max_tokens,
         temperature=temperature,
@@ -70,6 +80,11 @@ def _request(
         seed=seed,
         stop_token_ids=stop_token_ids,
         ignore_eos=ignore_eos,
+        logprobs=logprobs,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+        repetition_penalty=repetition_penalty,
+        min_tokens=min_tokens,
     )
     return pb.GenerateRequest(
         prompt=prompt or "",
@@ -83,15 +98,37 @@ def _request(
         stop_token_ids=list(sp.stop_token_ids),
         ignore_eos=sp.ignore_eos,
         request_id=request_id,
+        has_logprobs=sp.logprobs is not None,
+        logprobs=sp.logprobs or 0,
+        presence_penalty=sp.presence_penalty,
+        frequency_penalty=sp.frequency_penalty,
+        repetition_penalty=sp.repetition_penalty,
+        min_tokens=sp.min_tokens,
     )
 
 
+def _logprobs(ms) -> list[TokenLogprob]:
+    return [
+        TokenLogprob(
+            m.token_id, m.logprob, tuple(zip(m.top_token_ids, m.top_logprobs, strict=True))
+        )
+        for m in ms
+    ]
+
+
 def _completion(r: pb.CompleteResponse) -> Completion:
-    return Completion(r.request_id, r.text, list(r.token_ids), r.finish_reason, r.prompt_tokens)
+    return Completion(
+        r.request_id,
+        r.text,
+        list(r.token_ids),
+        r.finish_reason,
+        r.prompt_tokens,
+        _logprobs(r.logprobs),
+    )
 
 
 def _chunk(c: pb.GenerateChunk) -> Chunk:
-    return Chunk(c.request_id, c.text, list(c.token_ids), c.finish_reason)
+    return Chunk(c.request_id, c.text, list(c.token_ids), c.finish_reason, _logprobs(c.logprobs))
 
 
 def _error(e: grpc.RpcError) -> EcoServeError:

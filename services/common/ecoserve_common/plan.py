@@ -4,8 +4,21 @@ plans, the wire codec carries them, a worker runs them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .sampling import SamplingParams
+
+
+class TokenLogprob(NamedTuple):
+    """One sampled token's logprob and the `top` most likely tokens at its position as
+    (token id, logprob) pairs, most likely first (as many as the request's `logprobs` asked,
+    fewer only if the vocabulary is smaller). Logprobs are of the model's raw distribution:
+    log_softmax of the logits before penalties, temperature and top-k/top-p (vLLM v1's default).
+    A NamedTuple: it crosses a process boundary pickled with every token event."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -19,6 +32,7 @@ class ScheduledSeq:
     sample: bool  # True when this chunk reaches the end of the known tokens
     sampling: SamplingParams
     token_ids: tuple[int, ...] | None = None  # None in the simulator
+    prompt_len: int = 0  # the request's: a worker tells outputs from prompt with it
 
 
 @dataclass(frozen=True)
@@ -51,6 +65,7 @@ class DecodeBatch:
     block_tables: tuple[list[int], ...] = ()
     sampling: tuple[SamplingParams, ...] = ()
     token_ids: tuple[int, ...] | None = None  # None in the simulator
+    prompt_lens: tuple[int, ...] | None = None  # each request's; None in the simulator
 
     def __len__(self) -> int:
         return len(self.request_ids)
@@ -73,9 +88,18 @@ class BatchPlan:
     def seqs(self) -> tuple[ScheduledSeq, ...]:
         """Every sequence as a ScheduledSeq (decodes first): convenient, not for hot paths."""
         d = self.decodes
-        ids = d.token_ids
+        ids, lens = d.token_ids, d.prompt_lens
         decodes = tuple(
-            ScheduledSeq(rid, pos, 1, tuple(table), True, sp, (ids[i],) if ids else None)
+            ScheduledSeq(
+                rid,
+                pos,
+                1,
+                tuple(table),
+                True,
+                sp,
+                (ids[i],) if ids else None,
+                lens[i] if lens else 0,
+            )
             for i, (rid, pos, table, sp) in enumerate(
                 zip(d.request_ids, d.positions, d.block_tables, d.sampling, strict=True)
             )
@@ -97,7 +121,8 @@ class StepResult:
     """A step's outcome. `error` set: the whole step failed, `tokens` is empty. Otherwise one
     token per id of plan.sampled_ids(), in that order; `failed` lists (request_id, reason) for
     rows whose sampling alone failed: those requests fail, their entry in `tokens` is a
-    placeholder, and every other row's token stands."""
+    placeholder, and every other row's token stands. `logprobs` is empty when no row asked for
+    them, else one entry per token: its TokenLogprob, None for a row that did not ask."""
 
     step_id: int
     worker_id: str
@@ -105,6 +130,7 @@ class StepResult:
     forward_s: float = 0.0
     error: str | None = None
     failed: tuple[tuple[str, str], ...] = ()
+    logprobs: tuple[TokenLogprob | None, ...] | list[TokenLogprob | None] = ()
 
 
 @dataclass(frozen=True)
@@ -134,6 +160,11 @@ class StepInputs:
     # Sampling rows; None when every row samples (then sampling_index has one entry per row).
     sample_rows: list[int] | None = None
     block_copies: list[tuple[int, int]] | tuple[tuple[int, int], ...] = ()
+    # What penalties and min_tokens need (None when no row's sampling does, the common case):
+    # each row's request's prompt length, and the rows (sampling or not, in row order) whose
+    # request is penalized, so the sampler can keep those requests' tokens (worker sampling.py).
+    prompt_lens: list[int] | None = None
+    history_rows: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.request_ids)
@@ -147,6 +178,10 @@ class StepInputs:
         if self.sample_rows is None:
             return list(self.request_ids)
         return [self.request_ids[r] for r in self.sample_rows]
+
+    def row_end(self, r: int) -> int:
+        """Tokens of row r's request known once the row is fed: its last position + 1."""
+        return self.positions[r] + (1 if self.query_lens is None else self.query_lens[r])
 
     def shape(self) -> BatchShape:
         """The same BatchShape as the plan's: its prefill chunks and decode rows."""
@@ -178,6 +213,11 @@ class StepInputs:
                 i = seen[id(sp)] = len(sets)
                 sets.append(sp)
             index.append(i)
+        needs_len = any(sp.needs_prompt_len for sp in sets) or any(
+            s.sampling.needs_prompt_len for s in plan.prefills
+        )
+        prompt_lens = list(d.prompt_lens or [0] * nd) if needs_len else None
+        history = [r for r in range(nd) if d.sampling[r].penalized] if needs_len else None
         lens = None
         rows = None
         if plan.prefills:
@@ -194,6 +234,10 @@ class StepInputs:
                 blocks.extend(s.block_table)
                 if s.sample:
                     rows.append(nd + k)
+                if prompt_lens is not None and history is not None:
+                    prompt_lens.append(s.prompt_len)
+                    if s.sampling.penalized:
+                        history.append(nd + k)
         return cls(
             plan.step_id,
             plan.worker_id,
@@ -208,4 +252,6 @@ class StepInputs:
             lens,
             rows,
             plan.block_copies,
+            prompt_lens,
+            history or None,
         )

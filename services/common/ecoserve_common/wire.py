@@ -11,10 +11,12 @@ from itertools import accumulate, chain
 from google.protobuf.message import DecodeError
 
 from .pb import worker_pb2 as pb
-from .plan import BatchPlan, DecodeBatch, ScheduledSeq, StepInputs, StepResult
+from .plan import BatchPlan, DecodeBatch, ScheduledSeq, StepInputs, StepResult, TokenLogprob
 from .sampling import SamplingParams
 
-PROTOCOL_VERSION = 2  # 2: DecodeBatch as packed columns
+# 2: DecodeBatch as packed columns; 3: penalties, min_tokens and logprobs (a worker of 2 would
+# ignore them and sample something else than asked: refused instead)
+PROTOCOL_VERSION = 3
 BODIES = frozenset(f.name for f in pb.Envelope.DESCRIPTOR.oneofs_by_name["body"].fields)
 
 
@@ -63,27 +65,46 @@ def _field_of(body) -> str:
 
 
 def _sampling_to_proto(sp: SamplingParams) -> pb.SamplingParams:
-    return pb.SamplingParams(
+    m = pb.SamplingParams(
         temperature=sp.temperature,
         top_p=sp.top_p,
         top_k=sp.top_k,
         has_seed=sp.seed is not None,
         seed=sp.seed or 0,
     )
+    if sp.processed:  # fields left at their defaults cost no bytes
+        m.has_logprobs = sp.logprobs is not None
+        m.logprobs = sp.logprobs or 0
+        m.presence_penalty = sp.presence_penalty
+        m.frequency_penalty = sp.frequency_penalty
+        m.repetition_penalty = sp.repetition_penalty
+        if sp.min_tokens:  # only then does a worker mask EOS and stop ids
+            m.min_tokens = sp.min_tokens
+            m.ignore_eos = sp.ignore_eos
+            m.stop_token_ids.extend(sp.stop_token_ids)
+    return m
 
 
 def _sampling_from_proto(m: pb.SamplingParams) -> SamplingParams:
-    # max_tokens and stop tokens are the scheduler's business; the worker only samples.
+    # max_tokens and stopping are the scheduler's business; the worker only samples.
     return SamplingParams(
         temperature=m.temperature,
         top_p=m.top_p,
         top_k=m.top_k,
         seed=m.seed if m.has_seed else None,
+        stop_token_ids=tuple(m.stop_token_ids),
+        ignore_eos=m.ignore_eos,
+        logprobs=m.logprobs if m.has_logprobs else None,
+        presence_penalty=m.presence_penalty,
+        frequency_penalty=m.frequency_penalty,
+        repetition_penalty=m.repetition_penalty or 1.0,  # 0 (unset) means off
+        min_tokens=m.min_tokens,
     )
 
 
-def _sampling_columns(sampling) -> tuple[list[pb.SamplingParams], list[int]]:
-    """The distinct settings among rows, and each row's index into them.
+def _sampling_columns(sampling) -> tuple[list[pb.SamplingParams], list[int], bool]:
+    """The distinct settings among rows, each row's index into them, and whether some row
+    needs its prompt length (`SamplingParams.needs_prompt_len`).
 
     Rows of one request share one SamplingParams object, so most rows hit the identity cache;
     equal settings of different requests collapse by value."""
@@ -91,17 +112,31 @@ def _sampling_columns(sampling) -> tuple[list[pb.SamplingParams], list[int]]:
     by_value: dict[tuple, int] = {}
     sets: list[pb.SamplingParams] = []
     index: list[int] = []
+    needs_len = False
     for sp in sampling:
         i = by_id.get(id(sp))
         if i is None:
-            key = (sp.temperature, sp.top_p, sp.top_k, sp.seed)
+            # What the wire carries of sp (stop ids and ignore_eos only with min_tokens), read
+            # inline: this runs for every row of a request of its own, every step.
+            key = (
+                sp.temperature,
+                sp.top_p,
+                sp.top_k,
+                sp.seed,
+                sp.logprobs,
+                sp.presence_penalty,
+                sp.frequency_penalty,
+                sp.repetition_penalty,
+                sp.min_tokens and (sp.ignore_eos, sp.stop_token_ids),
+            )
             i = by_value.get(key)
             if i is None:
                 i = by_value[key] = len(sets)
                 sets.append(_sampling_to_proto(sp))
+                needs_len = needs_len or sp.needs_prompt_len
             by_id[id(sp)] = i
         index.append(i)
-    return sets, index
+    return sets, index, needs_len
 
 
 def plan_to_proto(plan: BatchPlan) -> pb.BatchPlan:
@@ -110,7 +145,10 @@ def plan_to_proto(plan: BatchPlan) -> pb.BatchPlan:
         raise ValueError(
             "a plan sent to a worker needs token ids (the simulator's plans have none)"
         )
-    sets, index = _sampling_columns(d.sampling)
+    sets, index, needs_len = _sampling_columns(d.sampling)
+    needs_len = needs_len or any(s.sampling.needs_prompt_len for s in plan.prefills)
+    if needs_len and len(d) and d.prompt_lens is None:
+        raise ValueError("a plan whose sampling needs prompt lengths has none")
     decodes = pb.DecodeBatch(
         request_ids=d.request_ids,
         positions=d.positions,
@@ -119,6 +157,7 @@ def plan_to_proto(plan: BatchPlan) -> pb.BatchPlan:
         block_ids=list(chain.from_iterable(d.block_tables)),
         sampling_sets=sets,
         sampling_index=index,
+        prompt_lens=(d.prompt_lens or ()) if needs_len else (),
     )
     prefills = [
         pb.PrefillChunk(
@@ -128,6 +167,7 @@ def plan_to_proto(plan: BatchPlan) -> pb.BatchPlan:
             block_table=pb.BlockTable(blocks=s.block_table),
             sample=s.sample,
             sampling=_sampling_to_proto(s.sampling),
+            prompt_len=s.prompt_len,  # one varint beside a chunk's tokens
         )
         for s in plan.prefills
     ]
@@ -150,6 +190,8 @@ def _decode_columns(
     blocks = list(d.block_ids)
     if sum(lens) != len(blocks):
         raise WireError("invalid", f"step {m.step_id}: table_lens do not cover block_ids")
+    if d.prompt_lens and len(d.prompt_lens) != n:
+        raise WireError("invalid", f"step {m.step_id}: decode columns differ in length")
     sets = [_sampling_from_proto(s) for s in d.sampling_sets]
     index = list(d.sampling_index)
     if index and max(index) >= len(sets):
@@ -167,6 +209,7 @@ def plan_from_proto(m: pb.BatchPlan, worker_id: str) -> BatchPlan:
         tuple(blocks[e - k : e] for e, k in zip(ends, lens, strict=True)),
         tuple(map(sets.__getitem__, index)),
         tuple(d.token_ids),
+        tuple(d.prompt_lens) or None,
     )
     prefills = []
     for p in m.prefills:
@@ -181,6 +224,7 @@ def plan_from_proto(m: pb.BatchPlan, worker_id: str) -> BatchPlan:
                 p.sample,
                 _sampling_from_proto(p.sampling),
                 tuple(p.token_ids),
+                p.prompt_len,
             )
         )
     copies = tuple((c.src, c.dst) for c in m.block_copies)
@@ -198,6 +242,7 @@ def step_inputs_from_proto(m: pb.BatchPlan, worker_id: str) -> StepInputs:
     positions = list(d.positions)
     rids = list(d.request_ids)
     query_lens = rows = None
+    prompt_lens, history = _progress_columns(m, sets, index)
     if m.prefills:
         query_lens = [1] * n
         rows = list(range(n))
@@ -216,6 +261,10 @@ def step_inputs_from_proto(m: pb.BatchPlan, worker_id: str) -> StepInputs:
                 rows.append(n + k)
                 index.append(len(sets))
                 sets.append(_sampling_from_proto(p.sampling))
+            if prompt_lens is not None and history is not None:
+                prompt_lens.append(p.prompt_len)
+                if _penalized(p.sampling):
+                    history.append(n + k)
     copies = [(c.src, c.dst) for c in m.block_copies]
     return StepInputs(
         m.step_id,
@@ -231,20 +280,81 @@ def step_inputs_from_proto(m: pb.BatchPlan, worker_id: str) -> StepInputs:
         query_lens,
         rows,
         copies,
+        prompt_lens,
+        history or None,
     )
+
+
+def _penalized(m: pb.SamplingParams) -> bool:
+    return bool(m.presence_penalty or m.frequency_penalty) or m.repetition_penalty not in (0, 1)
+
+
+def _progress_columns(
+    m: pb.BatchPlan, sets: list[SamplingParams], index: list[int]
+) -> tuple[list[int] | None, list[int] | None]:
+    """(prompt_lens, history_rows) of the decode rows, both None when no row of the plan needs
+    them (the decode sets are checked, then each prefill chunk's settings: a few messages)."""
+    needs = any(sp.needs_prompt_len for sp in sets) or any(
+        p.sampling.min_tokens or _penalized(p.sampling) for p in m.prefills
+    )
+    if not needs:
+        return None, None
+    n = len(m.decodes.request_ids)
+    penalized = {k for k, sp in enumerate(sets) if sp.penalized}
+    history = [r for r in range(n) if index[r] in penalized] if penalized else []
+    return list(m.decodes.prompt_lens) or [0] * n, history
 
 
 def result_to_proto(r: StepResult) -> pb.StepResult:
     failed = [pb.StepResult.RowFailure(request_id=rid, reason=why) for rid, why in r.failed]
-    return pb.StepResult(
+    m = pb.StepResult(
         step_id=r.step_id,
         tokens=r.tokens,
         forward_s=r.forward_s,
         error=r.error or "",
         failed=failed,
     )
+    for row, lp in enumerate(r.logprobs):  # only rows that asked: the rest cost nothing
+        if lp is not None:
+            m.logprob_rows.append(row)
+            m.sampled_logprobs.append(lp.logprob)
+            m.top_counts.append(len(lp.top))
+            m.top_ids.extend(t for t, _ in lp.top)
+            m.top_logprobs.extend(v for _, v in lp.top)
+    return m
 
 
 def result_from_proto(m: pb.StepResult, worker_id: str) -> StepResult:
     failed = tuple((f.request_id, f.reason) for f in m.failed)
-    return StepResult(m.step_id, worker_id, tuple(m.tokens), m.forward_s, m.error or None, failed)
+    tokens = tuple(m.tokens)
+    return StepResult(
+        m.step_id,
+        worker_id,
+        tokens,
+        m.forward_s,
+        m.error or None,
+        failed,
+        _logprobs_from_proto(m, tokens),
+    )
+
+
+def _logprobs_from_proto(m: pb.StepResult, tokens: tuple[int, ...]) -> tuple:
+    """One entry per token (None for rows that did not ask), or () when no row did; a frame
+    whose columns do not fit together is WireError("invalid")."""
+    rows = m.logprob_rows
+    if not rows:
+        return ()
+    counts = m.top_counts
+    if not len(m.sampled_logprobs) == len(counts) == len(rows) or not (
+        sum(counts) == len(m.top_ids) == len(m.top_logprobs)
+    ):
+        raise WireError("invalid", f"step {m.step_id}: logprob columns differ in length")
+    if max(rows) >= len(tokens):
+        raise WireError("invalid", f"step {m.step_id}: logprob_rows past tokens")
+    out: list[TokenLogprob | None] = [None] * len(tokens)
+    ids, values, at = m.top_ids, m.top_logprobs, 0
+    for row, lp, k in zip(rows, m.sampled_logprobs, counts, strict=True):
+        top = tuple(zip(ids[at : at + k], values[at : at + k], strict=True))
+        out[row] = TokenLogprob(tokens[row], lp, top)
+        at += k
+    return tuple(out)

@@ -48,9 +48,10 @@ class ModelBackend:
         self.runner = runner
         self.token_budget = token_budget
         self.model_id = model_id or _model_id(runner)
-        # Per-request seeded generators live across steps, so a request's samples are
-        # reproducible whatever else shares the batch.
-        self.sampler = Sampler(runner.device, max_generators)
+        # Per-request seeded generators and penalized requests' tokens live across steps
+        # (sampling.py), so a request's samples are reproducible whatever else shares the batch.
+        eos = eos_ids(getattr(runner, "config", None))  # a stub runner may have no config
+        self.sampler = Sampler(runner.device, max_generators, eos)
 
     def info(self) -> dict[str, Any]:
         cfg = self.runner.config
@@ -68,18 +69,29 @@ class ModelBackend:
         try:
             inp = step if isinstance(step, StepInputs) else StepInputs.from_plan(step)
             self.runner.copy_blocks(inp.block_copies)
-            tokens = self.sampler.sample(self.runner.forward(inp), inp)
+            tokens, logprobs = self.sampler.sample_step(self.runner.forward(inp), inp)
         except self._row_errors as exc:  # some rows' sampling failed: only their requests fail
             log.warning("step %d: %s", step.step_id, exc)
             kept = [0 if t is None else t for t in exc.tokens]  # placeholders for failed rows
             elapsed = time.perf_counter() - start
             failed = tuple(exc.errors.items())
-            return StepResult(step.step_id, step.worker_id, kept, elapsed, None, failed)
+            return StepResult(
+                step.step_id, step.worker_id, kept, elapsed, None, failed, exc.logprobs
+            )
         except Exception as exc:  # a bad plan or a device error fails the step, not the worker
             log.exception("step %d failed", step.step_id)
             error = f"{type(exc).__name__}: {exc}"
             return StepResult(step.step_id, step.worker_id, (), time.perf_counter() - start, error)
-        return StepResult(step.step_id, step.worker_id, tokens, time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        return StepResult(step.step_id, step.worker_id, tokens, elapsed, None, (), logprobs)
+
+
+def eos_ids(config: Any) -> tuple[int, ...]:
+    """The model's EOS ids from its config (an int, a list, or None; no config: none)."""
+    eos = getattr(config, "eos_token_id", None)
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
 
 
 def _model_id(runner: ModelRunner) -> str:

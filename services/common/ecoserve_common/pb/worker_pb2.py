@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cworker.proto\x12\x12\x65\x63oserve.worker.v1\"\xc6\x03\n\x08\x45nvelope\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x30\n\x08register\x18\n \x01(\x0b\x32\x1c.ecoserve.worker.v1.RegisterH\x00\x12\x34\n\nregistered\x18\x0b \x01(\x0b\x32\x1e.ecoserve.worker.v1.RegisteredH\x00\x12\x32\n\theartbeat\x18\x0c \x01(\x0b\x32\x1d.ecoserve.worker.v1.HeartbeatH\x00\x12-\n\x04plan\x18\r \x01(\x0b\x32\x1d.ecoserve.worker.v1.BatchPlanH\x00\x12\x30\n\x06result\x18\x0e \x01(\x0b\x32\x1e.ecoserve.worker.v1.StepResultH\x00\x12*\n\x05\x65rror\x18\x0f \x01(\x0b\x32\x19.ecoserve.worker.v1.ErrorH\x00\x12*\n\x05\x64rain\x18\x10 \x01(\x0b\x32\x19.ecoserve.worker.v1.DrainH\x00\x12\x30\n\x08shutdown\x18\x11 \x01(\x0b\x32\x1c.ecoserve.worker.v1.ShutdownH\x00\x42\x06\n\x04\x62ody\"\xaa\x01\n\x08Register\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x12\n\nnum_blocks\x18\x03 \x01(\r\x12\x14\n\x0ctoken_budget\x18\x04 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x15\n\rmax_model_len\x18\x06 \x01(\r\x12\x12\n\nauth_token\x18\x07 \x01(\t\x12\x13\n\x0bincarnation\x18\x08 \x01(\t\"C\n\nRegistered\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x13\n\x0bheartbeat_s\x18\x03 \x01(\x01\"/\n\tHeartbeat\x12\x0e\n\x06sent_s\x18\x01 \x01(\x01\x12\x12\n\nsteps_done\x18\x02 \x01(\x04\"c\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x10\n\x08has_seed\x18\x04 \x01(\x08\x12\x0c\n\x04seed\x18\x05 \x01(\x04\"\x1c\n\nBlockTable\x12\x0e\n\x06\x62locks\x18\x01 \x03(\r\"\xce\x01\n\x0b\x44\x65\x63odeBatch\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\x12\x11\n\tpositions\x18\x02 \x03(\r\x12\x11\n\ttoken_ids\x18\x05 \x03(\r\x12\x12\n\ntable_lens\x18\x06 \x03(\r\x12\x11\n\tblock_ids\x18\x07 \x03(\r\x12\x39\n\rsampling_sets\x18\x08 \x03(\x0b\x32\".ecoserve.worker.v1.SamplingParams\x12\x16\n\x0esampling_index\x18\t \x03(\rJ\x04\x08\x03\x10\x04J\x04\x08\x04\x10\x05\"\xc3\x01\n\x0cPrefillChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tstart_pos\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x33\n\x0b\x62lock_table\x18\x04 \x01(\x0b\x32\x1e.ecoserve.worker.v1.BlockTable\x12\x0e\n\x06sample\x18\x05 \x01(\x08\x12\x34\n\x08sampling\x18\x06 \x01(\x0b\x32\".ecoserve.worker.v1.SamplingParams\"%\n\tBlockCopy\x12\x0b\n\x03src\x18\x01 \x01(\r\x12\x0b\n\x03\x64st\x18\x02 \x01(\r\"\xb7\x01\n\tBatchPlan\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x30\n\x07\x64\x65\x63odes\x18\x02 \x01(\x0b\x32\x1f.ecoserve.worker.v1.DecodeBatch\x12\x32\n\x08prefills\x18\x03 \x03(\x0b\x32 .ecoserve.worker.v1.PrefillChunk\x12\x33\n\x0c\x62lock_copies\x18\x04 \x03(\x0b\x32\x1d.ecoserve.worker.v1.BlockCopy\"\xbc\x01\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x0e\n\x06tokens\x18\x02 \x03(\r\x12\x11\n\tforward_s\x18\x03 \x01(\x01\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x39\n\x06\x66\x61iled\x18\x05 \x03(\x0b\x32).ecoserve.worker.v1.StepResult.RowFailure\x1a\x30\n\nRowFailure\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"7\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0f\n\x07step_id\x18\x03 \x01(\x04\"\x07\n\x05\x44rain\"\n\n\x08Shutdownb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cworker.proto\x12\x12\x65\x63oserve.worker.v1\"\xc6\x03\n\x08\x45nvelope\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x30\n\x08register\x18\n \x01(\x0b\x32\x1c.ecoserve.worker.v1.RegisterH\x00\x12\x34\n\nregistered\x18\x0b \x01(\x0b\x32\x1e.ecoserve.worker.v1.RegisteredH\x00\x12\x32\n\theartbeat\x18\x0c \x01(\x0b\x32\x1d.ecoserve.worker.v1.HeartbeatH\x00\x12-\n\x04plan\x18\r \x01(\x0b\x32\x1d.ecoserve.worker.v1.BatchPlanH\x00\x12\x30\n\x06result\x18\x0e \x01(\x0b\x32\x1e.ecoserve.worker.v1.StepResultH\x00\x12*\n\x05\x65rror\x18\x0f \x01(\x0b\x32\x19.ecoserve.worker.v1.ErrorH\x00\x12*\n\x05\x64rain\x18\x10 \x01(\x0b\x32\x19.ecoserve.worker.v1.DrainH\x00\x12\x30\n\x08shutdown\x18\x11 \x01(\x0b\x32\x1c.ecoserve.worker.v1.ShutdownH\x00\x42\x06\n\x04\x62ody\"\xaa\x01\n\x08Register\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x12\n\nnum_blocks\x18\x03 \x01(\r\x12\x14\n\x0ctoken_budget\x18\x04 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x15\n\rmax_model_len\x18\x06 \x01(\r\x12\x12\n\nauth_token\x18\x07 \x01(\t\x12\x13\n\x0bincarnation\x18\x08 \x01(\t\"C\n\nRegistered\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x13\n\x0bheartbeat_s\x18\x03 \x01(\x01\"/\n\tHeartbeat\x12\x0e\n\x06sent_s\x18\x01 \x01(\x01\x12\x12\n\nsteps_done\x18\x02 \x01(\x04\"\x9c\x02\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x10\n\x08has_seed\x18\x04 \x01(\x08\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x14\n\x0chas_logprobs\x18\x06 \x01(\x08\x12\x10\n\x08logprobs\x18\x07 \x01(\r\x12\x18\n\x10presence_penalty\x18\x08 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\t \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\n \x01(\x02\x12\x12\n\nmin_tokens\x18\x0b \x01(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x16\n\x0estop_token_ids\x18\r \x03(\r\"\x1c\n\nBlockTable\x12\x0e\n\x06\x62locks\x18\x01 \x03(\r\"\xe3\x01\n\x0b\x44\x65\x63odeBatch\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\x12\x11\n\tpositions\x18\x02 \x03(\r\x12\x11\n\ttoken_ids\x18\x05 \x03(\r\x12\x12\n\ntable_lens\x18\x06 \x03(\r\x12\x11\n\tblock_ids\x18\x07 \x03(\r\x12\x39\n\rsampling_sets\x18\x08 \x03(\x0b\x32\".ecoserve.worker.v1.SamplingParams\x12\x16\n\x0esampling_index\x18\t \x03(\r\x12\x13\n\x0bprompt_lens\x18\n \x03(\rJ\x04\x08\x03\x10\x04J\x04\x08\x04\x10\x05\"\xd7\x01\n\x0cPrefillChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tstart_pos\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x33\n\x0b\x62lock_table\x18\x04 \x01(\x0b\x32\x1e.ecoserve.worker.v1.BlockTable\x12\x0e\n\x06sample\x18\x05 \x01(\x08\x12\x34\n\x08sampling\x18\x06 \x01(\x0b\x32\".ecoserve.worker.v1.SamplingParams\x12\x12\n\nprompt_len\x18\x07 \x01(\r\"%\n\tBlockCopy\x12\x0b\n\x03src\x18\x01 \x01(\r\x12\x0b\n\x03\x64st\x18\x02 \x01(\r\"\xb7\x01\n\tBatchPlan\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x30\n\x07\x64\x65\x63odes\x18\x02 \x01(\x0b\x32\x1f.ecoserve.worker.v1.DecodeBatch\x12\x32\n\x08prefills\x18\x03 \x03(\x0b\x32 .ecoserve.worker.v1.PrefillChunk\x12\x33\n\x0c\x62lock_copies\x18\x04 \x03(\x0b\x32\x1d.ecoserve.worker.v1.BlockCopy\"\xa7\x02\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x0e\n\x06tokens\x18\x02 \x03(\r\x12\x11\n\tforward_s\x18\x03 \x01(\x01\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x39\n\x06\x66\x61iled\x18\x05 \x03(\x0b\x32).ecoserve.worker.v1.StepResult.RowFailure\x12\x14\n\x0clogprob_rows\x18\x06 \x03(\r\x12\x18\n\x10sampled_logprobs\x18\x07 \x03(\x02\x12\x12\n\ntop_counts\x18\x08 \x03(\r\x12\x0f\n\x07top_ids\x18\t \x03(\r\x12\x14\n\x0ctop_logprobs\x18\n \x03(\x02\x1a\x30\n\nRowFailure\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"7\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0f\n\x07step_id\x18\x03 \x01(\x04\"\x07\n\x05\x44rain\"\n\n\x08Shutdownb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,26 +39,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERED']._serialized_end=733
   _globals['_HEARTBEAT']._serialized_start=735
   _globals['_HEARTBEAT']._serialized_end=782
-  _globals['_SAMPLINGPARAMS']._serialized_start=784
-  _globals['_SAMPLINGPARAMS']._serialized_end=883
-  _globals['_BLOCKTABLE']._serialized_start=885
-  _globals['_BLOCKTABLE']._serialized_end=913
-  _globals['_DECODEBATCH']._serialized_start=916
-  _globals['_DECODEBATCH']._serialized_end=1122
-  _globals['_PREFILLCHUNK']._serialized_start=1125
-  _globals['_PREFILLCHUNK']._serialized_end=1320
-  _globals['_BLOCKCOPY']._serialized_start=1322
-  _globals['_BLOCKCOPY']._serialized_end=1359
-  _globals['_BATCHPLAN']._serialized_start=1362
-  _globals['_BATCHPLAN']._serialized_end=1545
-  _globals['_STEPRESULT']._serialized_start=1548
-  _globals['_STEPRESULT']._serialized_end=1736
-  _globals['_STEPRESULT_ROWFAILURE']._serialized_start=1688
-  _globals['_STEPRESULT_ROWFAILURE']._serialized_end=1736
-  _globals['_ERROR']._serialized_start=1738
-  _globals['_ERROR']._serialized_end=1793
-  _globals['_DRAIN']._serialized_start=1795
-  _globals['_DRAIN']._serialized_end=1802
-  _globals['_SHUTDOWN']._serialized_start=1804
-  _globals['_SHUTDOWN']._serialized_end=1814
+  _globals['_SAMPLINGPARAMS']._serialized_start=785
+  _globals['_SAMPLINGPARAMS']._serialized_end=1069
+  _globals['_BLOCKTABLE']._serialized_start=1071
+  _globals['_BLOCKTABLE']._serialized_end=1099
+  _globals['_DECODEBATCH']._serialized_start=1102
+  _globals['_DECODEBATCH']._serialized_end=1329
+  _globals['_PREFILLCHUNK']._serialized_start=1332
+  _globals['_PREFILLCHUNK']._serialized_end=1547
+  _globals['_BLOCKCOPY']._serialized_start=1549
+  _globals['_BLOCKCOPY']._serialized_end=1586
+  _globals['_BATCHPLAN']._serialized_start=1589
+  _globals['_BATCHPLAN']._serialized_end=1772
+  _globals['_STEPRESULT']._serialized_start=1775
+  _globals['_STEPRESULT']._serialized_end=2070
+  _globals['_STEPRESULT_ROWFAILURE']._serialized_start=2022
+  _globals['_STEPRESULT_ROWFAILURE']._serialized_end=2070
+  _globals['_ERROR']._serialized_start=2072
+  _globals['_ERROR']._serialized_end=2127
+  _globals['_DRAIN']._serialized_start=2129
+  _globals['_DRAIN']._serialized_end=2136
+  _globals['_SHUTDOWN']._serialized_start=2138
+  _globals['_SHUTDOWN']._serialized_end=2148
 # @@protoc_insertion_point(module_scope)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from ecoserve_common.plan import TokenLogprob
+
 # ---- events returned by SchedulerCore.update / abort ------------------------------------------
 # NamedTuples: update creates one TokenEvent per sequence per step, the hottest allocation.
 
@@ -12,6 +14,7 @@ class TokenEvent(NamedTuple):
     request_id: str
     token_id: int
     output_index: int  # 0 = first output token (not `index`: that is tuple.index)
+    logprob: TokenLogprob | None = None  # when the request asked for logprobs
 
 
 class FinishEvent(NamedTuple):

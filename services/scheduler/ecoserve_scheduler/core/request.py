@@ -83,6 +83,16 @@ class Request:
         after a recompute preemption), then 1 per decode step."""
         return self.num_tokens - self.num_computed
 
+    def stops_at(self, token: int) -> bool:
+        """`token`, its latest output, ends it: an EOS (unless ignore_eos) or a stop id. Not
+        before min_tokens outputs came first: a worker masks both until then, so a stop is
+        output min_tokens + 1 at the earliest, and a backend that does not mask (the
+        simulator's) must not end the request earlier either."""
+        sp = self.sampling
+        if token == self.eos_token_id and not sp.ignore_eos or token in sp.stop_token_ids:
+            return len(self.output_token_ids) > sp.min_tokens
+        return False
+
     def token_ids(self, start: int, end: int) -> tuple[int, ...] | None:
         """Token ids at positions [start, end) of prompt + output, or None without prompt ids."""
         if self.prompt_token_ids is None:

@@ -269,7 +269,8 @@ class SchedulerCore:
             return self._step_failed(plan, now, result.error)
         tokens = result.tokens
         n_dec = len(plan.decodes)
-        if len(tokens) != n_dec + sum(1 for p in plan.prefills if p.sample):
+        logprobs = result.logprobs or (None,) * len(tokens)  # one per token
+        if not len(tokens) == n_dec + sum(1 for p in plan.prefills if p.sample) == len(logprobs):
             return self._step_failed(plan, now, "result has the wrong token count")
         events: list[Event] = []
         wid, running, append = w.spec.worker_id, Status.RUNNING, events.append
@@ -279,21 +280,21 @@ class SchedulerCore:
                 append(self._fail(bad, now, f"failed: sampling: {why}"))
         new = tuple.__new__  # builds a TokenEvent at half the cost of calling the NamedTuple
         # Decodes: the hot loop. `w.in_flight_reqs` is aligned with plan.decodes.
-        for r, token in zip(w.in_flight_reqs, tokens, strict=False):
+        for r, token, lp in zip(w.in_flight_reqs, tokens, logprobs, strict=False):
             if r.status is not running or r.worker_id != wid:
                 continue  # aborted or preempted while in flight
             r.num_computed += 1
             out = r.output_token_ids
             out.append(token)
             n = len(out)
-            append(new(TokenEvent, (r.request_id, token, n - 1)))
+            append(new(TokenEvent, (r.request_id, token, n - 1, lp)))
             if token == r.eos_token_id or n >= r.output_cap or r.sampling.stop_token_ids:
                 self._maybe_stop(r, token, now, events)
         # Prefill chunks; the last chunk of a prompt samples the first token.
-        sampled = iter(tokens[n_dec:])
+        sampled = zip(tokens[n_dec:], logprobs[n_dec:], strict=True)
         for s in plan.prefills:
             pr = self.requests.get(s.request_id)
-            first = next(sampled) if s.sample else None
+            first, lp = next(sampled) if s.sample else (None, None)
             if pr is None or pr.status is not running or pr.worker_id != wid:
                 continue
             pr.num_computed = s.start_pos + s.num_tokens
@@ -303,13 +304,12 @@ class SchedulerCore:
             w.decoding[pr.request_id] = pr
             if pr.first_token_s is None:
                 pr.first_token_s = now
-            append(TokenEvent(pr.request_id, first, pr.num_output - 1))
+            append(TokenEvent(pr.request_id, first, pr.num_output - 1, lp))
             self._maybe_stop(pr, first, now, events)
         return events
 
     def _maybe_stop(self, r: Request, token: int, now: float, events: list[Event]) -> None:
-        sp = r.sampling
-        if token == r.eos_token_id and not sp.ignore_eos or token in sp.stop_token_ids:
+        if r.stops_at(token):
             events.append(self._finish(r, now, "stop"))
         elif r.num_output >= r.output_cap:
             events.append(self._finish(r, now, "length"))

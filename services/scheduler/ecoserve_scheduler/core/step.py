@@ -90,7 +90,8 @@ class Step:
         ids = r.token_ids(start, end) if r.prompt_token_ids is not None else None
         table = tuple(self.ledger.table(rid))
         sample = end == r.prompt_len + len(r.output_token_ids)
-        self.prefills.append(ScheduledSeq(rid, start, n, table, sample, r.sampling, ids))
+        seq = ScheduledSeq(rid, start, n, table, sample, r.sampling, ids, r.prompt_len)
+        self.prefills.append(seq)
         self.budget -= n
 
     def unschedule(self, r: Request) -> None:
@@ -117,6 +118,7 @@ class Step:
             tuple([tables(r.request_id) for r in reqs]),
             tuple([r.sampling for r in reqs]),
             tuple([r.output_token_ids[-1] for r in reqs]) if with_ids else None,
+            tuple([r.prompt_len for r in reqs]) if with_ids else None,  # a worker's, not the sim's
         )
 
 

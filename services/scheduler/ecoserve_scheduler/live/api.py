@@ -9,9 +9,11 @@ Frontend's follow records the end however the call stops), and no status carries
 Python internals: anything unexpected is INTERNAL "internal error", logged here.
 
 Sampling parameters are built with `SamplingParams.checked`: a bad one is INVALID_ARGUMENT
-whose details start with the field's name ("top_k: ..."). The request id is the caller's
-(checked with `check_request_id`: INVALID_ARGUMENT when unusable) or minted here ("req-...");
-it is the id of every chunk and response, the store's key and GetRequest's argument.
+whose details start with the field's name ("top_k: ..."). A request that sets `has_logprobs`
+gets each token's logprobs (`TokenLogprob`, one per token id) in its chunks and response.
+The request id is the caller's (checked with `check_request_id`: INVALID_ARGUMENT when
+unusable) or minted here ("req-..."); it is the id of every chunk and response, the store's key
+and GetRequest's argument.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Sequence
 
 import grpc
 
@@ -27,6 +30,7 @@ from ecoserve_common.grpc_server import build_grpc_server
 from ecoserve_common.ids import check_request_id, new_request_id
 from ecoserve_common.pb import scheduler_pb2 as pb
 from ecoserve_common.pb import scheduler_pb2_grpc as pb_grpc
+from ecoserve_common.plan import TokenLogprob
 from ecoserve_common.sampling import InvalidSampling, SamplingParams
 
 from .frontend import RETRY_AFTER_S, Frontend, GenerateParams, Rejected
@@ -49,13 +53,16 @@ class SchedulerService(pb_grpc.SchedulerServicer):
 
     def Generate(self, request, context) -> Iterator[pb.GenerateChunk]:
         handle, _ = self._start(request, context)
+        sent = 0  # tokens streamed so far: handle.logprobs[sent:] are the next ones'
         for tokens, finish in self._follow(handle, context):
             yield pb.GenerateChunk(
                 request_id=handle.request_id,
                 token_ids=tokens,
                 text=self.tokenizer.decode(tokens) if tokens else "",
                 finish_reason=finish or "",
+                logprobs=logprobs_pb(handle.logprobs[sent : sent + len(tokens)]),
             )
+            sent += len(tokens)
 
     def Complete(self, request, context) -> pb.CompleteResponse:
         handle, prompt_len = self._start(request, context)
@@ -67,6 +74,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             text=self.tokenizer.decode(handle.tokens),
             finish_reason=handle.finish_reason or "",
             prompt_tokens=prompt_len,
+            logprobs=logprobs_pb(handle.logprobs),
         )
 
     def Cancel(self, request, context) -> pb.CancelResponse:
@@ -138,6 +146,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
 
 def params_of(m: pb.GenerateRequest, request_id: str) -> GenerateParams:
     """The Frontend's view of a GenerateRequest; raises InvalidSampling naming the field."""
+    extra = {name: getattr(m, name, unset) for name, unset in _LATER_FIELDS.items()}
     sampling = SamplingParams.checked(
         max_tokens=m.max_tokens,
         temperature=m.temperature,
@@ -146,6 +155,11 @@ def params_of(m: pb.GenerateRequest, request_id: str) -> GenerateParams:
         seed=m.seed if m.has_seed else None,
         stop_token_ids=m.stop_token_ids,
         ignore_eos=m.ignore_eos,
+        logprobs=extra["logprobs"] if extra["has_logprobs"] else None,
+        presence_penalty=extra["presence_penalty"],
+        frequency_penalty=extra["frequency_penalty"],
+        repetition_penalty=extra["repetition_penalty"] or 1.0,  # proto: 0 (unset) means 1
+        min_tokens=extra["min_tokens"],
     )
     return GenerateParams(
         prompt=m.prompt,
@@ -153,6 +167,37 @@ def params_of(m: pb.GenerateRequest, request_id: str) -> GenerateParams:
         sampling=sampling,
         request_id=request_id,
     )
+
+
+# GenerateRequest's fields since issue 17, with their proto3 defaults: an object that stands
+# in for the message without them (a test's namespace) reads as a message that left them unset.
+_LATER_FIELDS = {
+    "has_logprobs": False,
+    "logprobs": 0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "repetition_penalty": 0.0,
+    "min_tokens": 0,
+}
+
+
+def logprobs_pb(logprobs: Sequence[TokenLogprob | None]) -> list[pb.TokenLogprob]:
+    """The messages of a request's token logprobs (none when it did not ask). A token without
+    logprobs (a simulated worker's) gets a NaN logprob: unknown, never a made-up number."""
+    out = []
+    for lp in logprobs:
+        if lp is None:
+            out.append(pb.TokenLogprob(logprob=math.nan))
+            continue
+        out.append(
+            pb.TokenLogprob(
+                token_id=lp.token_id,
+                logprob=lp.logprob,
+                top_token_ids=[t for t, _ in lp.top],
+                top_logprobs=[v for _, v in lp.top],
+            )
+        )
+    return out
 
 
 def stats_of(frontend: Frontend) -> dict:

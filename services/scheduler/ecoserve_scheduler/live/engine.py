@@ -25,8 +25,8 @@ Anything unexpected inside the loop (a core method raising, a bug) marks the eng
 new ones fail at once. It is never silently gone while health says ok.
 
 Other threads talk to the loop only through `submit` / `cancel` (a thread-safe queue); each
-request's events arrive on its own `RequestHandle` queue. Invariant: only the loop thread
-touches the core and the socket.
+request's events arrive on its own `RequestHandle` queue (handle.py). Invariant: only the loop
+thread touches the core and the socket.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import zmq
 
@@ -45,8 +44,9 @@ from ecoserve_common.pb import worker_pb2 as pb
 from ecoserve_common.wire import WireError, decode, encode, plan_to_proto, result_from_proto
 
 from ..core import SchedulerCore, StepResult, WorkerSpec
-from ..core.events import FinishEvent, TokenEvent
+from ..core.events import FinishEvent
 from ..core.request import Request
+from .handle import RequestHandle, close_handle
 from .worker_plane import Inbound, WorkerConn, WorkerPlane, refusal
 
 log = logging.getLogger(__name__)
@@ -55,36 +55,6 @@ IDLE_POLL_S = 0.002  # longest wait for a frame when no command is pending
 FRAMES_PER_TICK = 64  # take what is there, but never starve the rest of the loop
 STATS_EVERY_S = 0.05
 STALL_S = 0.5  # a loop iteration this late means the loop, not the workers, was silent
-
-
-@dataclass
-class RequestHandle:
-    """A submitted request as its caller sees it: events in order, ending with FinishEvent."""
-
-    request_id: str
-    events: queue.Queue = field(default_factory=queue.Queue)
-    tokens: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    done: threading.Event = field(default_factory=threading.Event)
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return self.done.wait(timeout)
-
-    def receive(self, ev) -> None:
-        """One of its events from the core: a token is kept and queued; a finish closes the
-        handle; a preemption is queued (recompute keeps the outputs: the stream just pauses)."""
-        if isinstance(ev, FinishEvent):
-            close_handle(self, ev.reason)
-            return
-        if isinstance(ev, TokenEvent):
-            self.tokens.append(ev.token_id)
-        self.events.put(ev)
-
-
-def close_handle(handle: RequestHandle, reason: str) -> None:
-    handle.finish_reason = reason
-    handle.events.put(FinishEvent(handle.request_id, reason))
-    handle.done.set()
 
 
 class LiveEngine:
@@ -142,7 +112,7 @@ class LiveEngine:
             self._ctx.term()
 
     def submit(self, request: Request) -> RequestHandle:
-        handle = RequestHandle(request.request_id)
+        handle = RequestHandle.of(request)
         with self._pending_lock:
             failure = self._failure
             if failure is None:
@@ -316,7 +286,10 @@ class LiveEngine:
         if body == "result":
             w.steps += 1
             w.slowest_step_s = max(w.slowest_step_s, now - w.plan_sent_s)
-            result = result_from_proto(env.result, wid)
+            try:
+                result = result_from_proto(env.result, wid)
+            except WireError as e:  # its columns do not fit: the step failed
+                result = StepResult(env.result.step_id, wid, (), 0.0, e.message)
             t0 = time.perf_counter()
             events = self.core.update(result, now)
             self.core_s += time.perf_counter() - t0

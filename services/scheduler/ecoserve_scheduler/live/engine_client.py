@@ -180,7 +180,7 @@ class EngineClient:
     # ---- what the front end calls ------------------------------------------------------------
 
     def submit(self, request: Request) -> RequestHandle:
-        handle = RequestHandle(request.request_id)
+        handle = RequestHandle.of(request)
         with self._handles_lock:
             failure = self._failure
             if request.request_id in self._handles:

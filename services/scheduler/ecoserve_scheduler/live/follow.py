@@ -2,11 +2,12 @@
 `follow_text` (gRPC threads) and the HTTP API's async streams (http_api/streaming.py) share.
 
 A `Follow` turns the events a caller drained from the request's handle into (new tokens, finish
-reason) and records the request's store transitions exactly once: running at its first token,
-then one terminal state (finished / failed / aborted). `close()` is the caller's last word,
-whatever stopped it (the end, a deadline, a client that hung up, an exception): a request that
-has not ended is looked for a finish among the events already queued, else cancelled in the
-engine and recorded aborted. So no row stays queued or running once its caller is gone.
+reason), and their logprobs when the request asked for them (`logprobs_of`), and records the
+request's store transitions exactly once: running at its first token, then one terminal state
+(finished / failed / aborted). `close()` is the caller's last word, whatever stopped it (the
+end, a deadline, a client that hung up, an exception): a request that has not ended is looked
+for a finish among the events already queued, else cancelled in the engine and recorded
+aborted. So no row stays queued or running once its caller is gone.
 
 `TextFollow` is the text path over a Follow: incremental detokenization (detokenize.TextStream),
 the token that ends a request left out of the text, and stop strings that end the request with
@@ -20,6 +21,8 @@ import queue
 import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
+
+from ecoserve_common.plan import TokenLogprob
 
 from ..core.events import FinishEvent, TokenEvent
 from .detokenize import TextStream
@@ -90,6 +93,13 @@ class Follow:
             self.frontend.store_call("mark_running", self.request_id)
         last = events[-1] if events else None
         return tokens, last.reason if isinstance(last, FinishEvent) else None
+
+    @staticmethod
+    def logprobs_of(events: Sequence) -> list[TokenLogprob | None]:
+        """The logprobs of the tokens `take(events)` returns, aligned with them: each one's
+        TokenLogprob, or None where there is none (the request did not ask for logprobs, or
+        a simulated worker drew it). The whole request's so far: `handle.logprobs`."""
+        return [ev.logprob for ev in events if isinstance(ev, TokenEvent)]
 
     def finish(self, reason: str, tokens: int | None = None) -> None:
         """Record how the request ended (once: later calls do nothing)."""
