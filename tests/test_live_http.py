@@ -4,6 +4,7 @@ with real worker processes (tiny model, CPU)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -332,3 +333,62 @@ def test_stop_strings_end_the_text_across_tokens_and_abort_the_request(http, str
     )
     assert chat.choices[0].message.content == whole[: whole.index(cut)]
     assert chat.choices[0].finish_reason == "stop"
+
+
+def test_n_choices_with_a_seed_are_different_samples_that_the_seed_reproduces(http):
+    client, *_ = http()
+    kw = dict(model="tiny", prompt="Tell me about rivers.", max_tokens=N, temperature=1.0)
+    kw["extra_body"] = {"ignore_eos": True}
+    r = client.completions.create(n=3, seed=7, **kw)
+    texts = [c.text for c in r.choices]
+    assert [c.index for c in r.choices] == [0, 1, 2] and len(set(texts)) == 3
+    assert r.usage.completion_tokens == 3 * N
+    one = client.completions.create(n=1, seed=7, **kw)
+    assert r.usage.prompt_tokens == one.usage.prompt_tokens  # the prompt counted once
+    # choice i samples with seed + i: the same request gives the same choices
+    assert [client.completions.create(n=1, seed=7 + i, **kw).choices[0].text for i in range(3)] == (
+        texts
+    )
+    streamed = {0: "", 1: "", 2: ""}
+    for chunk in client.completions.create(n=3, seed=7, stream=True, **kw):
+        streamed[chunk.choices[0].index] += chunk.choices[0].text
+    assert list(streamed.values()) == texts
+
+
+def test_chat_as_guidellm_and_the_sdk_send_it(http):
+    """Content parts, developer and assistant turns, include_usage: guidellm's chat body."""
+    client, base, *_ = http()
+    messages = [
+        {"role": "developer", "content": "Answer briefly."},
+        {"role": "user", "content": [{"type": "text", "text": "Tell me about rivers."}]},
+        {"role": "assistant", "content": None},
+        {"role": "user", "content": [{"type": "text", "text": "And lakes?"}]},
+    ]
+    kw = dict(model="tiny", messages=messages, temperature=0, extra_body={"ignore_eos": True})
+    whole = client.chat.completions.create(max_completion_tokens=N, **kw)
+    assert whole.usage.completion_tokens == N and whole.choices[0].finish_reason == "length"
+    chunks = list(
+        client.chat.completions.create(
+            max_completion_tokens=N, stream=True, stream_options={"include_usage": True}, **kw
+        )
+    )
+    *chunks, last = chunks
+    assert last.choices == [] and last.usage == whole.usage
+    assert [c.choices[0].delta.role for c in chunks][:2] == ["assistant", None]
+    assert "".join(c.choices[0].delta.content for c in chunks) == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "length"
+    body = {  # what guidellm posts, byte for byte in its fields
+        "model": "tiny",
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi there"}]}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_tokens": N,
+        "max_completion_tokens": N,
+        "stop": None,
+        "ignore_eos": True,
+    }
+    with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=60) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert r.status_code == 200 and lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2][6:])["usage"]["completion_tokens"] == N
+    assert client.models.retrieve("tiny").id == "tiny"

@@ -51,11 +51,15 @@ HTTP_ONLY = [
     ("presence_penalty", NAN),
     ("presence_penalty", 1e308 * 10),
     ("frequency_penalty", 5.0),
-    ("frequency_penalty", 0.5),  # in range, but not applied: refused, not ignored
     ("repetition_penalty", -1.0),
+    ("repetition_penalty", 0.0),  # would divide by zero
+    ("min_tokens", 5),  # more than max_tokens
+    ("min_tokens", -1),
+    ("top_logprobs", 21),
     ("stop", ["a", "b", "c", "d", "e"]),
     ("stop", "s" * 300),
-    ("n", 2),
+    ("n", 0),
+    ("n", 17),
 ]
 
 

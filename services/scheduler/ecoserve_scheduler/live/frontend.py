@@ -173,7 +173,7 @@ class Frontend:
         try:
             p.sampling.validate()  # the caller's fields, before the model's EOS ids join them
             sampling = self.with_eos(p.sampling)
-            ids = self._prompt_ids(p)
+            ids = self.prompt_ids(p)
             problem = self._check_length(len(ids), sampling.max_tokens)
             if problem:
                 raise Rejected("invalid", problem)
@@ -336,7 +336,10 @@ class Frontend:
         first = (str(exc).splitlines() or [""])[0][:200]
         log.warning("store %s of request %r failed: %s: %s", verb, rid, type(exc).__name__, first)
 
-    def _prompt_ids(self, p: GenerateParams) -> list[int]:
+    def prompt_ids(self, p: GenerateParams) -> list[int]:
+        """The prompt's token ids, checked (text or ids, not both; non-empty; within the
+        character, length and vocabulary limits). Raises Rejected("invalid", ...). An edge
+        that starts one prompt several times (n choices) tokenizes once with it."""
         if p.prompt and p.prompt_token_ids:
             raise Rejected("invalid", "give prompt or prompt_token_ids, not both", "prompt")
         limits = self.limits

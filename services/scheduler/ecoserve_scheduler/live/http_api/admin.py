@@ -1,5 +1,6 @@
 """What operators and probes read: /health (503 while no worker is registered or the engine
-core is down, with the reason), /v1/models, Prometheus /metrics and /stats (the scheduler's
+core is down, with the reason), /v1/models and /v1/models/{model} (the served model, or
+OpenAI's 404 `model_not_found`), Prometheus /metrics and /stats (the scheduler's
 stats as JSON, as the gRPC Stats call gives). /health, /metrics and /stats stay open when an
 API key guards the rest.
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
-from .generation import Ctx
+from .generation import Ctx, model_not_found
 from .schemas import ModelCard, ModelList
 
 router = APIRouter()
@@ -20,6 +21,14 @@ router = APIRouter()
 @router.get("/v1/models")
 async def models(ctx: Ctx) -> dict:
     return ModelList(data=[ModelCard(id=ctx.model_id)]).model_dump()
+
+
+@router.get("/v1/models/{model:path}")  # `path`: a model name may hold "/" (org/name)
+async def model(model: str, ctx: Ctx):
+    """OpenAI's retrieve: the served model's card, else 404 `model_not_found`."""
+    if model == ctx.model_id:
+        return ModelCard(id=ctx.model_id).model_dump()
+    return model_not_found(model)
 
 
 @router.get("/health")

@@ -48,14 +48,18 @@ def create_app(
 
 
 async def _bad_request(_request: Request, exc: Exception):
-    """A body that fails validation: 400 naming the first field at fault. The message lists
-    what was wrong without echoing the input (which may be large, or a secret)."""
+    """A body that fails validation: 400 naming the first field at fault. A field the API does
+    not declare is "unrecognized", as OpenAI says (bodies.py: never silently ignored). The
+    message lists what was wrong without echoing the input (which may be large, or a secret)."""
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
     loc = [str(x) for x in errors[0].get("loc", ()) if x != "body"] if errors else []
     param = ".".join(loc) or None
-    parts = [
-        f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body') or 'body'}: {e.get('msg')}"
-        for e in errors[:5]
-    ]
+    parts = []
+    for e in errors[:5]:
+        where = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
+        if e.get("type") == "extra_forbidden":
+            parts.append(f"unrecognized request argument supplied: {where}")
+        else:
+            parts.append(f"{where}: {e.get('msg')}")
     return error(400, "invalid request: " + "; ".join(parts), param=param)

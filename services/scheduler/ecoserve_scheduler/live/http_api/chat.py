@@ -1,5 +1,6 @@
-"""POST /v1/chat/completions: messages rendered with the model's chat template (or, for a model
-without one, a plain "role: content" transcript) and completed as the assistant's turn."""
+"""POST /v1/chat/completions: messages (content parts, roles: messages.py) rendered with the
+model's chat template (or, for a model without one, a plain "role: content" transcript) and
+completed as the assistant's turn, n times over with `n`."""
 
 from __future__ import annotations
 
@@ -10,51 +11,15 @@ from fastapi import APIRouter, Request
 from ecoserve_common.ids import new_request_id
 
 from ..frontend import GenerateParams
-from .generation import (
-    BadRequest,
-    Ctx,
-    error,
-    finish_of,
-    generate,
-    sampling_of,
-    stops_of,
-    unknown_model,
-)
-from .schemas import (
-    ChatChoice,
-    ChatCompletion,
-    ChatCompletionChunk,
-    ChatDeltaChoice,
-    ChatMessageOut,
-    ChatRequest,
-    Usage,
-)
+from .bodies import ChatRequest
+from .edge import BadRequest
+from .fields import refuse_unsupported
+from .generation import Ctx, error, generate, options_of, sampling_of, stops_of, unknown_model
+from .logprobs import LogprobText
+from .messages import check_size, render, template_messages
+from .schemas import ChatReply
 
 router = APIRouter()
-
-
-def check_size(body: ChatRequest, max_chars: int) -> None:
-    """Refuse what the prompt limit would refuse anyway, before a template renders it."""
-    if not body.messages:
-        raise BadRequest("messages is empty", "messages")
-    chars = sum(len(m.content) for m in body.messages)
-    if chars > max_chars:
-        raise BadRequest(f"messages have {chars} characters; at most {max_chars}", "messages")
-
-
-def prompt_of(tokenizer, body: ChatRequest) -> str:
-    """The prompt text (runs in the app's pool: a template can be slow). A template that
-    refuses the messages (e.g. roles that do not alternate) is a 400 naming `messages`."""
-    messages = [m.model_dump() for m in body.messages]
-    if not messages:
-        raise BadRequest("messages is empty", "messages")
-    if not getattr(tokenizer, "chat_template", None):
-        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-    try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    except Exception as e:  # the template's own raise_exception, or a template error
-        message = (str(e).splitlines() or [""])[0][:300]
-        raise BadRequest(f"the chat template refused the messages: {message}", "messages") from e
 
 
 @router.post("/v1/chat/completions")
@@ -64,24 +29,19 @@ async def chat(body: ChatRequest, request: Request, ctx: Ctx):
         return missing
     cap = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
     try:
-        check_size(body, ctx.frontend.limits.prompt_chars)
+        refuse_unsupported(body)
+        messages = template_messages(body, getattr(ctx.tokenizer, "chat_template", None))
+        check_size(messages, ctx.frontend.limits.prompt_chars)
+        options = options_of(body)
         stop = stops_of(body)
         sampling = sampling_of(body, cap)
     except BadRequest as e:
         return error(400, e.message, param=e.param)
 
-    def render(out: str, reason: str | None, stream: bool, usage: Usage | None) -> dict:
-        message, finish = ChatMessageOut(content=out), finish_of(reason)
-        head = dict(id=rid, created=created, model=ctx.model_id, usage=usage)
-        if stream:
-            delta = ChatDeltaChoice(delta=message, finish_reason=finish)
-            return ChatCompletionChunk(**head, choices=[delta]).body()
-        return ChatCompletion(
-            **head, choices=[ChatChoice(message=message, finish_reason=finish)]
-        ).body()
-
     def build() -> GenerateParams:
-        prompt = prompt_of(ctx.tokenizer, body)
+        prompt = render(ctx.tokenizer, messages)
         return GenerateParams(prompt=prompt, sampling=sampling, request_id=rid, stop=stop)
 
-    return await generate(ctx, build, render, body.stream, request)
+    asked = sampling.logprobs is not None
+    reply = ChatReply(rid, created, ctx.model_id, LogprobText(ctx.tokenizer) if asked else None)
+    return await generate(ctx, build, reply, options, request)

@@ -1,4 +1,5 @@
-"""POST /v1/completions: a prompt (text, one text in a list, or token ids) to a completion."""
+"""POST /v1/completions: a prompt (text, one text in a list, or token ids) to a completion, n
+times over with `n`."""
 
 from __future__ import annotations
 
@@ -9,17 +10,12 @@ from fastapi import APIRouter, Request
 from ecoserve_common.ids import new_request_id
 
 from ..frontend import GenerateParams
-from .generation import (
-    BadRequest,
-    Ctx,
-    error,
-    finish_of,
-    generate,
-    sampling_of,
-    stops_of,
-    unknown_model,
-)
-from .schemas import Completion, CompletionChoice, CompletionRequest, Usage
+from .bodies import CompletionRequest
+from .edge import BadRequest
+from .fields import refuse_unsupported
+from .generation import Ctx, error, generate, options_of, sampling_of, stops_of, unknown_model
+from .logprobs import LogprobText
+from .schemas import CompletionReply
 
 router = APIRouter()
 
@@ -42,19 +38,18 @@ async def completions(body: CompletionRequest, request: Request, ctx: Ctx):
     if (missing := unknown_model(ctx, body.model)) is not None:
         return missing
     try:
+        refuse_unsupported(body)
         text, ids = prompt_of(body)
+        options = options_of(body)
         stop = stops_of(body)
         sampling = sampling_of(body, body.max_tokens)
     except BadRequest as e:
         return error(400, e.message, param=e.param)
-
-    def render(out: str, reason: str | None, stream: bool, usage: Usage | None) -> dict:
-        choice = CompletionChoice(text=out, finish_reason=finish_of(reason))
-        return Completion(
-            id=rid, created=created, model=ctx.model_id, choices=[choice], usage=usage
-        ).body()
-
     params = GenerateParams(
         prompt=text, prompt_token_ids=ids, sampling=sampling, request_id=rid, stop=stop
     )
-    return await generate(ctx, lambda: params, render, body.stream, request)
+    asked = sampling.logprobs is not None
+    reply = CompletionReply(
+        rid, created, ctx.model_id, LogprobText(ctx.tokenizer) if asked else None
+    )
+    return await generate(ctx, lambda: params, reply, options, request)

@@ -13,7 +13,8 @@ The body is then handed to the app in one message; later `receive` calls (the di
 watchers) go to the server as before.
 
 Errors the framework raises (404, 405, a body that is not JSON) and anything unexpected (a 500
-that says "internal error" and nothing of the exception, which is logged) use the same shape.
+that says "internal error" and nothing of the exception, which is logged) use the same shape, as
+does `BadRequest`, the 400 that the routes' helpers raise.
 """
 
 from __future__ import annotations
@@ -41,6 +42,15 @@ def error_body(
 ) -> dict[str, Any]:
     """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+class BadRequest(Exception):
+    """A 400 raised from a route's helpers; `param` names the field at fault."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
 
 
 class EdgeGuard:

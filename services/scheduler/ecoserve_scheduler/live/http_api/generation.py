@@ -1,35 +1,33 @@
 """What the completions and chat routes share: the app's context, OpenAI-shaped errors, turning
-a request body into checked SamplingParams, and running one request to a whole JSON response
-or a server-sent-event stream.
+a request body into checked SamplingParams and Options, and running one request (its n choices)
+to a whole JSON response or a server-sent-event stream (output.py).
 
 One request, in order:
-1. admission (`Frontend.admit`) on the event loop: over capacity is a 429 with Retry-After at
-   once, before any tokenizing, and never more than `max_pending` requests in the system;
-2. building the prompt (the chat template), tokenizing, the predictor call and the submit in
+1. admission (`Frontend.admit`, once per choice: choices.admit) on the event loop: over
+   capacity is a 429 with Retry-After at once, before any tokenizing, and never more than
+   `max_pending` requests in the system;
+2. building the prompt (the chat template), tokenizing, the predictor call and the submits in
    the app's own small thread pool (`start_threads`), never the event loop and never the
-   default pool that sync routes share; the admission is released once the engine holds the
+   default pool that sync routes share; each admission is released once the engine holds its
    request;
-3. following its tokens on the event loop (streaming.text_pieces): no thread waits for them,
+3. following the tokens on the event loop (streaming.text_pieces): no thread waits for them,
    so any number of waiting streams leaves /health, /metrics and /stats answering.
 
-A client that disconnects, streaming or not, has its request aborted at once (its KV blocks are
-freed in the engine's next iteration) and its row recorded aborted. A request that fails in the
-engine (e.g. its sampling failed on the worker) is a 500 `server_error` with the reason, or,
-streaming, a last chunk with finish_reason "error" and then an error event.
+A client that disconnects, streaming or not, has its requests aborted at once (their KV blocks
+are freed in the engine's next iteration) and their rows recorded aborted. A request that fails
+in the engine (e.g. its sampling failed on the worker) is a 500 `server_error` with the reason,
+or, streaming, a chunk with finish_reason "error" for that choice and then an error event.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
-import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from ecoserve_common.sampling import (
     InvalidSampling,
@@ -38,18 +36,17 @@ from ecoserve_common.sampling import (
     check_stop_strings,
 )
 
-from ..follow import Follow
-from ..frontend import RETRY_AFTER_S, Admission, Frontend, GenerateParams, Rejected
-from .edge import error_body
+from ..frontend import RETRY_AFTER_S, Frontend, GenerateParams, Rejected
+from . import choices, output
+from .bodies import SamplingFields
+from .edge import BadRequest, error_body
+from .fields import include_usage, logprobs_of, n_of, priority_of
 from .metrics import Metrics
-from .schemas import SamplingFields, Usage
+from .schemas import Reply
 from .streaming import text_pieces
 
 DEFAULT_TIMEOUT_S = 600.0
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
-
-# render(text, finish_reason, stream, usage) -> the response or chunk body
-Render = Callable[[str, str | None, bool, Usage | None], dict[str, Any]]
 
 
 @dataclass
@@ -93,42 +90,40 @@ def unknown_model(ctx: ApiContext, model: str) -> JSONResponse | None:
     one or empty (the served model is then used: one model per server)."""
     if not model or model == ctx.model_id:
         return None
-    return error(
-        404,
-        f"The model `{model}` does not exist.",
-        param="model",
-        code="model_not_found",
-    )
+    return model_not_found(model)
 
 
-class BadRequest(Exception):
-    """A 400 raised from a route's helpers; `param` names the field at fault."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
+def model_not_found(model: str) -> JSONResponse:
+    shown = model if len(model) <= 100 else model[:97] + "..."  # a client's text, bounded
+    return error(404, f"The model `{shown}` does not exist.", param="model", code="model_not_found")
 
 
 def sampling_of(body: SamplingFields, max_tokens: int | None) -> SamplingParams:
-    """The contract's SamplingParams for a request body; raises BadRequest naming the field."""
-    if body.n != 1:
-        raise BadRequest("only n=1 is supported", "n")
+    """The contract's SamplingParams for a request body; raises BadRequest naming the field.
+    Null means the default, as in OpenAI's schema."""
+    top = logprobs_of(body)
+    param = "top_logprobs" if getattr(body, "top_logprobs", None) is not None else "logprobs"
     try:
         check_penalty("presence_penalty", body.presence_penalty, 0.0)
         check_penalty("frequency_penalty", body.frequency_penalty, 0.0)
         check_penalty("repetition_penalty", body.repetition_penalty, 1.0)
         return SamplingParams.checked(
             max_tokens=max_tokens if max_tokens is not None else DEFAULT_MAX_TOKENS,
-            temperature=body.temperature,
+            temperature=1.0 if body.temperature is None else body.temperature,
             top_p=body.top_p or 1.0,  # 0 means no nucleus cut, as over gRPC
-            top_k=body.top_k,
+            top_k=0 if body.top_k in (None, -1) else body.top_k,  # vLLM's -1 is "off" too
             seed=body.seed,
-            stop_token_ids=body.stop_token_ids,
-            ignore_eos=body.ignore_eos,
+            stop_token_ids=body.stop_token_ids or (),
+            ignore_eos=bool(body.ignore_eos),
+            logprobs=top,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+            min_tokens=body.min_tokens or 0,
         )
     except InvalidSampling as e:
-        raise BadRequest(e.message, e.field) from None
+        field = param if e.field == "logprobs" else e.field  # the body's own name for it
+        raise BadRequest(e.message, field) from None
 
 
 def stops_of(body: SamplingFields) -> tuple[str, ...]:
@@ -140,11 +135,47 @@ def stops_of(body: SamplingFields) -> tuple[str, ...]:
         raise BadRequest(e.message, e.field) from None
 
 
-def finish_of(reason: str | None) -> str | None:
-    """The engine's finish reason as OpenAI's: stop, length, error (a failure) or aborted."""
-    if not reason:
-        return None
-    return reason if reason in ("stop", "length") else "error" if "failed" in reason else reason
+@dataclass(frozen=True)
+class Options:
+    """How a request is answered, besides its sampling."""
+
+    n: int = 1  # choices
+    stream: bool = False
+    include_usage: bool = False  # a streamed request's last chunk: the usage
+    continuous_usage: bool = False  # and every chunk: its choice's usage so far (vLLM's)
+
+
+def options_of(body: SamplingFields) -> Options:
+    """The body's Options; raises BadRequest naming `n` or `priority`."""
+    priority_of(body)  # checked; not passed on (the Frontend takes none yet)
+    return Options(n_of(body), bool(body.stream), *include_usage(body))
+
+
+async def generate(
+    ctx: ApiContext,
+    build: Callable[[], GenerateParams],
+    reply: Reply,
+    options: Options,
+    request: Request,
+):
+    """Run one request: 400 / 429 / 503 when refused, else a JSON body or an SSE stream.
+    `build` makes the GenerateParams (in the pool: it may render a chat template); their
+    `request_id` is the response's `id`."""
+    frontend = ctx.frontend
+    try:
+        admissions = choices.admit(frontend, options.n)
+        started = await choices.start(frontend, ctx.pool, build, admissions)
+    except BadRequest as e:
+        return error(400, e.message, param=e.param)
+    except InvalidSampling as e:
+        return error(400, e.message, param=e.field)
+    except Rejected as r:
+        return _rejected(r)
+    follows = [frontend.following(h, ctx.timeout_s) for h in started.handles]
+    pieces = output.observed(ctx.metrics, text_pieces(frontend, follows, started.params))
+    if options.stream:
+        return output.stream(reply, pieces, started.prompt_len, options, follows, request)
+    return await output.whole(reply, pieces, started.prompt_len, follows, request)
 
 
 def _rejected(r: Rejected) -> JSONResponse:
@@ -154,149 +185,3 @@ def _rejected(r: Rejected) -> JSONResponse:
     if r.code == "unavailable":
         return error(503, r.message, "service_unavailable", headers=retry)
     return error(400, r.message, param=r.param)
-
-
-async def _disconnected(request: Request) -> None:
-    """Return when the client closes its connection (the body is already read, so the next
-    ASGI message is the disconnect)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-def _close_on_disconnect(request: Request, follows: list[Follow]) -> asyncio.Task:
-    """A task that, when the client hangs up, aborts the request and records it aborted
-    (cancel it once the response is done)."""
-
-    async def watch() -> None:
-        await _disconnected(request)
-        for f in follows:
-            f.close()
-
-    return asyncio.ensure_future(watch())
-
-
-async def _start(ctx: ApiContext, build: Callable[[], GenerateParams], admission: Admission):
-    """(params, handle, prompt tokens) from `build` and Frontend.start, in the app's pool. If
-    the caller is cancelled meanwhile, a request that started anyway is aborted."""
-
-    def job():
-        try:
-            params = build()
-            handle, n = ctx.frontend.start(params, admission)
-            return params, handle, n
-        finally:
-            admission.release()
-
-    future = ctx.pool.submit(job)
-    try:
-        return await asyncio.wrap_future(future)
-    except asyncio.CancelledError:
-        if future.cancelled():
-            admission.release()  # it never ran
-        else:
-            future.add_done_callback(lambda done: _abort_started(ctx.frontend, done))
-        raise
-
-
-def _abort_started(frontend: Frontend, done: Future) -> None:
-    if not done.cancelled() and done.exception() is None:
-        frontend.following(done.result()[1]).close()
-
-
-async def generate(
-    ctx: ApiContext,
-    build: Callable[[], GenerateParams],
-    render: Render,
-    stream: bool,
-    request: Request,
-):
-    """Run one request: 400 / 429 when refused, else a JSON body or an SSE stream of chunks.
-    `build` makes the GenerateParams (in the pool: it may render a chat template); their
-    `request_id` is the response's `id`."""
-    frontend = ctx.frontend
-    try:
-        admission = frontend.admit()
-        params, handle, prompt_len = await _start(ctx, build, admission)
-    except BadRequest as e:
-        return error(400, e.message, param=e.param)
-    except InvalidSampling as e:
-        return error(400, e.message, param=e.field)
-    except Rejected as r:
-        return _rejected(r)
-    t0, first, follows = time.monotonic(), None, []
-
-    async def pieces() -> AsyncGenerator[tuple[str, str | None, int], None]:
-        nonlocal first
-        async for text, finish, n in text_pieces(
-            frontend, handle, params.sampling, params.stop, ctx.timeout_s, follows.append
-        ):
-            if n and first is None:
-                first = time.monotonic()
-            if finish:
-                ctx.metrics.observe(t0, first, n, finish)
-            yield text, finish, n
-
-    if stream:
-        events = _events(ctx, request, pieces(), render, prompt_len, follows)
-        return _Stream(events, lambda: _close_all(frontend, handle, follows))
-    gone = _close_on_disconnect(request, follows)
-    parts, reason, n_tokens = [], "", 0
-    try:
-        async for text, finish, n in pieces():
-            parts.append(text)
-            reason, n_tokens = finish or reason, n
-    except TimeoutError as e:
-        return error(504, str(e), "timeout")
-    finally:
-        gone.cancel()
-    if reason.startswith("failed"):
-        return error(500, reason, "server_error", code="request_failed")
-    return JSONResponse(render("".join(parts), reason, False, Usage.of(prompt_len, n_tokens)))
-
-
-class _Stream(StreamingResponse):
-    """An SSE response that runs `on_close` however it ends, even if its body never started
-    (a client gone before the headers were sent)."""
-
-    def __init__(self, body: AsyncIterator[str], on_close: Callable[[], None]) -> None:
-        super().__init__(body, media_type="text/event-stream")
-        self.on_close = on_close
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.on_close()
-
-
-def _close_all(frontend: Frontend, handle, follows: list[Follow]) -> None:
-    """End the request's follow (one made here if the stream never began): a request still
-    running is aborted and recorded so."""
-    for f in follows or [frontend.following(handle)]:
-        f.close()
-
-
-async def _events(
-    ctx: ApiContext,
-    request: Request,
-    pieces: AsyncGenerator[tuple[str, str | None, int], None],
-    render: Render,
-    prompt_len: int,
-    follows: list[Follow],
-) -> AsyncIterator[str]:
-    """The SSE stream: a chunk per piece, the usage on the last, then [DONE]. Nothing is sent
-    while a request waits, so a send cannot notice a client that left: a watcher does."""
-    gone = _close_on_disconnect(request, follows)
-    try:
-        async for text, finish, n in pieces:
-            usage = Usage.of(prompt_len, n) if finish else None
-            yield f"data: {json.dumps(render(text, finish, True, usage))}\n\n"
-            if finish and finish.startswith("failed"):
-                failed = error_body(finish, "server_error", None, "request_failed")
-                yield f"data: {json.dumps(failed)}\n\n"
-        yield "data: [DONE]\n\n"
-    except TimeoutError as e:
-        yield f"data: {json.dumps(error_body(str(e), 'timeout'))}\n\n"
-    finally:
-        gone.cancel()
-        await pieces.aclose()  # a client that left: its request aborted and recorded

@@ -1,58 +1,24 @@
-"""Every OpenAI request and response body the HTTP API speaks, as pydantic models.
+"""Every response body the HTTP API sends, as pydantic models, and the two reply shapes
+(`CompletionReply`, `ChatReply`) that build them, so a route never hand-writes a body. Request
+bodies are in bodies.py.
 
-Requests accept OpenAI's fields plus vLLM's extensions (`top_k`, `stop_token_ids`,
-`ignore_eos`, `repetition_penalty`); unknown fields are ignored, as OpenAI's clients send some we
-do not use. Types are checked here; ranges in one place, ecoserve_common.sampling (a body's size
-is bounded before it is parsed: edge.py).
-Responses are built here and dumped as JSON, so a route never hand-writes a body.
+Streams follow OpenAI's: a chunk per piece of text, `choices` holding the one choice it belongs
+to (with its `index`); in chat the first delta of each choice carries `"role": "assistant"` and
+later ones only `content`; the chunk that ends a choice carries its finish_reason. `usage` is
+only there when the request asked for it (`stream_options.include_usage`): then every chunk has
+`"usage": null` and one last chunk has `"choices": []` and the usage, before `[DONE]` (with vLLM's
+`continuous_usage_stats` too, every chunk has its choice's usage so far). A whole response always
+carries usage.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
-# ---- requests ------------------------------------------------------------------------------
-
-
-class SamplingFields(BaseModel):
-    """What completions and chat share: the sampling knobs and the call's options."""
-
-    model: str = ""
-    max_tokens: int | None = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # vLLM's extension
-    seed: int | None = None
-    stream: bool = False
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] = Field(default_factory=list)  # vLLM's extension
-    ignore_eos: bool = False  # vLLM's extension
-    n: int = 1
-    user: str | None = None
-    # Accepted so OpenAI's clients can send their neutral values; any other is a 400 (the
-    # sampler applies no penalties), see ecoserve_common.sampling.check_penalty.
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None  # vLLM's extension
-
-
-class CompletionRequest(SamplingFields):
-    prompt: str | list[int] | list[str]
-
-
-class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str
-
-
-class ChatRequest(SamplingFields):
-    messages: list[ChatMessage]
-    max_completion_tokens: int | None = None
-
-
-# ---- responses -----------------------------------------------------------------------------
+from .logprobs import LogprobText
 
 
 class Usage(BaseModel):
@@ -76,17 +42,19 @@ class _Response(BaseModel):
     id: str  # the request id: the store's key, the log field, the metrics label
     created: int  # wall-clock seconds (a reporting edge)
     model: str
-    usage: Usage | None = None  # on a whole response, and on a stream's last chunk
+    usage: Usage | None = None
 
-    def body(self) -> dict[str, Any]:
-        """The JSON body: `usage` only where it is set, every other field always."""
-        return self.model_dump(exclude={"usage"} if self.usage is None else None)
+    def body(self, usage_key: bool = True) -> dict[str, Any]:
+        """The JSON body. `usage_key` False leaves out a null `usage` (a stream that did not ask
+        for usage has no such key, as OpenAI's has not)."""
+        drop = {"usage"} if self.usage is None and not usage_key else None
+        return self.model_dump(exclude=drop)
 
 
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None  # only where the request asked (logprobs.py)
     finish_reason: FinishReason = None
 
 
@@ -105,6 +73,7 @@ class ChatMessageOut(BaseModel):
 class ChatChoice(BaseModel):
     index: int = 0
     message: ChatMessageOut
+    logprobs: dict[str, Any] | None = None  # only where the request asked (logprobs.py)
     finish_reason: FinishReason = None
 
 
@@ -113,15 +82,30 @@ class ChatCompletion(_Response):
     choices: list[ChatChoice]
 
 
+class ChatDelta(BaseModel):
+    """A streamed delta: `role` only in a choice's first one (dumped without it after)."""
+
+    role: Literal["assistant"] | None = None
+    content: str
+
+
 class ChatDeltaChoice(BaseModel):
     index: int = 0
-    delta: ChatMessageOut
+    delta: ChatDelta
+    logprobs: dict[str, Any] | None = None  # only where the request asked (logprobs.py)
     finish_reason: FinishReason = None
 
 
 class ChatCompletionChunk(_Response):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     choices: list[ChatDeltaChoice]
+
+    def body(self, usage_key: bool = True) -> dict[str, Any]:
+        out = super().body(usage_key)
+        for choice in out["choices"]:
+            if choice["delta"]["role"] is None:
+                del choice["delta"]["role"]
+        return out
 
 
 class ModelCard(BaseModel):
@@ -145,3 +129,90 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+# ---- reply shapes: what generation.py calls to build bodies ----------------------------------
+
+Outcome = tuple[str, FinishReason, list]  # one choice's text, finish reason, TokenLogprobs
+
+
+@dataclass(frozen=True)
+class CompletionReply:
+    id: str
+    created: int
+    model: str
+    logprobs: LogprobText | None = None  # None: the request asked for no logprobs
+
+    def _head(self, usage: Usage | None) -> dict[str, Any]:
+        return dict(id=self.id, created=self.created, model=self.model, usage=usage)
+
+    def _logprobs(self, index: int, lps: list) -> dict[str, Any] | None:
+        return None if self.logprobs is None else self.logprobs.completion(index, lps)
+
+    def whole(self, outcomes: list[Outcome], usage: Usage) -> dict[str, Any]:
+        choices = [
+            CompletionChoice(
+                index=i, text=text, finish_reason=finish, logprobs=self._logprobs(i, lps)
+            )
+            for i, (text, finish, lps) in enumerate(outcomes)
+        ]
+        return Completion(**self._head(usage), choices=choices).body()
+
+    def chunk(
+        self,
+        index: int,
+        text: str,
+        finish: FinishReason,
+        first: bool,
+        usage_key: bool,
+        usage: Usage | None = None,
+        logprobs: list | None = None,
+    ) -> dict[str, Any]:
+        """One streamed chunk of choice `index`; `usage_key`: a null `usage` is sent (the
+        request asked for usage), `usage`: this chunk's (vLLM's continuous usage),
+        `logprobs`: those of the tokens this chunk adds."""
+        lps = self._logprobs(index, logprobs or [])
+        choice = CompletionChoice(index=index, text=text, finish_reason=finish, logprobs=lps)
+        return Completion(**self._head(usage), choices=[choice]).body(usage_key)
+
+    def usage_chunk(self, usage: Usage) -> dict[str, Any]:
+        return Completion(**self._head(usage), choices=[]).body()
+
+
+@dataclass(frozen=True)
+class ChatReply(CompletionReply):
+    def _logprobs(self, index: int, lps: list) -> dict[str, Any] | None:
+        return None if self.logprobs is None else self.logprobs.chat(lps)
+
+    def whole(self, outcomes: list[Outcome], usage: Usage) -> dict[str, Any]:
+        choices = [
+            ChatChoice(
+                index=i,
+                message=ChatMessageOut(content=text),
+                finish_reason=finish,
+                logprobs=self._logprobs(i, lps),
+            )
+            for i, (text, finish, lps) in enumerate(outcomes)
+        ]
+        return ChatCompletion(**self._head(usage), choices=choices).body()
+
+    def chunk(
+        self,
+        index: int,
+        text: str,
+        finish: FinishReason,
+        first: bool,
+        usage_key: bool,
+        usage: Usage | None = None,
+        logprobs: list | None = None,
+    ) -> dict[str, Any]:
+        delta = ChatDelta(role="assistant" if first else None, content=text)
+        lps = self._logprobs(index, logprobs or [])
+        choice = ChatDeltaChoice(index=index, delta=delta, finish_reason=finish, logprobs=lps)
+        return ChatCompletionChunk(**self._head(usage), choices=[choice]).body(usage_key)
+
+    def usage_chunk(self, usage: Usage) -> dict[str, Any]:
+        return ChatCompletionChunk(**self._head(usage), choices=[]).body()
+
+
+Reply = CompletionReply  # ChatReply is one too
