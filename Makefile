@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 STAMP := .make/installed
 DATA_DIR ?= ../shared/data
 
-.PHONY: install test lint format check-split proto demo demo-sim bench-sim bench-sim-quick bench-sched bench-cluster bench-worker bench-predictor bench-live bench-peer bench-chaos train-predictor clean
+.PHONY: install test lint format check-split proto demo demo-sim bench-sim bench-sim-quick bench-sched bench-cluster bench-worker bench-predictor bench-live bench-peer bench-chaos bench-guidellm train-predictor clean
 
 # One distribution per service (each installs only its own dependencies; the Dockerfiles install
 # one each); for development all of them go editable into one environment.
@@ -123,6 +123,15 @@ bench-sched: $(STAMP)
 # killed: accepted / finished / failed-with-reason / cancelled / refused / lost (must be 0).
 bench-chaos: $(STAMP)
 	$(PYTHON) bench/chaos.py --out results/chaos
+
+# guidellm 0.8.1 (own venv in ~/.cache/ecoserve/guidellm, built on first use, ~2 min) against
+# `ecoserve up` (SmolLM2; a fresh API key), in its chat-completions and its
+# text-completions mode: 24 synthetic requests each (96 prompt / 32 output tokens, constant
+# 1 req/s, streaming). guidellm's reports and results/guidellm/summary.json (completed / errored
+# per mode, throughput, TTFT / ITL); fails unless both modes complete every request. ~2-3 min.
+BENCH_GUIDELLM_ARGS ?=
+bench-guidellm: $(STAMP)
+	$(PYTHON) bench/guidellm.py --out results/guidellm $(BENCH_GUIDELLM_ARGS)
 
 # GPUs each system (ecoserve, distserve, vllm DP) needs per target rate, ShareGPT and Azure conv,
 # and plans/s of one scheduler over 1-64 simulated workers (~5 min on 2 cores; --quick: ~15 s).
