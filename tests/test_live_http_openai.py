@@ -232,3 +232,18 @@ def test_models_list_retrieve_and_404_for_another(api):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4o", messages=USER)
     assert raw.get("/v1/models/").status_code == 404
+
+
+def test_chat_without_a_cap_may_fill_the_context_and_completions_keep_16(api):
+    """OpenAI's chat has no default max_tokens: vLLM's choice, the room the prompt leaves in
+    the context; completions keep OpenAI's 16; a cap given either way is kept."""
+    client, _, engine, _, frontend = api(max_model_len=64)
+    client.chat.completions.create(model="tiny", messages=USER)
+    request = engine.submitted[-1]
+    assert request.sampling.max_tokens == 64 - request.prompt_len > 0
+    client.chat.completions.create(model="tiny", messages=USER, max_tokens=5)
+    assert engine.submitted[-1].sampling.max_tokens == 5
+    client.chat.completions.create(model="tiny", messages=USER, max_completion_tokens=7)
+    assert engine.submitted[-1].sampling.max_tokens == 7
+    client.completions.create(model="tiny", prompt="hi")
+    assert engine.submitted[-1].sampling.max_tokens == 16

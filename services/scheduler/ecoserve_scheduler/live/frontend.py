@@ -45,7 +45,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ecoserve_common.ids import new_request_id
 from ecoserve_common.sampling import SamplingParams
@@ -92,6 +92,9 @@ class GenerateParams:
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(max_tokens=16))
     request_id: str = ""
     stop: tuple[str, ...] = ()  # OpenAI's stop strings: `follow_text` ends the text at one
+    # No cap given (OpenAI chat's default): max_tokens becomes the room the prompt leaves in
+    # the context (vLLM's choice), once the prompt's length is known.
+    fill_context: bool = False
 
 
 class Rejected(Exception):
@@ -174,6 +177,9 @@ class Frontend:
             p.sampling.validate()  # the caller's fields, before the model's EOS ids join them
             sampling = self.with_eos(p.sampling)
             ids = self.prompt_ids(p)
+            if p.fill_context:
+                room = max(1, self.limits.max_model_len - len(ids))
+                sampling = replace(sampling, max_tokens=max(room, sampling.min_tokens))
             problem = self._check_length(len(ids), sampling.max_tokens)
             if problem:
                 raise Rejected("invalid", problem)

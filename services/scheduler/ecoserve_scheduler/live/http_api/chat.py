@@ -27,20 +27,26 @@ async def chat(body: ChatRequest, request: Request, ctx: Ctx):
     rid, created = new_request_id("chatcmpl-"), int(time.time())
     if (missing := unknown_model(ctx, body.model)) is not None:
         return missing
-    cap = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
+    # OpenAI's chat has no default cap: without one, the room the context leaves (vLLM's).
+    cap = body.max_completion_tokens
+    if cap is None and "max_tokens" in body.model_fields_set:
+        cap = body.max_tokens
     try:
         refuse_unsupported(body)
         messages = template_messages(body, getattr(ctx.tokenizer, "chat_template", None))
         check_size(messages, ctx.frontend.limits.prompt_chars)
         options = options_of(body)
         stop = stops_of(body)
-        sampling = sampling_of(body, cap)
+        limit = ctx.frontend.limits.max_model_len
+        sampling = sampling_of(body, limit if cap is None else cap)
     except BadRequest as e:
         return error(400, e.message, param=e.param)
 
     def build() -> GenerateParams:
         prompt = render(ctx.tokenizer, messages)
-        return GenerateParams(prompt=prompt, sampling=sampling, request_id=rid, stop=stop)
+        return GenerateParams(
+            prompt=prompt, sampling=sampling, request_id=rid, stop=stop, fill_context=cap is None
+        )
 
     asked = sampling.logprobs is not None
     reply = ChatReply(rid, created, ctx.model_id, LogprobText(ctx.tokenizer) if asked else None)
