@@ -13,7 +13,7 @@ from ecoserve_scheduler.core.policies.slack import ArrivalOrder, SlackOrder
 
 
 def test_the_same_names_as_ever() -> None:
-    assert set(POLICIES) == {"ecoserve", "vllm", "sarathi", "orca", "sjf"}
+    assert set(POLICIES) == {"ecoserve", "vllm", "vllm-v0", "sarathi", "orca", "sjf"}
     for name in POLICIES:
         assert make_policy(name).name == name
 

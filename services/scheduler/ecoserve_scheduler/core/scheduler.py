@@ -6,10 +6,12 @@
     core.abort(request_id, now)
 
 vLLM v1's schedule()/update_from_output() contract, one iteration top to bottom in this file:
-guest collisions, decodes, running prefills, admissions; growing a block table (grow, else evict
-a victim) and the request lifecycle. Pure logic: no I/O, no clock (time is passed in). What
-differs between systems (queue order, what to reserve, the prefill budget, whom to evict, KV
-lending) is a policy hook (policies/base.py) called with what it needs.
+guest collisions, decodes, running prefills, admissions (the loop is in core/admit.py; a
+prefill-first policy, vLLM v0, runs it before the decodes and skips them in a step that admits);
+growing a block table (grow, else evict a victim) and the request lifecycle. Pure logic: no
+I/O, no clock (time is passed in). What differs between systems (queue order, what to reserve,
+the prefill budget, whom to evict, KV lending) is a policy hook (policies/base.py) called with
+what it needs.
 
 Invariant: a worker has at most one plan in flight; `schedule` for a worker is only called after
 the previous plan's result was applied, so nothing a plan references changes under it except
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 from ecoserve_common.plan import BatchPlan, StepResult
 
+from .admit import admit
 from .events import Event, FinishEvent, PreemptEvent, TokenEvent
 from .ledger import KVLedger, Usage
 from .placement import Placement, make_placement
@@ -103,7 +106,7 @@ class SchedulerCore:
         vLLM v1 visits running requests in admission order instead; the two differ only when an
         earlier-admitted request is still prefilling, which after admission-order prefill is
         only a recomputing request, so every policy shares this order (Sarathi's stall-free
-        batching)."""
+        batching), except a `prefill_first` one (vLLM v0): admissions first, no decodes if any."""
         w = self.workers[worker_id]
         if w.in_flight is not None:
             raise RuntimeError(f"worker {worker_id} already has step {w.in_flight.step_id} out")
@@ -115,12 +118,14 @@ class SchedulerCore:
             need = ledger.written(host_id) + 1 + lookahead
             while ledger.guests_of(host_id) and ledger.writable(host_id) < need:
                 self._evict_guest(step, self.requests[ledger.guests_of(host_id)[0]])
+        # vLLM v0 (`prefill_first`): admissions come first; a step that admits runs no decode.
+        alone = policy.prefill_first and admit(self, step, policy.budget.prefill_budget(step))
         # 2. Decodes: one token each; those whose table is full grow (or evict) first.
-        for r in step.run_decodes(list(w.decoding.values())):
+        for r in step.run_decodes([] if alone else list(w.decoding.values())):
             live = r.status is Status.RUNNING and not step.full
             if live and self._make_room(step, r, r.num_computed + 1):
                 step.run(r, 1)
-        step.context_tokens = sum(r.num_computed for r in step.decode_reqs)
+        step.context_tokens += sum(r.num_computed for r in step.decode_reqs)
         step.budget = policy.budget.prefill_budget(step)
         # 3. Running prefills, in the policy's order, a chunk each.
         prefills = [r for r in w.running.values() if r.request_id not in w.decoding]
@@ -133,20 +138,8 @@ class SchedulerCore:
                 or self._make_room(step, r, r.num_computed + n)
             ):
                 step.run(r, n)
-        # 4. Admissions, in queue order. As vLLM v1: none in a step that preempted (a victim
-        # must not come straight back into the step it was removed from).
-        while not step.full and not step.preempted:
-            head = policy.queue.peek(now)
-            if head is None:
-                break
-            n = step.chunk(head, policy.chunked)
-            if n == 0 or not self.placement.admits(step, head):
-                break  # a less loaded worker takes it at its next step
-            if not policy.budget.admits(step, head):
-                break  # its context would slow the running requests past their deadlines
-            step.context_tokens += head.prompt_len
-            if not self._reserve(step, head, n):
-                break  # head of line waits: later requests must not overtake it
+        # 4. Admissions, in queue order (core/admit.py).
+        admit(self, step)
         if not step.prefills and not step.decode_ids:
             return ScheduleOutput(None, step.events)
         self._step_ids += 1

@@ -29,6 +29,7 @@ from .trace import (
     mean_rate,
     save_trace_file,
 )
+from .workload_long import LONG_WORKLOADS, long_workload_samples
 
 __all__ = [
     "ALPACA_COLUMNS",
@@ -38,6 +39,7 @@ __all__ = [
     "WORKLOADS",
     "AlpacaLengths",
     "DataMissing",
+    "LONG_WORKLOADS",
     "LengthSample",
     "TraceRecord",
     "build_workload",
@@ -59,7 +61,8 @@ SHAREGPT_FILE = "sharegpt_v3_pairs.jsonl.gz"
 AZURE_CONV_FILE = "AzureLLMInferenceTrace_conv.csv"
 ALPACA_FILE = "alpaca_vicuna7b_response_lengths.csv"
 ALPACA_COLUMNS = ("len_t0.0", "len_t0.3", "len_t0.5", "len_t0.7", "len_alpaca_ref")
-WORKLOADS = ("sharegpt", "azure_conv", "alpaca", "synthetic")
+# The long ShareGPT workloads (sharegpt_long, sharegpt_multiturn) are built in workload_long.py.
+WORKLOADS = ("sharegpt", "azure_conv", "alpaca", "synthetic", *LONG_WORKLOADS)
 
 # Length quantiles (cl100k tokens) of the real ShareGPT pairs in ../shared/data (54,579 rows),
 # after cap_lengths(..., 4096), numpy linear percentiles. Computed once with this module's loader;
@@ -265,7 +268,8 @@ def build_workload(
     same request lengths. "azure_conv" keeps its real timestamps, rescaled so that the first n
     records arrive at `rate` on average (rate None: as recorded; n None: the whole trace);
     `arrival` and `cv` do not apply to it. With `fallback`, a missing ShareGPT file gives the
-    synthetic ShareGPT-like workload instead of DataMissing, and `source` says so.
+    synthetic ShareGPT-like workload instead of DataMissing, and `source` says so; the long
+    ShareGPT workloads (sim/workload_long.py) have no fallback and always raise DataMissing.
     """
     if name not in WORKLOADS:
         raise ValueError(f"unknown workload {name!r}; choose from {WORKLOADS}")
@@ -279,6 +283,9 @@ def build_workload(
         samples, lengths = _sharegpt_or_fallback(n, seed, data_dir, max_context, fallback)
     elif name == "alpaca":
         samples, rows, lengths = _alpaca_lengths(n, length_rng, data_dir, max_context)
+    elif name in LONG_WORKLOADS:
+        path = _data_file(data_dir, SHAREGPT_FILE)
+        samples, lengths = long_workload_samples(name, path, n, length_rng, max_context)
     else:
         samples = _synthetic(n, length_rng, max_context)
         lengths = "synthetic (ShareGPT-like lengths)"

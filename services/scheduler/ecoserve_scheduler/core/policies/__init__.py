@@ -10,10 +10,12 @@ from .orca import orca_policy
 from .sarathi import sarathi_policy
 from .sjf import sjf_policy
 from .vllm import vllm_policy
+from .vllm_v0 import vllm_v0_policy
 
 POLICIES: dict[str, Callable[..., Policy]] = {
     "ecoserve": ecoserve_policy,
     "vllm": vllm_policy,
+    "vllm-v0": vllm_v0_policy,
     "sarathi": sarathi_policy,
     "orca": orca_policy,
     "sjf": sjf_policy,

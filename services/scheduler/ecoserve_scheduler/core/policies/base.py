@@ -10,8 +10,11 @@ measured iteration time) and hold no reference to the core:
 * `Victims`     whom to preempt when a request must grow;
 * `Lending`     KV lending (KVCPipe): borrow a host's unused tail when fresh blocks are short.
 
+A `Policy` may also set `prefill_first` (vLLM v0): prompts are admitted before any decode, and an
+iteration that admits one runs prompts only.
+
 This module also holds the baselines' hooks (vLLM-style defaults) that the small policy modules
-(vllm, sarathi, orca, sjf) compose.
+(vllm, vllm_v0, sarathi, orca, sjf) compose.
 """
 
 from __future__ import annotations
@@ -179,6 +182,9 @@ class Policy:
     victims: Victims = field(default_factory=NewestVictim)
     lending: Lending = field(default_factory=NoLending)
     wants_oracle_rl: bool = False  # the simulator gives it exact response lengths
+    # vLLM v0: admissions run before the decodes (within `budget.prefill_budget` of a step with
+    # no decode yet), and a step that admits a prompt runs prompts only (core/admit.py).
+    prefill_first: bool = False
 
     @property
     def chunked(self) -> bool:
