@@ -10,13 +10,23 @@ meeting the TTFT and TPOT SLO per second), TTFT/TPOT/JCT percentiles, SLO attain
 scheduler's Stats: mean KV blocks in use (sampled every 0.25 s) and the scheduler's own time
 per iteration (core.schedule + core.update) as a share of the workers' step time.
 `max_rate_at_slo90` is the highest swept rate with attainment >= 0.9. Writes OUT/summary.json.
+
+`--workload two-class` (what `make bench-live` runs second, into results/live-slo): the same
+replay with each request asking for a latency SLO class (live/slo.py), a `--interactive-share`
+of them (seeded, shuffled) `interactive` (tight TTFT) and the rest `batch` (loose), through the
+SDK's `slo_class`. Reported per class and rate: attainment as the client measures it against
+the class's targets (read from the scheduler's Stats), the scheduler's own count of the same
+(its per-class SLO ledger, what /metrics exports), and TTFT/TPOT percentiles; `slo_attainment`
+is then the share of all requests that met their own class's SLO.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
+import random
 import sys
 import threading
 import time
@@ -26,9 +36,9 @@ REPO = Path(__file__).resolve().parent.parent
 for sub in ("services/scheduler", "services/worker", "services/predictor", "sdk"):
     sys.path.insert(0, str(REPO / sub))
 
-from ecoserve_client import Client  # noqa: E402
+from ecoserve_client import Client, EcoServeError  # noqa: E402
 from ecoserve_common.models import DEFAULT_MODEL  # noqa: E402
-from ecoserve_stack.demo import build_parser, replay, summarize, workload  # noqa: E402
+from ecoserve_stack.demo import build_parser, replay, summarize, timing, workload  # noqa: E402
 from ecoserve_stack.launcher import free_port, start_stack, stop_all  # noqa: E402
 
 
@@ -40,6 +50,95 @@ def sample_kv(address: str, stop: threading.Event, out: list[float]) -> None:
             if total:
                 out.append(sum(v["blocks_used"] for v in kv.values()) / total)
             stop.wait(0.25)
+
+
+def assign_classes(n: int, classes: list[str], share: float, seed: int) -> list[str]:
+    """`n` class names: round(share * n) of the first class, the rest of the second, shuffled
+    with `seed` (the same mix at every rate and for every policy)."""
+    first = round(share * n)
+    names = [classes[0]] * first + [classes[1]] * (n - first)
+    random.Random(seed).shuffle(names)
+    return names
+
+
+def replay_classes(address: str, items, names: list[str], rate: float, seed: int) -> list[dict]:
+    """demo.replay with each request asking for its SLO class (`names[i]`): Poisson arrivals,
+    one thread per request, client-side timings (demo.timing) plus the class."""
+    rng = random.Random(seed)
+    results: list[dict] = [{} for _ in items]
+    client = Client(address, timeout_s=600)
+
+    def one(i: int, prompt: str, n: int) -> None:
+        t0, first, tokens, reason = time.perf_counter(), None, 0, ""
+        try:
+            for chunk in client.generate(prompt, max_tokens=n, ignore_eos=True, slo_class=names[i]):
+                if chunk.token_ids and first is None:
+                    first = time.perf_counter()
+                tokens += len(chunk.token_ids)
+                reason = chunk.finish_reason
+            results[i] = timing(reason, tokens, t0, first, time.perf_counter())
+        except EcoServeError as e:
+            results[i] = {"ok": False, "error": str(e)}
+        results[i]["slo_class"] = names[i]
+
+    threads = []
+    start, at = time.perf_counter(), 0.0
+    for i, (prompt, n) in enumerate(items):
+        at += rng.expovariate(rate)
+        delay = start + at - time.perf_counter()
+        if delay > 0:
+            threading.Event().wait(delay)
+        t = threading.Thread(target=one, args=(i, prompt, n))
+        t.start()
+        threads.append(t)
+    for t in threads:
+        t.join()
+    client.close()
+    return results
+
+
+def met_class(r: dict, targets: dict) -> bool:
+    """A client-side result met its class's targets (seconds: ttft_s, tpot_s, deadline_s)."""
+    if not r.get("ok"):
+        return False
+    return (
+        r["ttft_s"] <= targets.get("ttft_s", math.inf)
+        and (r["tokens"] < 2 or r["tpot_s"] <= targets.get("tpot_s", math.inf))
+        and r["jct_s"] <= targets.get("deadline_s", math.inf)
+    )
+
+
+def per_class(results: list[dict], before: dict, after: dict) -> dict:
+    """Per SLO class: requests, client-side attainment against the class's targets, the
+    scheduler's own count over the same span (its SLO ledger: after - before), TTFT/TPOT."""
+    out = {}
+    classes = after.get("classes", {})
+    for name in sorted({r["slo_class"] for r in results}):
+        mine = [r for r in results if r["slo_class"] == name]
+        ok = [r for r in mine if r.get("ok")]
+        targets = classes.get(name, {}).get("targets", {})
+        seen = {
+            k: classes.get(name, {}).get(k, 0) - before.get("classes", {}).get(name, {}).get(k, 0)
+            for k in ("requests", "met", "missed_ttft", "missed_tpot", "missed_failed")
+        }
+
+        def pct(key: str, q: float, ok=ok) -> float:
+            xs = sorted(r[key] for r in ok)
+            return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+        out[name] = {
+            "targets": targets,
+            "requests": len(mine),
+            "completed": len(ok),
+            "slo_attainment": sum(met_class(r, targets) for r in mine) / len(mine),
+            "server_slo_attainment": seen["met"] / seen["requests"] if seen["requests"] else None,
+            "server_counts": seen,
+            "ttft_p50_s": pct("ttft_s", 0.5),
+            "ttft_p99_s": pct("ttft_s", 0.99),
+            "tpot_p50_s": pct("tpot_s", 0.5),
+            "tpot_p99_s": pct("tpot_s", 0.99),
+        }
+    return out
 
 
 def run_policy(policy: str, rates: list[float], a) -> dict:
@@ -68,23 +167,36 @@ def run_policy(policy: str, rates: list[float], a) -> dict:
     name, items = workload(args)
     stack = start_stack(args)
     out: dict = {"rates": {}, "workload": name}
+    two_class = a.workload == "two-class"
+    names = assign_classes(len(items), a.classes, a.interactive_share, args.seed)
     try:
         for rate in rates:
             with Client(stack.grpc_address) as c:
-                before = c.stats()["engine"]
+                stats = c.stats()
+            before, slo_before = stats["engine"], stats.get("slo", {})
             kv: list[float] = []
             stop = threading.Event()
             sampler = threading.Thread(target=sample_kv, args=(stack.grpc_address, stop, kv))
             sampler.start()
             t0 = time.perf_counter()
-            results = replay(stack.grpc_address, items, rate, args.seed)
+            if two_class:
+                results = replay_classes(stack.grpc_address, items, names, rate, args.seed)
+            else:
+                results = replay(stack.grpc_address, items, rate, args.seed)
             elapsed = time.perf_counter() - t0
             stop.set()
             sampler.join()
             time.sleep(0.1)  # one stats refresh (50 ms) after the last result
             with Client(stack.grpc_address) as c:
-                after = c.stats()["engine"]
+                stats = c.stats()
+            after, slo_after = stats["engine"], stats.get("slo", {})
             m = summarize(results, elapsed, args)
+            if two_class:  # each request judged by its own class's targets
+                m["classes"] = per_class(results, slo_before, slo_after)
+                targets = {k: v["targets"] for k, v in m["classes"].items()}
+                met = sum(met_class(r, targets[r["slo_class"]]) for r in results)
+                m["slo_attainment"] = met / len(results) if results else 0.0
+                m["slo"] = targets
             steps = after["steps"] - before["steps"]
             fwd = after["forward_s"] - before["forward_s"]
             core = after["core_s"] - before["core_s"]
@@ -96,7 +208,15 @@ def run_policy(policy: str, rates: list[float], a) -> dict:
             out["rates"][f"{rate:g}"] = m
             shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}
             shown.pop("slo", None)
+            classes = shown.pop("classes", {})
             print(f"{policy} @ {rate:g} req/s: {json.dumps(shown)}")
+            for cls, row in classes.items():
+                print(
+                    f"  {cls}: attainment {row['slo_attainment']:.3f} (server "
+                    f"{row['server_slo_attainment']}), TTFT p50 {row['ttft_p50_s']:.3f} s p99 "
+                    f"{row['ttft_p99_s']:.3f} s, TPOT p50 {row['tpot_p50_s']:.3f} s, "
+                    f"targets {row['targets']}"
+                )
     finally:
         stop_all(stack.procs)
     ok = [r for r in rates if out["rates"][f"{r:g}"]["slo_attainment"] >= 0.9]
@@ -119,6 +239,22 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--token-budget", type=int, default=512, help="workers skip start-up profiling (slow)"
     )
+    ap.add_argument(
+        "--workload",
+        choices=["single", "two-class"],
+        default="single",
+        help="single: no SLO asked (the server's default class), judged by TTFT/TPOT bounds; "
+        "two-class: each request asks for one of --classes (module docstring)",
+    )
+    ap.add_argument(
+        "--classes",
+        nargs=2,
+        default=["interactive", "batch"],
+        help="two-class: the tight and the loose SLO class (the scheduler's slo_classes)",
+    )
+    ap.add_argument(
+        "--interactive-share", type=float, default=0.5, help="two-class: share of the first"
+    )
     a = ap.parse_args(argv)
     policies = {p: run_policy(p, a.rates, a) for p in a.policies}
     defaults = build_parser().parse_args([])
@@ -126,7 +262,17 @@ def main(argv=None) -> int:
         "policies": {
             p: {k: v for k, v in r.items() if k != "workload"} for p, r in policies.items()
         },
-        "slo": {"ttft_s": defaults.ttft_slo_s, "tpot_s": defaults.tpot_slo_s},
+        "slo": (
+            {"ttft_s": defaults.ttft_slo_s, "tpot_s": defaults.tpot_slo_s}
+            if a.workload == "single"
+            else {
+                "classes": a.classes,
+                "interactive_share": a.interactive_share,
+                "definition": "each request asks for its class (slo_class) and is judged by "
+                "that class's targets (the scheduler's Stats): TTFT, TPOT (more than one "
+                "token), deadline; client-side, and the scheduler's own count alongside",
+            }
+        ),
         "setup": {
             "workers": a.workers,
             "model": f"{a.model}, CPU, worker default dtype (float32), token budget "
@@ -136,6 +282,7 @@ def main(argv=None) -> int:
             "requests_per_rate": a.n,
             "max_output_tokens": a.max_output,
             "workload": next(iter(policies.values()))["workload"],
+            "slo_workload": a.workload,
             "machine": f"{platform.platform()}, {platform.processor() or platform.machine()}",
         },
     }

@@ -21,6 +21,7 @@ from ecoserve_common.plan import TokenLogprob
 from ecoserve_common.sampling import InvalidSampling, SamplingParams  # noqa: F401 (re-exported)
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+MAX_SLO_MS = 86_400_000  # an SLO target's bound (the scheduler's live/slo.py)
 
 
 class EcoServeError(Exception):
@@ -66,12 +67,22 @@ def _request(
     frequency_penalty: float = 0.0,
     repetition_penalty: float = 1.0,
     min_tokens: int = 0,
+    slo_class: str = "",
+    ttft_ms: int = 0,
+    tpot_ms: int = 0,
+    deadline_ms: int = 0,
 ) -> pb.GenerateRequest:
     """The GenerateRequest every call sends: give `prompt` text or `token_ids`; an unknown
     keyword is a TypeError, an out-of-range sampling value an InvalidSampling (a ValueError
     naming the field) before anything is sent: the contract's one validation. `logprobs=N`
     returns each token's logprob and its N most likely alternatives (Completion.logprobs,
-    Chunk.logprobs); the penalties and min_tokens are as in ecoserve_common.sampling."""
+    Chunk.logprobs); the penalties and min_tokens are as in ecoserve_common.sampling. The latency
+    SLO: `slo_class` (one the server configures: its targets) and/or explicit `ttft_ms`,
+    `tpot_ms`, `deadline_ms` (integers in [1, 86400000]; 0: not given) that override the class's;
+    none: the server's default class. The server checks the class (INVALID_ARGUMENT naming it)."""
+    for name, ms in (("ttft_ms", ttft_ms), ("tpot_ms", tpot_ms), ("deadline_ms", deadline_ms)):
+        if not isinstance(ms, int) or isinstance(ms, bool) or not 0 <= ms <= MAX_SLO_MS:
+            raise InvalidSampling(name, f"{name} must be an integer in [1, {MAX_SLO_MS}] (0: none)")
     sp = SamplingParams.checked(
         max_tokens=max_tokens,
         temperature=temperature,
@@ -104,6 +115,10 @@ def _request(
         frequency_penalty=sp.frequency_penalty,
         repetition_penalty=sp.repetition_penalty,
         min_tokens=sp.min_tokens,
+        slo_class=slo_class,
+        ttft_ms=ttft_ms,
+        tpot_ms=tpot_ms,
+        deadline_ms=deadline_ms,
     )
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fscheduler.proto\x12\x15\x65\x63oserve.scheduler.v1\"\xef\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\x10\n\x08has_seed\x18\x07 \x01(\x08\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12\x16\n\x0estop_token_ids\x18\t \x03(\r\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x12\n\nrequest_id\x18\x0b \x01(\t\x12\x14\n\x0chas_logprobs\x18\x0c \x01(\x08\x12\x10\n\x08logprobs\x18\r \x01(\r\x12\x18\n\x10presence_penalty\x18\x0e \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0f \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x10 \x01(\x02\x12\x12\n\nmin_tokens\x18\x11 \x01(\x05\"^\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x03 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\"\x92\x01\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x35\n\x08logprobs\x18\x05 \x03(\x0b\x32#.ecoserve.scheduler.v1.TokenLogprob\"\xac\x01\n\x10\x43ompleteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x35\n\x08logprobs\x18\x06 \x03(\x0b\x32#.ecoserve.scheduler.v1.TokenLogprob\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1f\n\x0e\x43\x61ncelResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\'\n\x11GetRequestRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x9d\x01\n\x0bRequestInfo\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x17\n\x0fresponse_tokens\x18\x04 \x01(\r\x12\x13\n\x0b\x66\x61il_reason\x18\x05 \x01(\t\x12\x11\n\tarrival_s\x18\x06 \x01(\x01\x12\x12\n\nfinished_s\x18\x07 \x01(\x01\"\x0e\n\x0cStatsRequest\"?\n\rStatsResponse\x12\x0c\n\x04json\x18\x01 \x01(\t\x12\x0f\n\x07pending\x18\x02 \x01(\r\x12\x0f\n\x07workers\x18\x03 \x03(\t2\xcb\x03\n\tScheduler\x12Z\n\x08Generate\x12&.ecoserve.scheduler.v1.GenerateRequest\x1a$.ecoserve.scheduler.v1.GenerateChunk0\x01\x12[\n\x08\x43omplete\x12&.ecoserve.scheduler.v1.GenerateRequest\x1a\'.ecoserve.scheduler.v1.CompleteResponse\x12U\n\x06\x43\x61ncel\x12$.ecoserve.scheduler.v1.CancelRequest\x1a%.ecoserve.scheduler.v1.CancelResponse\x12Z\n\nGetRequest\x12(.ecoserve.scheduler.v1.GetRequestRequest\x1a\".ecoserve.scheduler.v1.RequestInfo\x12R\n\x05Stats\x12#.ecoserve.scheduler.v1.StatsRequest\x1a$.ecoserve.scheduler.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fscheduler.proto\x12\x15\x65\x63oserve.scheduler.v1\"\xb9\x03\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\x10\n\x08has_seed\x18\x07 \x01(\x08\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12\x16\n\x0estop_token_ids\x18\t \x03(\r\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x12\n\nrequest_id\x18\x0b \x01(\t\x12\x14\n\x0chas_logprobs\x18\x0c \x01(\x08\x12\x10\n\x08logprobs\x18\r \x01(\r\x12\x18\n\x10presence_penalty\x18\x0e \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0f \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x10 \x01(\x02\x12\x12\n\nmin_tokens\x18\x11 \x01(\x05\x12\x11\n\tslo_class\x18\x12 \x01(\t\x12\x0f\n\x07ttft_ms\x18\x13 \x01(\r\x12\x0f\n\x07tpot_ms\x18\x14 \x01(\r\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x15 \x01(\r\"^\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x03 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\"\x92\x01\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x35\n\x08logprobs\x18\x05 \x03(\x0b\x32#.ecoserve.scheduler.v1.TokenLogprob\"\xac\x01\n\x10\x43ompleteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x35\n\x08logprobs\x18\x06 \x03(\x0b\x32#.ecoserve.scheduler.v1.TokenLogprob\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1f\n\x0e\x43\x61ncelResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\'\n\x11GetRequestRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x9d\x01\n\x0bRequestInfo\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x17\n\x0fresponse_tokens\x18\x04 \x01(\r\x12\x13\n\x0b\x66\x61il_reason\x18\x05 \x01(\t\x12\x11\n\tarrival_s\x18\x06 \x01(\x01\x12\x12\n\nfinished_s\x18\x07 \x01(\x01\"\x0e\n\x0cStatsRequest\"?\n\rStatsResponse\x12\x0c\n\x04json\x18\x01 \x01(\t\x12\x0f\n\x07pending\x18\x02 \x01(\r\x12\x0f\n\x07workers\x18\x03 \x03(\t2\xcb\x03\n\tScheduler\x12Z\n\x08Generate\x12&.ecoserve.scheduler.v1.GenerateRequest\x1a$.ecoserve.scheduler.v1.GenerateChunk0\x01\x12[\n\x08\x43omplete\x12&.ecoserve.scheduler.v1.GenerateRequest\x1a\'.ecoserve.scheduler.v1.CompleteResponse\x12U\n\x06\x43\x61ncel\x12$.ecoserve.scheduler.v1.CancelRequest\x1a%.ecoserve.scheduler.v1.CancelResponse\x12Z\n\nGetRequest\x12(.ecoserve.scheduler.v1.GetRequestRequest\x1a\".ecoserve.scheduler.v1.RequestInfo\x12R\n\x05Stats\x12#.ecoserve.scheduler.v1.StatsRequest\x1a$.ecoserve.scheduler.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,25 +32,25 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'scheduler_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=43
-  _globals['_GENERATEREQUEST']._serialized_end=410
-  _globals['_TOKENLOGPROB']._serialized_start=412
-  _globals['_TOKENLOGPROB']._serialized_end=506
-  _globals['_GENERATECHUNK']._serialized_start=509
-  _globals['_GENERATECHUNK']._serialized_end=655
-  _globals['_COMPLETERESPONSE']._serialized_start=658
-  _globals['_COMPLETERESPONSE']._serialized_end=830
-  _globals['_CANCELREQUEST']._serialized_start=832
-  _globals['_CANCELREQUEST']._serialized_end=867
-  _globals['_CANCELRESPONSE']._serialized_start=869
-  _globals['_CANCELRESPONSE']._serialized_end=900
-  _globals['_GETREQUESTREQUEST']._serialized_start=902
-  _globals['_GETREQUESTREQUEST']._serialized_end=941
-  _globals['_REQUESTINFO']._serialized_start=944
-  _globals['_REQUESTINFO']._serialized_end=1101
-  _globals['_STATSREQUEST']._serialized_start=1103
-  _globals['_STATSREQUEST']._serialized_end=1117
-  _globals['_STATSRESPONSE']._serialized_start=1119
-  _globals['_STATSRESPONSE']._serialized_end=1182
-  _globals['_SCHEDULER']._serialized_start=1185
-  _globals['_SCHEDULER']._serialized_end=1644
+  _globals['_GENERATEREQUEST']._serialized_end=484
+  _globals['_TOKENLOGPROB']._serialized_start=486
+  _globals['_TOKENLOGPROB']._serialized_end=580
+  _globals['_GENERATECHUNK']._serialized_start=583
+  _globals['_GENERATECHUNK']._serialized_end=729
+  _globals['_COMPLETERESPONSE']._serialized_start=732
+  _globals['_COMPLETERESPONSE']._serialized_end=904
+  _globals['_CANCELREQUEST']._serialized_start=906
+  _globals['_CANCELREQUEST']._serialized_end=941
+  _globals['_CANCELRESPONSE']._serialized_start=943
+  _globals['_CANCELRESPONSE']._serialized_end=974
+  _globals['_GETREQUESTREQUEST']._serialized_start=976
+  _globals['_GETREQUESTREQUEST']._serialized_end=1015
+  _globals['_REQUESTINFO']._serialized_start=1018
+  _globals['_REQUESTINFO']._serialized_end=1175
+  _globals['_STATSREQUEST']._serialized_start=1177
+  _globals['_STATSREQUEST']._serialized_end=1191
+  _globals['_STATSRESPONSE']._serialized_start=1193
+  _globals['_STATSRESPONSE']._serialized_end=1256
+  _globals['_SCHEDULER']._serialized_start=1259
+  _globals['_SCHEDULER']._serialized_end=1718
 # @@protoc_insertion_point(module_scope)

@@ -9,8 +9,10 @@ Frontend's follow records the end however the call stops), and no status carries
 Python internals: anything unexpected is INTERNAL "internal error", logged here.
 
 Sampling parameters are built with `SamplingParams.checked`: a bad one is INVALID_ARGUMENT
-whose details start with the field's name ("top_k: ..."). A request that sets `has_logprobs`
-gets each token's logprobs (`TokenLogprob`, one per token id) in its chunks and response.
+whose details start with the field's name ("top_k: ..."); so are the SLO fields (`slo_class`,
+`ttft_ms`, `tpot_ms`, `deadline_ms`: an unknown class, a target over a day: "ttft_ms: ...").
+A request that sets `has_logprobs` gets each token's logprobs (`TokenLogprob`, one per token id)
+in its chunks and response.
 The request id is the caller's (checked with `check_request_id`: INVALID_ARGUMENT when
 unusable) or minted here ("req-..."); it is the id of every chunk and response, the store's key
 and GetRequest's argument.
@@ -34,6 +36,7 @@ from ecoserve_common.plan import TokenLogprob
 from ecoserve_common.sampling import InvalidSampling, SamplingParams
 
 from .frontend import RETRY_AFTER_S, Frontend, GenerateParams, Rejected
+from .slo import SloAsk
 
 log = logging.getLogger(__name__)
 
@@ -116,13 +119,14 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             context.abort(grpc.StatusCode.UNAVAILABLE, "request store unavailable; retry")
 
     def _start(self, m: pb.GenerateRequest, context):
+        received = self.frontend.clock()  # the SLO's TTFT and deadline count from here
         rid = m.request_id or new_request_id("req-")
         problem = check_request_id(rid)
         if problem:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request_id: {problem}")
         try:
-            handle, n = self.frontend.start(params_of(m, rid))
-        except InvalidSampling as e:
+            handle, n = self.frontend.start(params_of(m, rid, received))
+        except InvalidSampling as e:  # InvalidSlo too: "ttft_ms: ..."
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{e.field}: {e.message}")
         except Rejected as r:
             if r.code in ("exhausted", "unavailable"):
@@ -144,8 +148,12 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
 
 
-def params_of(m: pb.GenerateRequest, request_id: str) -> GenerateParams:
-    """The Frontend's view of a GenerateRequest; raises InvalidSampling naming the field."""
+def params_of(
+    m: pb.GenerateRequest, request_id: str, received_s: float | None = None
+) -> GenerateParams:
+    """The Frontend's view of a GenerateRequest; raises InvalidSampling naming the field. The
+    SLO fields are passed on as asked (0 and "" mean not given); the Frontend resolves them
+    against its classes (InvalidSlo naming the field: unknown class, a target over the bound)."""
     extra = {name: getattr(m, name, unset) for name, unset in _LATER_FIELDS.items()}
     sampling = SamplingParams.checked(
         max_tokens=m.max_tokens,
@@ -166,11 +174,19 @@ def params_of(m: pb.GenerateRequest, request_id: str) -> GenerateParams:
         prompt_token_ids=tuple(m.prompt_token_ids),
         sampling=sampling,
         request_id=request_id,
+        slo=SloAsk(
+            extra["slo_class"] or None,
+            extra["ttft_ms"] or None,
+            extra["tpot_ms"] or None,
+            extra["deadline_ms"] or None,
+        ),
+        received_s=received_s,
     )
 
 
-# GenerateRequest's fields since issue 17, with their proto3 defaults: an object that stands
-# in for the message without them (a test's namespace) reads as a message that left them unset.
+# GenerateRequest's fields since issue 17 (sampling) and 19 (SLO), with their proto3 defaults:
+# an object that stands in for the message without them (a test's namespace) reads as a
+# message that left them unset.
 _LATER_FIELDS = {
     "has_logprobs": False,
     "logprobs": 0,
@@ -178,6 +194,10 @@ _LATER_FIELDS = {
     "frequency_penalty": 0.0,
     "repetition_penalty": 0.0,
     "min_tokens": 0,
+    "slo_class": "",
+    "ttft_ms": 0,
+    "tpot_ms": 0,
+    "deadline_ms": 0,
 }
 
 

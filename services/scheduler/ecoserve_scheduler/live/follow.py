@@ -7,7 +7,9 @@ request's store transitions exactly once: running at its first token, then one t
 (finished / failed / aborted). `close()` is the caller's last word, whatever stopped it (the
 end, a deadline, a client that hung up, an exception): a request that has not ended is looked
 for a finish among the events already queued, else cancelled in the engine and recorded
-aborted. So no row stays queued or running once its caller is gone.
+aborted. So no row stays queued or running once its caller is gone. The same end is counted
+against the request's SLO (Frontend.record_slo): TTFT from when the edge received it to when
+its first token is taken here, TPOT over the tokens after that, as the server sees them.
 
 `TextFollow` is the text path over a Follow: incremental detokenization (detokenize.TextStream),
 the token that ends a request left out of the text, and stop strings that end the request with
@@ -44,6 +46,7 @@ class Follow:
         too_long = timeout_s is None or not timeout_s < 10 * 365 * 86400  # NaN, inf, grpc's max
         self.deadline = None if too_long else time.monotonic() + max(0.0, timeout_s or 0.0)
         self.started = False
+        self.first_s: float | None = None  # when the first token was taken (Frontend.clock)
         self.ended: str | None = None
 
     @property
@@ -90,6 +93,7 @@ class Follow:
         tokens = [ev.token_id for ev in events if isinstance(ev, TokenEvent)]
         if tokens and not self.started:
             self.started = True
+            self.first_s = self.frontend.clock()
             self.frontend.store_call("mark_running", self.request_id)
         last = events[-1] if events else None
         return tokens, last.reason if isinstance(last, FinishEvent) else None
@@ -102,11 +106,13 @@ class Follow:
         return [ev.logprob for ev in events if isinstance(ev, TokenEvent)]
 
     def finish(self, reason: str, tokens: int | None = None) -> None:
-        """Record how the request ended (once: later calls do nothing)."""
+        """Record how the request ended (once: later calls do nothing), in the store and in
+        its SLO class's counts."""
         if self.ended is None:
             self.ended = reason
             n = len(self.handle.tokens) if tokens is None else tokens
             self.frontend.record_end(self.request_id, reason, n)
+            self.frontend.record_slo(self.handle, reason, n, self.first_s)
 
     def close(self, reason: str = "aborted") -> None:
         """The caller is done reading. A request that has not ended ends now: with the finish

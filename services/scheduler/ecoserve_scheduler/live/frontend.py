@@ -36,6 +36,13 @@ End of sequence: the Request carries the tokenizer's `eos_token_id`; a model wit
 path: incremental detokenization, the ending stop/EOS token left out of the text, and `stop`
 strings (see detokenize.TextStream) that end the request early: the engine aborts it and the
 store records it finished, with the tokens up to the stop string.
+
+Latency SLOs (slo.py): `start` resolves what the request asked for (`GenerateParams.slo`: a
+class, explicit targets, or neither: the default class) against `slo_classes`, InvalidSlo
+naming the field when it cannot. The core's Request carries it as `SLO(jct_deadline_s, ttft_s,
+tpot_s)`, the deadline absolute on the core's clock, counted from `received_s` (when the edge
+received the request); the handle keeps the class and targets, and the request's end is counted
+per class in `slo_ledger` (Follow.finish -> `record_slo`): what /metrics and /stats export.
 """
 
 from __future__ import annotations
@@ -50,12 +57,13 @@ from dataclasses import dataclass, field, replace
 from ecoserve_common.ids import new_request_id
 from ecoserve_common.sampling import SamplingParams
 
-from ..core.request import Request
+from ..core.request import SLO, Request
 from ..store import is_duplicate
 from .engine import LiveEngine, RequestHandle
 from .engine_client import EngineClient
 from .follow import Follow, Piece, TextFollow
 from .prediction import PredictorClient
+from .slo import RequestSlo, SloAsk, SloClasses, SloLedger
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +103,10 @@ class GenerateParams:
     # No cap given (OpenAI chat's default): max_tokens becomes the room the prompt leaves in
     # the context (vLLM's choice), once the prompt's length is known.
     fill_context: bool = False
+    slo: SloAsk = field(default_factory=SloAsk)  # the latency SLO asked for (slo.py)
+    # When the edge received the request, on the Frontend's clock (None: when `start` runs):
+    # the SLO's deadline and the TTFT it counts run from here.
+    received_s: float | None = None
 
 
 class Rejected(Exception):
@@ -133,9 +145,12 @@ class Frontend:
         clock: Callable[[], float] | None = None,
         wall_clock: Callable[[], float] = time.time,
         store_prompts: bool = True,
+        slo_classes: SloClasses | None = None,
     ) -> None:
         """`clock` times requests for the core: by default the engine's (monotonic) clock.
-        `wall_clock` stamps the store's rows. `store_prompts=False` stores no prompt text."""
+        `wall_clock` stamps the store's rows. `store_prompts=False` stores no prompt text.
+        `slo_classes`: the SLO classes requests may name and the default one (settings
+        `slo_classes`, `default_slo_class`); None: no classes, only explicit targets."""
         self.engine = engine
         self.tokenizer = tokenizer
         self.store = store
@@ -144,6 +159,8 @@ class Frontend:
         self.clock = clock or getattr(engine, "clock", None) or time.monotonic
         self.wall_clock = wall_clock
         self.store_prompts = store_prompts
+        self.slo_classes = slo_classes or SloClasses()
+        self.slo_ledger = SloLedger(self.slo_classes.names)  # per class: requests, met, misses
         self.store_errors = 0  # store calls that failed (logged; the requests went on)
         self.rejected = 0  # requests refused as over capacity
         self._admit_lock = threading.Lock()
@@ -173,8 +190,10 @@ class Frontend:
     ) -> tuple[RequestHandle, int]:
         """Raises Rejected, or InvalidSampling for a bad sampling parameter. `admission`: room
         the caller reserved with `admit` (released here whatever happens)."""
+        received = self.clock() if p.received_s is None else p.received_s
         try:
             p.sampling.validate()  # the caller's fields, before the model's EOS ids join them
+            slo = self.slo_classes.resolve(p.slo)  # InvalidSlo naming the field
             sampling = self.with_eos(p.sampling)
             ids = self.prompt_ids(p)
             if p.fill_context:
@@ -190,24 +209,33 @@ class Frontend:
                     f"retry after {RETRY_AFTER_S:g} s",
                 )
             admission = admission or self.admit()
-            return self._submit(p, sampling, ids), len(ids)
+            return self._submit(p, sampling, ids, slo, received), len(ids)
         finally:
             if admission is not None:
                 admission.release()
 
-    def _submit(self, p: GenerateParams, sampling: SamplingParams, ids: list[int]):
+    def _submit(
+        self,
+        p: GenerateParams,
+        sampling: SamplingParams,
+        ids: list[int],
+        slo: RequestSlo | None,
+        received: float,
+    ) -> RequestHandle:
         rid = p.request_id or new_request_id()
         text = p.prompt or self.tokenizer.decode(ids)
         guess = self.predictor.predict(text)
         cap = sampling.max_tokens
+        predicted = min(guess.point, cap)
         req = Request(
             rid,
             len(ids),
             self.clock(),  # after the predictor's call: the core's clock, read last
             sampling,
+            slo=slo.targets.core_slo(received, predicted) if slo is not None else SLO(),
             prompt_token_ids=tuple(ids),
             eos_token_id=getattr(self.tokenizer, "eos_token_id", None),
-            predicted_rl=min(guess.point, cap),
+            predicted_rl=predicted,
             predicted_rl_upper=min(guess.upper, cap),
             rl_bucket=guess.bucket,
         )
@@ -224,11 +252,13 @@ class Frontend:
                     raise Rejected("exists", f"request_id {rid!r} is already in use") from None
                 self._store_failed("add", rid, exc)
         try:
-            return self.engine.submit(req)
+            handle = self.engine.submit(req)
         except Exception:
             if added:
                 self.store_call("fail", rid, "failed: not submitted", self.wall_clock())
             raise
+        handle.slo, handle.received_s = slo, received  # read when the request ends
+        return handle
 
     def following(self, handle: RequestHandle, timeout_s: float | None = None) -> Follow:
         """A reader of `handle`'s events that records the end (see follow.py)."""
@@ -315,7 +345,34 @@ class Frontend:
         }
         if hasattr(self.store, "stats"):  # a StoreWriter: its write counters
             out["store"] = self.store.stats()
+        out["slo"] = self.slo_stats()
         return out
+
+    def slo_stats(self) -> dict:
+        """Per SLO class: its targets (s) and the counts so far (requests that ended with an
+        SLO, met, missed_<target>), plus the default class."""
+        targets = self.slo_classes.as_dict()
+        counts = self.slo_ledger.snapshot()
+        return {
+            "default_class": self.slo_classes.default,
+            "classes": {n: {"targets": targets.get(n, {}), **c} for n, c in counts.items()},
+        }
+
+    def record_slo(
+        self, handle: RequestHandle, reason: str, tokens: int, first_s: float | None
+    ) -> None:
+        """Count a request's end against its SLO class (slo.py: what "met" means). A request
+        without an SLO, or aborted (its client left or its deadline passed), is not counted."""
+        slo = handle.slo
+        if slo is None or reason == "aborted":
+            return
+        if reason not in ("stop", "length"):
+            self.slo_ledger.record(slo.slo_class, ("failed",))
+            return
+        end, t0 = self.clock(), handle.received_s
+        ttft = None if first_s is None else first_s - t0
+        tpot = (end - first_s) / (tokens - 1) if first_s is not None and tokens > 1 else None
+        self.slo_ledger.record(slo.slo_class, slo.targets.misses(ttft, tpot, end - t0))
 
     def record_end(self, rid: str, reason: str, n: int) -> None:
         now = self.wall_clock()

@@ -11,13 +11,15 @@ from ecoserve_common.plan import TokenLogprob
 
 from ..core.events import FinishEvent, TokenEvent
 from ..core.request import Request
+from .slo import RequestSlo
 
 
 @dataclass
 class RequestHandle:
     """A submitted request as its caller sees it: events in order, ending with FinishEvent.
     `logprobs` is empty unless the request asked for them (`wants_logprobs`); then logprobs[i]
-    is tokens[i]'s (None where the worker gave none: a simulated one)."""
+    is tokens[i]'s (None where the worker gave none: a simulated one). `slo` and `received_s`
+    are the front end's, set after submit (never sent to the engine core)."""
 
     request_id: str
     events: queue.Queue = field(default_factory=queue.Queue)
@@ -26,6 +28,10 @@ class RequestHandle:
     done: threading.Event = field(default_factory=threading.Event)
     wants_logprobs: bool = False
     logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    # Set by the Frontend once submitted: the request's SLO (None: it has none) and when the
+    # edge received it (the Frontend's clock), for the per-class SLO counts (slo.SloLedger).
+    slo: RequestSlo | None = None
+    received_s: float = 0.0
 
     @classmethod
     def of(cls, request: Request) -> RequestHandle:

@@ -111,7 +111,18 @@ def run(settings: SchedulerSettings, ready: threading.Event | None = None) -> in
         queue_without_workers=settings.queue_without_workers,
     )
     frontend = Frontend(
-        engine, tokenizer, writer, limits, predictor, store_prompts=settings.store_prompts
+        engine,
+        tokenizer,
+        writer,
+        limits,
+        predictor,
+        store_prompts=settings.store_prompts,
+        slo_classes=settings.slo_table(),
+    )
+    log.info(
+        "SLO classes %s; a request that asks for none gets %s",
+        frontend.slo_classes.as_dict(),
+        frontend.slo_classes.default or "no SLO",
     )
     server, port = build_server(
         SchedulerService(frontend), settings.grpc_address, api_key=settings.api_key

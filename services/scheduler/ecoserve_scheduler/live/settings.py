@@ -16,6 +16,8 @@ from pathlib import Path
 
 from ecoserve_common.models import DEFAULT_MODEL
 
+from .slo import DEFAULT_SLO_CLASS, DEFAULT_SLO_CLASSES, SloClasses
+
 ENV_PREFIX = "ECOSERVE_"
 SECRET = {"secret": True}  # field metadata: environment or file only, never a flag's value
 
@@ -45,6 +47,10 @@ class SchedulerSettings:
     store_prompts: bool = True  # keep prompt text in the request store; False: token counts only
     http_max_body_bytes: int = 4 << 20  # a larger HTTP body is a 413, refused unread
     http_header_timeout_s: float = 10.0  # an HTTP request head not complete by then: closed
+    # Latency SLO classes (live/slo.py): JSON {name: {"ttft_ms", "tpot_ms", "deadline_ms"}}, and
+    # the class of a request that asks for none ("": such a request carries no SLO).
+    slo_classes: str = DEFAULT_SLO_CLASSES
+    default_slo_class: str = DEFAULT_SLO_CLASS
     log_level: str = "INFO"
 
     @classmethod
@@ -92,10 +98,18 @@ class SchedulerSettings:
                 "--model (or ECOSERVE_MODEL) is empty: give a registered name "
                 f"(default {DEFAULT_MODEL}), a .gguf file or a model directory"
             )
+        try:
+            settings.slo_table()
+        except ValueError as exc:
+            raise SystemExit(f"--slo-classes / --default-slo-class: {exc}") from None
         return settings
 
     def replace(self, **changes) -> SchedulerSettings:
         return dataclasses.replace(self, **changes)
+
+    def slo_table(self) -> SloClasses:
+        """The SLO classes these settings configure; ValueError saying what is wrong."""
+        return SloClasses.parse(self.slo_classes, self.default_slo_class)
 
 
 class _RefuseSecret(argparse.Action):

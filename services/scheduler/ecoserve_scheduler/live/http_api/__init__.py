@@ -44,6 +44,11 @@ boundaries, with finish_reason "stop"; the request is aborted in the engine at o
 that ends a request (EOS, a `stop_token_ids` id) adds no text. Streamed text is detokenized
 incrementally, so a character split across tokens arrives whole.
 
+The `ecoserve` body object is the request's latency SLO (live/slo.py): `slo_class` and/or
+`ttft_ms`, `tpot_ms`, `deadline_ms` (the `openai` client: `extra_body={"ecoserve": {...}}`),
+checked before admission (a 400 naming `ecoserve.<field>`); /metrics exports attainment per
+class (metrics.py).
+
 The response `id` is the request id ("cmpl-..." / "chatcmpl-..."), minted once here: the
 store's key, the gRPC GetRequest argument and the log field (choice i > 0 of an n-choice request
 is `<id>-<i>`).

@@ -32,7 +32,7 @@ def create_app(
     limits = limits or HttpLimits()
     app = FastAPI(title="EcoServe", version="0.1.0")
     pool = ThreadPoolExecutor(limits.start_threads, thread_name_prefix="http-start")
-    app.state.ecoserve = ApiContext(frontend, model_id, timeout_s, Metrics(), pool)
+    app.state.ecoserve = ApiContext(frontend, model_id, timeout_s, Metrics(frontend), pool)
     for module in (completions, chat, admin):
         app.include_router(module.router)
     app.add_exception_handler(RequestValidationError, _bad_request)

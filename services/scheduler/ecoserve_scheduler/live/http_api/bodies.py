@@ -3,9 +3,10 @@
 Each body declares every field of OpenAI's published request schema (openai-python's
 `completion_create_params` / `chat.completion_create_params`) plus vLLM's extensions that
 vLLM's users send (`top_k`, `stop_token_ids`, `ignore_eos`, `repetition_penalty`,
-`min_tokens`, `priority`). A field that is in neither is a 400 naming it ("unrecognized request
-argument", as OpenAI answers), never ignored: a client that asks for something this server does
-not do learns it at once instead of getting a silently different answer. Declared fields that we
+`min_tokens`, `priority`) and our own `ecoserve` object (the latency SLO). A field that is in
+none of these is a 400 naming it ("unrecognized request argument", as OpenAI answers), never
+ignored: a client that asks for something this server does not do learns it at once instead of
+getting a silently different answer. Declared fields that we
 do not support at all (tools, audio, structured output, ...) are typed here and refused with a
 reason when set to anything but their neutral value (fields.py); harmless metadata (`user`,
 `metadata`, `store` false, `service_tier` auto/default, `stream_options`, the prompt-cache hints,
@@ -48,6 +49,18 @@ class ResponseFormat(BaseModel):
     type: str
 
 
+class EcoserveFields(_Body):
+    """The `ecoserve` object: this server's own request options (OpenAI clients send it with
+    `extra_body={"ecoserve": {...}}`). The latency SLO: a class the server configures, and/or
+    explicit targets in milliseconds that override the class's (live/slo.py); a request that
+    gives none gets the server's default class. Ranges and class names: generation.slo_of."""
+
+    slo_class: str | None = None
+    ttft_ms: int | None = None
+    tpot_ms: int | None = None
+    deadline_ms: int | None = None
+
+
 class SamplingFields(_Body):
     """What completions and chat share: the sampling knobs and the call's options."""
 
@@ -76,6 +89,8 @@ class SamplingFields(_Body):
     repetition_penalty: float | None = None
     min_tokens: int | None = None
     priority: int | None = None  # vLLM's: lower runs first (fields.priority_of)
+    # ours: the latency SLO (EcoserveFields)
+    ecoserve: EcoserveFields | None = None
 
 
 class CompletionRequest(SamplingFields):

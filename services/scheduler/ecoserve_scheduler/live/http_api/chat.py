@@ -14,7 +14,16 @@ from ..frontend import GenerateParams
 from .bodies import ChatRequest
 from .edge import BadRequest
 from .fields import refuse_unsupported
-from .generation import Ctx, error, generate, options_of, sampling_of, stops_of, unknown_model
+from .generation import (
+    Ctx,
+    error,
+    generate,
+    options_of,
+    sampling_of,
+    slo_of,
+    stops_of,
+    unknown_model,
+)
 from .logprobs import LogprobText
 from .messages import check_size, render, template_messages
 from .schemas import ChatReply
@@ -25,6 +34,7 @@ router = APIRouter()
 @router.post("/v1/chat/completions")
 async def chat(body: ChatRequest, request: Request, ctx: Ctx):
     rid, created = new_request_id("chatcmpl-"), int(time.time())
+    received = ctx.frontend.clock()  # its SLO's TTFT and deadline count from here
     if (missing := unknown_model(ctx, body.model)) is not None:
         return missing
     # OpenAI's chat has no default cap: without one, the room the context leaves (vLLM's).
@@ -37,6 +47,7 @@ async def chat(body: ChatRequest, request: Request, ctx: Ctx):
         check_size(messages, ctx.frontend.limits.prompt_chars)
         options = options_of(body)
         stop = stops_of(body)
+        slo = slo_of(ctx, body)
         limit = ctx.frontend.limits.max_model_len
         sampling = sampling_of(body, limit if cap is None else cap)
     except BadRequest as e:
@@ -45,7 +56,13 @@ async def chat(body: ChatRequest, request: Request, ctx: Ctx):
     def build() -> GenerateParams:
         prompt = render(ctx.tokenizer, messages)
         return GenerateParams(
-            prompt=prompt, sampling=sampling, request_id=rid, stop=stop, fill_context=cap is None
+            prompt=prompt,
+            sampling=sampling,
+            request_id=rid,
+            stop=stop,
+            fill_context=cap is None,
+            slo=slo,
+            received_s=received,
         )
 
     asked = sampling.logprobs is not None

@@ -13,7 +13,16 @@ from ..frontend import GenerateParams
 from .bodies import CompletionRequest
 from .edge import BadRequest
 from .fields import refuse_unsupported
-from .generation import Ctx, error, generate, options_of, sampling_of, stops_of, unknown_model
+from .generation import (
+    Ctx,
+    error,
+    generate,
+    options_of,
+    sampling_of,
+    slo_of,
+    stops_of,
+    unknown_model,
+)
 from .logprobs import LogprobText
 from .schemas import CompletionReply
 
@@ -35,6 +44,7 @@ def prompt_of(body: CompletionRequest) -> tuple[str, tuple[int, ...]]:
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request, ctx: Ctx):
     rid, created = new_request_id("cmpl-"), int(time.time())
+    received = ctx.frontend.clock()  # its SLO's TTFT and deadline count from here
     if (missing := unknown_model(ctx, body.model)) is not None:
         return missing
     try:
@@ -42,11 +52,18 @@ async def completions(body: CompletionRequest, request: Request, ctx: Ctx):
         text, ids = prompt_of(body)
         options = options_of(body)
         stop = stops_of(body)
+        slo = slo_of(ctx, body)
         sampling = sampling_of(body, body.max_tokens)
     except BadRequest as e:
         return error(400, e.message, param=e.param)
     params = GenerateParams(
-        prompt=text, prompt_token_ids=ids, sampling=sampling, request_id=rid, stop=stop
+        prompt=text,
+        prompt_token_ids=ids,
+        sampling=sampling,
+        request_id=rid,
+        stop=stop,
+        slo=slo,
+        received_s=received,
     )
     asked = sampling.logprobs is not None
     reply = CompletionReply(

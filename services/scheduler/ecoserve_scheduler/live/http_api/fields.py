@@ -1,4 +1,5 @@
-"""Request fields this server declares but does not do, and the bounds of `n` and `priority`.
+"""Request fields this server declares but does not do, and the bounds of `n` and `priority`
+(and why `priority` is not an SLO class).
 
 A field OpenAI defines that we cannot honour is a 400 naming it whenever it asks for something
 (a non-empty `tools`, `response_format` json_schema, `best_of` 3, ...): silently ignoring it
@@ -106,13 +107,20 @@ def n_of(body: SamplingFields) -> int:
 
 
 def priority_of(body: SamplingFields) -> int:
-    """vLLM's `priority` (null: 0), bounded. The Frontend has no priority to pass it to yet, so
-    anything but 0 is refused, as vLLM refuses one when its priority scheduling is off."""
+    """vLLM's `priority` (null: 0), bounded; anything but 0 is refused, as vLLM refuses one
+    when its priority scheduling is off. It is not mapped onto SLO classes: vLLM's priority is
+    a strict rank (lower runs first, and preempts), while the ecoserve policy orders by SLO
+    slack; a priority turned into some class's latency targets would be neither, a different
+    answer than the client asked for. Latency is asked for with the `ecoserve` object."""
     p = 0 if body.priority is None else body.priority
     if abs(p) > MAX_PRIORITY:
         raise BadRequest(f"priority must be in [-2**31+1, 2**31-1] (got {p})", "priority")
     if p != 0:
-        raise BadRequest("priority scheduling is not supported (priority must be 0)", "priority")
+        raise BadRequest(
+            "priority scheduling is not supported (priority must be 0); ask for latency with "
+            "the ecoserve object: slo_class, ttft_ms, tpot_ms, deadline_ms",
+            "priority",
+        )
     return p
 
 

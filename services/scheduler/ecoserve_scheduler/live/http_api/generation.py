@@ -37,6 +37,7 @@ from ecoserve_common.sampling import (
 )
 
 from ..frontend import RETRY_AFTER_S, Frontend, GenerateParams, Rejected
+from ..slo import InvalidSlo, SloAsk
 from . import choices, output
 from .bodies import SamplingFields
 from .edge import BadRequest, error_body
@@ -124,6 +125,19 @@ def sampling_of(body: SamplingFields, max_tokens: int | None) -> SamplingParams:
     except InvalidSampling as e:
         field = param if e.field == "logprobs" else e.field  # the body's own name for it
         raise BadRequest(e.message, field) from None
+
+
+def slo_of(ctx: ApiContext, body: SamplingFields) -> SloAsk:
+    """The latency SLO the body's `ecoserve` object asks for, checked against the server's
+    classes now (a 400 before admission, naming `ecoserve.<field>`); the Frontend resolves it
+    again when the request starts (a class, its targets, the default class: live/slo.py)."""
+    e = body.ecoserve
+    ask = SloAsk() if e is None else SloAsk(e.slo_class, e.ttft_ms, e.tpot_ms, e.deadline_ms)
+    try:
+        ctx.frontend.slo_classes.resolve(ask)
+    except InvalidSlo as exc:
+        raise BadRequest(f"ecoserve.{exc.message}", f"ecoserve.{exc.field}") from None
+    return ask
 
 
 def stops_of(body: SamplingFields) -> tuple[str, ...]:

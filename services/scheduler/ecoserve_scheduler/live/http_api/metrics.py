@@ -1,10 +1,21 @@
-"""Prometheus series of one HTTP app, on its own registry (no global state)."""
+"""Prometheus series of one HTTP app, on its own registry (no global state).
+
+SLO attainment per class (live/slo.py), from the Frontend's counts, so requests of both APIs
+(gRPC and HTTP) count: `ecoserve_slo_requests_total{slo_class}` (requests with an SLO that
+ended, except those their client aborted), `ecoserve_slo_met_total{slo_class}`,
+`ecoserve_slo_missed_total{slo_class, target}` (target: ttft, tpot, deadline, failed; a request
+may miss several), `ecoserve_slo_attainment{slo_class}` (met / requests, once there is one) and
+`ecoserve_slo_target_seconds{slo_class, target}` (the configured targets). `slo_class` takes the
+configured class names and "custom" (explicit targets, no class) only: its cardinality is the
+configuration's. Attainment over a window: rate(met) / rate(requests).
+"""
 
 from __future__ import annotations
 
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from ..frontend import Frontend
 
@@ -12,8 +23,11 @@ from ..frontend import Frontend
 class Metrics:
     """Prometheus series of one app (own registry: no global state)."""
 
-    def __init__(self) -> None:
+    def __init__(self, frontend: Frontend | None = None) -> None:
+        """`frontend`: whose SLO counts to export (none without one)."""
         r = self.registry = CollectorRegistry()
+        if frontend is not None:
+            r.register(SloCollector(frontend))
         self.requests = Counter(
             "ecoserve_requests", "Finished requests", ["finish_reason"], registry=r
         )
@@ -77,3 +91,49 @@ class Metrics:
         self.pred_errors.set(p.failures)
         self.pred_latency.set(p.latency_s_total / p.calls if p.calls else 0.0)
         return generate_latest(self.registry)
+
+
+class SloCollector:
+    """The per-class SLO series, read from the Frontend's SloLedger at each scrape."""
+
+    def __init__(self, frontend: Frontend) -> None:
+        self.frontend = frontend
+
+    def collect(self):
+        classes = self.frontend.slo_classes
+        counts = self.frontend.slo_ledger.snapshot()
+        requests = CounterMetricFamily(
+            "ecoserve_slo_requests",
+            "Requests with a latency SLO that ended (not aborted by their client)",
+            labels=["slo_class"],
+        )
+        met = CounterMetricFamily(
+            "ecoserve_slo_met", "Requests that met their latency SLO", labels=["slo_class"]
+        )
+        missed = CounterMetricFamily(
+            "ecoserve_slo_missed",
+            "Requests that missed a target of their SLO (ttft, tpot, deadline, failed)",
+            labels=["slo_class", "target"],
+        )
+        attainment = GaugeMetricFamily(
+            "ecoserve_slo_attainment",
+            "Share of the requests with this SLO class that met it, since start",
+            labels=["slo_class"],
+        )
+        for name, row in counts.items():
+            requests.add_metric([name], row["requests"])
+            met.add_metric([name], row["met"])
+            for key, n in row.items():
+                if key.startswith("missed_"):
+                    missed.add_metric([name, key.removeprefix("missed_")], n)
+            if row["requests"]:
+                attainment.add_metric([name], row["met"] / row["requests"])
+        targets = GaugeMetricFamily(
+            "ecoserve_slo_target_seconds",
+            "Each configured SLO class's targets",
+            labels=["slo_class", "target"],
+        )
+        for name, t in classes.as_dict().items():
+            for key, seconds in t.items():
+                targets.add_metric([name, key.removesuffix("_s")], seconds)
+        yield from (requests, met, missed, attainment, targets)
