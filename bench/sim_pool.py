@@ -83,6 +83,3 @@ class _Progress:
     def stop(self) -> None:
         if self._bar is not None:
             self._bar.stop()
-
-
-# ---- the benchmark -------------------------------------------------------------------------

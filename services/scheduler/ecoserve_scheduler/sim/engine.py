@@ -54,6 +54,8 @@ class SimConfig:
     # TTFT/TPOT SLO (DistServe's kind) instead of the JCT one when either is set (seconds).
     slo_ttft_s: float | None = None
     slo_tpot_s: float | None = None
+    # Per-request (ttft_s, tpot_s), request i taking entry i: SLO classes (sweep.SloSpec).
+    slo_per_request: tuple[tuple[float | None, float | None], ...] | None = None
     bucket_edges: tuple[int, ...] = DEFAULT_EDGES
     drain_s: float = 3600.0  # stop this long after the last arrival; unfinished = SLO missed
     seed: int = 0
@@ -83,7 +85,8 @@ def make_request(
 ) -> Request:
     prompt = min(rec.prompt_tokens, max_model_len - 1)
     pred = rl_model.predict(rec, rng)
-    ttft, tpot = cfg.slo_ttft_s, cfg.slo_tpot_s
+    per = cfg.slo_per_request
+    ttft, tpot = per[i] if per is not None else (cfg.slo_ttft_s, cfg.slo_tpot_s)
     if ttft is None and tpot is None:
         unloaded = cost.unloaded_jct(prompt, rec.output_tokens)
         slo_jct = rec.slo_jct_s if rec.slo_jct_s is not None else cfg.slo_k * unloaded

@@ -69,9 +69,13 @@ class RunMetrics:
     mean_norm_latency_s: float
     kv_reserved_share: float  # blocks reserved / total, time-weighted over iterations
     kv_written_share: float  # tokens written / tokens of reserved blocks, time-weighted
+    kv_reserved_share_max: float  # the largest blocks reserved / total at any iteration
+    kv_used_share: float  # tokens written / KV capacity in tokens, time-weighted
+    kv_used_share_max: float
     compute_util: float  # tokens per iteration / token budget
     iterations: int
-    preemptions: int
+    preemptions: int  # preemption events
+    preempted_requests: int  # requests preempted at least once
     extensions: int
     loans: int
     guest_moves: int
@@ -91,6 +95,32 @@ def _mean(xs) -> float:
     return float(np.mean(xs)) if len(xs) else float("nan")
 
 
+def _mean_or_zero(xs, weights) -> float:
+    """Weighted mean; 0.0 when there is nothing to average (or no weight per value)."""
+    if not len(xs) or len(xs) != len(weights):
+        return 0.0
+    return float(np.average(xs, weights=weights))
+
+
+def meets(
+    m: RequestMetrics,
+    jct_s: float | None = None,
+    ttft_s: float | None = None,
+    tpot_s: float | None = None,
+) -> bool:
+    """Whether a finished request's latencies are within the given bounds (None: no bound),
+    judged as `RequestMetrics.of` judges the SLO a run carried: JCT <= jct_s (up to 1e-9 s),
+    TTFT <= ttft_s, and TPOT <= tpot_s when it has a TPOT (one output token has none). So one
+    run of a policy that never reads the SLO can be scored under several SLO definitions."""
+    if not m.finished or m.jct_s is None:
+        return False
+    if jct_s is not None and m.jct_s > jct_s + 1e-9:
+        return False
+    if ttft_s is not None and (m.ttft_s is None or m.ttft_s > ttft_s):
+        return False
+    return tpot_s is None or m.tpot_s is None or m.tpot_s <= tpot_s
+
+
 def summarize(requests: list[Request], sim, core, end_s: float, budget: int) -> RunMetrics:
     per = [RequestMetrics.of(r) for r in requests]
     fin = [m for m in per if m.finished]
@@ -101,6 +131,11 @@ def summarize(requests: list[Request], sim, core, end_s: float, budget: int) -> 
     ttft = [m.ttft_s for m in per if m.ttft_s is not None]
     tpot = [m.tpot_s for m in fin if m.tpot_s is not None]
     w = np.asarray(sim.iter_time) if sim.iter_time else np.ones(1)
+    # Tokens written / capacity per step = reserved share x written share (same step); a
+    # simulator that logs no written share (DistServe) gets 0.
+    used: list[float] = []
+    if len(sim.kv_written) == len(sim.kv_reserved):
+        used = [r * x for r, x in zip(sim.kv_reserved, sim.kv_written, strict=True)]
     c = core.counters
     return RunMetrics(
         requests=len(per),
@@ -120,9 +155,13 @@ def summarize(requests: list[Request], sim, core, end_s: float, budget: int) -> 
         mean_norm_latency_s=_mean([m.normalized_latency_s for m in fin if m.normalized_latency_s]),
         kv_reserved_share=float(np.average(sim.kv_reserved, weights=w)) if sim.kv_reserved else 0.0,
         kv_written_share=float(np.average(sim.kv_written, weights=w)) if sim.kv_written else 0.0,
+        kv_reserved_share_max=float(max(sim.kv_reserved, default=0.0)),
+        kv_used_share=_mean_or_zero(used, w),
+        kv_used_share_max=float(max(used, default=0.0)),
         compute_util=_mean(sim.iter_tokens) / budget if sim.iter_tokens else 0.0,
         iterations=len(sim.iter_time),
         preemptions=c.preemptions,
+        preempted_requests=sum(1 for m in per if m.preemptions),
         extensions=c.extensions,
         loans=c.loans,
         guest_moves=c.guest_moves,
