@@ -182,12 +182,24 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ecoserve", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("compare", help="simulate policies on a trace and print a table")
-    c.add_argument("--trace", default="sharegpt", help="sharegpt | azure_conv | alpaca | synthetic")
-    c.add_argument("--policies", default="ecoserve,vllm", help="comma-separated policy names")
+    c.add_argument(
+        "--trace",
+        default="sharegpt",
+        help="sharegpt | sharegpt_long | sharegpt_multiturn | azure_conv | alpaca | synthetic",
+    )
+    c.add_argument(
+        "--policies",
+        default="ecoserve,vllm",
+        help="comma-separated: ecoserve, vllm, vllm-v0, sarathi, orca, sjf",
+    )
     c.add_argument("--rates", type=float, nargs="+", default=[2.0, 4.0, 8.0], help="req/s")
     c.add_argument("--n", type=int, default=1000, help="requests per run")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--profile", default="llama-2-7b_a100-80gb")
+    c.add_argument(
+        "--profile",
+        default="llama-2-7b_a100-80gb",
+        help="llama-2-{7b,13b}_{a100-80gb,a100-40gb,h100-80gb}",
+    )
     c.add_argument("--rl-model", default="noisy", help="oracle | noisy | alpaca")
     c.add_argument("--slo-k", type=float, default=5.0, help="JCT SLO = k x unloaded JCT")
     c.add_argument("--workers", type=int, default=1)
