@@ -36,9 +36,9 @@ REPO = Path(__file__).resolve().parent.parent
 for sub in ("services/scheduler", "services/worker", "services/predictor", "sdk"):
     sys.path.insert(0, str(REPO / sub))
 
-from ecoserve_client import Client, EcoServeError  # noqa: E402
+from ecoserve_client import Client  # noqa: E402
 from ecoserve_common.models import DEFAULT_MODEL  # noqa: E402
-from ecoserve_stack.demo import build_parser, replay, summarize, timing, workload  # noqa: E402
+from ecoserve_stack.demo import build_parser, replay, summarize, workload  # noqa: E402
 from ecoserve_stack.launcher import free_port, start_stack, stop_all  # noqa: E402
 
 
@@ -59,42 +59,6 @@ def assign_classes(n: int, classes: list[str], share: float, seed: int) -> list[
     names = [classes[0]] * first + [classes[1]] * (n - first)
     random.Random(seed).shuffle(names)
     return names
-
-
-def replay_classes(address: str, items, names: list[str], rate: float, seed: int) -> list[dict]:
-    """demo.replay with each request asking for its SLO class (`names[i]`): Poisson arrivals,
-    one thread per request, client-side timings (demo.timing) plus the class."""
-    rng = random.Random(seed)
-    results: list[dict] = [{} for _ in items]
-    client = Client(address, timeout_s=600)
-
-    def one(i: int, prompt: str, n: int) -> None:
-        t0, first, tokens, reason = time.perf_counter(), None, 0, ""
-        try:
-            for chunk in client.generate(prompt, max_tokens=n, ignore_eos=True, slo_class=names[i]):
-                if chunk.token_ids and first is None:
-                    first = time.perf_counter()
-                tokens += len(chunk.token_ids)
-                reason = chunk.finish_reason
-            results[i] = timing(reason, tokens, t0, first, time.perf_counter())
-        except EcoServeError as e:
-            results[i] = {"ok": False, "error": str(e)}
-        results[i]["slo_class"] = names[i]
-
-    threads = []
-    start, at = time.perf_counter(), 0.0
-    for i, (prompt, n) in enumerate(items):
-        at += rng.expovariate(rate)
-        delay = start + at - time.perf_counter()
-        if delay > 0:
-            threading.Event().wait(delay)
-        t = threading.Thread(target=one, args=(i, prompt, n))
-        t.start()
-        threads.append(t)
-    for t in threads:
-        t.join()
-    client.close()
-    return results
 
 
 def met_class(r: dict, targets: dict) -> bool:
@@ -180,7 +144,7 @@ def run_policy(policy: str, rates: list[float], a) -> dict:
             sampler.start()
             t0 = time.perf_counter()
             if two_class:
-                results = replay_classes(stack.grpc_address, items, names, rate, args.seed)
+                results = replay(stack.grpc_address, items, rate, args.seed, slo_classes=names)
             else:
                 results = replay(stack.grpc_address, items, rate, args.seed)
             elapsed = time.perf_counter() - t0

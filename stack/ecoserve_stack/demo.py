@@ -78,7 +78,12 @@ def timing(reason, tokens: int, t0: float, first: float | None, end: float) -> d
     }
 
 
-def replay(address: str, items, rate: float, seed: int, progress=None) -> list[dict]:
+def replay(
+    address: str, items, rate: float, seed: int, progress=None, slo_classes=None
+) -> list[dict]:
+    """Send `items` (prompt, max_tokens) at Poisson `rate` arrivals, one thread per request;
+    client-side timings per request (`timing`). `slo_classes`: each request's SLO class name,
+    asked for and recorded (bench/live.py's two-class workload)."""
     from ecoserve_client import Client, EcoServeError
 
     rng = random.Random(seed)
@@ -88,9 +93,10 @@ def replay(address: str, items, rate: float, seed: int, progress=None) -> list[d
     def one(i: int, prompt: str, n: int) -> None:
         t0 = time.perf_counter()
         first = None
+        slo = {} if slo_classes is None else {"slo_class": slo_classes[i]}
         try:
             tokens = 0
-            for chunk in client.generate(prompt, max_tokens=n, ignore_eos=True):
+            for chunk in client.generate(prompt, max_tokens=n, ignore_eos=True, **slo):
                 if chunk.token_ids and first is None:
                     first = time.perf_counter()
                 tokens += len(chunk.token_ids)
@@ -99,6 +105,7 @@ def replay(address: str, items, rate: float, seed: int, progress=None) -> list[d
             results[i] = timing(reason, tokens, t0, first, end)
         except EcoServeError as e:
             results[i] = {"ok": False, "error": str(e)}
+        results[i].update(slo)
         if progress:
             progress()
 
