@@ -50,13 +50,24 @@ class SloGuard:
             # A strided sample of at most ~128 requests estimates the quantile well enough and
             # keeps this O(1) per step however large the batch.
             for r in decoding[:: max(1, len(decoding) // 128)]:
-                left = r.slo.jct_deadline_s - now
+                left = self.time_left(r, now)
                 if 0.0 < left < INF:  # past-deadline requests are lost: they set no pace
                     paces.append(left / max(1, r.predicted_rl - len(r.output_token_ids)))
             paces.sort()
             target = paces[int(self.config.guard_quantile * len(paces))] if paces else INF
         self._step_target[wid] = (n + 1, target)
         return target
+
+    @staticmethod
+    def time_left(r: Request, now: float) -> float:
+        """What a decoding request may still take. With a TPOT target and its first token out,
+        only TPOT can still be missed: first token + tpot x (predicted outputs - 1), whenever
+        that first token came. (Pacing such a request by its JCT deadline, which counts a late
+        first token against every later one, throttled prefills and so other requests' first
+        tokens: the guard made EcoServe miss TTFT targets that vLLM met.)"""
+        if r.slo.tpot_s is not None and r.first_token_s is not None:
+            return r.first_token_s + r.slo.tpot_s * max(0, r.predicted_rl - 1) - now
+        return r.slo.jct_deadline_s - now
 
     def prefill_budget(self, step: Step) -> int:
         """Prefill gets what the target step time leaves once the decodes are in."""
