@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sim_report import TARGET
+from sim_report import SWEEP_TRACES, TARGET
 
 
 def plots(out: Path, summary: dict, jcts: dict, cdf_rates: dict, policies) -> list[str]:
@@ -66,6 +66,8 @@ def plots(out: Path, summary: dict, jcts: dict, cdf_rates: dict, policies) -> li
         save(fig, f"slo_attainment_vs_rate_{trace}.png")
 
     for trace, rate in cdf_rates.items():
+        if trace not in SWEEP_TRACES:  # the derived ShareGPT workloads: their tables suffice
+            continue
         series = {p: jcts[(trace, p)] for p in order if (trace, p) in jcts}
         if not series:
             continue

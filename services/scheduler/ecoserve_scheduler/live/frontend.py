@@ -62,32 +62,15 @@ from ..store import is_duplicate
 from .engine import LiveEngine, RequestHandle
 from .engine_client import EngineClient
 from .follow import Follow, Piece, TextFollow
+from .limits import ApiLimits, Rejected, length_problem, prompt_ids
 from .prediction import PredictorClient
 from .slo import RequestSlo, SloAsk, SloClasses, SloLedger
 
 log = logging.getLogger(__name__)
 
+__all__ = ["Admission", "ApiLimits", "Frontend", "GenerateParams", "Rejected"]
+
 RETRY_AFTER_S = 1.0
-CHARS_PER_TOKEN_LIMIT = 32  # a text prompt over this many characters per context token is refused
-
-
-@dataclass(frozen=True)
-class ApiLimits:
-    max_model_len: int = 4096  # prompt + max_tokens
-    max_pending: int = 1024  # requests in the system before new ones are refused
-    vocab_size: int | None = None  # token ids must be below it when known
-    # Characters of a text prompt, checked before it is tokenized; None: the model's context
-    # times CHARS_PER_TOKEN_LIMIT (far above any real text's few characters per token).
-    max_prompt_chars: int | None = None
-    # False: with no worker registered a request is refused at once ("unavailable": HTTP 503,
-    # gRPC UNAVAILABLE) instead of waiting silently for one; True: it is queued until one comes.
-    queue_without_workers: bool = False
-
-    @property
-    def prompt_chars(self) -> int:
-        if self.max_prompt_chars is not None:
-            return self.max_prompt_chars
-        return self.max_model_len * CHARS_PER_TOKEN_LIMIT
 
 
 @dataclass(frozen=True)
@@ -107,18 +90,6 @@ class GenerateParams:
     # When the edge received the request, on the Frontend's clock (None: when `start` runs):
     # the SLO's deadline and the TTFT it counts run from here.
     received_s: float | None = None
-
-
-class Rejected(Exception):
-    """A request refused before it ran: code "invalid", "exhausted", "unavailable" (no worker)
-    or "exists"; `param` names
-    the request field at fault where one is (an OpenAI 400's `param`)."""
-
-    def __init__(self, code: str, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.param = param
 
 
 class Admission:
@@ -199,7 +170,7 @@ class Frontend:
             if p.fill_context:
                 room = max(1, self.limits.max_model_len - len(ids))
                 sampling = replace(sampling, max_tokens=max(room, sampling.min_tokens))
-            problem = self._check_length(len(ids), sampling.max_tokens)
+            problem = length_problem(self.limits, len(ids), sampling.max_tokens)
             if problem:
                 raise Rejected("invalid", problem)
             if not self.limits.queue_without_workers and not self.engine.worker_ids():
@@ -400,37 +371,6 @@ class Frontend:
         log.warning("store %s of request %r failed: %s: %s", verb, rid, type(exc).__name__, first)
 
     def prompt_ids(self, p: GenerateParams) -> list[int]:
-        """The prompt's token ids, checked (text or ids, not both; non-empty; within the
-        character, length and vocabulary limits). Raises Rejected("invalid", ...). An edge
-        that starts one prompt several times (n choices) tokenizes once with it."""
-        if p.prompt and p.prompt_token_ids:
-            raise Rejected("invalid", "give prompt or prompt_token_ids, not both", "prompt")
-        limits = self.limits
-        if p.prompt_token_ids:
-            if len(p.prompt_token_ids) > limits.max_model_len:
-                raise Rejected("invalid", self._too_long(len(p.prompt_token_ids)), "prompt")
-            ids = [int(t) for t in p.prompt_token_ids]
-            vocab = limits.vocab_size
-            if vocab is not None and (max(ids) >= vocab or min(ids) < 0):
-                raise Rejected("invalid", f"token ids must be in [0, {vocab})", "prompt")
-            return ids
-        if not p.prompt.strip():
-            raise Rejected("invalid", "empty prompt", "prompt")
-        if len(p.prompt) > limits.prompt_chars:
-            raise Rejected(
-                "invalid",
-                f"prompt has {len(p.prompt)} characters; at most {limits.prompt_chars}",
-                "prompt",
-            )
-        return self.tokenizer.encode(p.prompt)
-
-    def _too_long(self, prompt_len: int) -> str:
-        return f"prompt ({prompt_len} tokens) exceeds the model's {self.limits.max_model_len}"
-
-    def _check_length(self, prompt_len: int, max_tokens: int) -> str | None:
-        if prompt_len + max_tokens > self.limits.max_model_len:
-            return (
-                f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the model's "
-                f"{self.limits.max_model_len}"
-            )
-        return None
+        """The prompt's token ids, checked (limits.prompt_ids). An edge that starts one prompt
+        several times (n choices) tokenizes once with it."""
+        return prompt_ids(self.limits, self.tokenizer, p.prompt, p.prompt_token_ids)
