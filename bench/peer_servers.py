@@ -129,4 +129,11 @@ def engine_counters(grpc_address: str):
     from ecoserve_common.pb import scheduler_pb2_grpc as pb_grpc
 
     stub = pb_grpc.SchedulerStub(grpc.insecure_channel(grpc_address))
-    return lambda: json.loads(stub.Stats(pb.StatsRequest(), timeout=5).json)["engine"]
+    # The engine's counters and the core's (admissions, preemptions, overcommits, loans...).
+    core = ("admitted", "preemptions", "extensions", "loans", "overcommits", "guest_moves")
+
+    def counters() -> dict:
+        stats = json.loads(stub.Stats(pb.StatsRequest(), timeout=5).json)
+        return {**stats["engine"], **{k: stats[k] for k in core if k in stats}}
+
+    return counters

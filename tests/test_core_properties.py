@@ -205,6 +205,7 @@ ecoserve_options = st.fixed_dictionaries(
         "slo_guard": st.booleans(),
         "guard_min_prefill": st.sampled_from([0, 1, 8, 256]),
         "guard_every": st.sampled_from([1, 8]),
+        "overcommit_share": st.sampled_from([0.0, 0.5, 2.0]),
     }
 )
 
@@ -227,7 +228,11 @@ def run_core_property(policy_name, eco, requests, workers, seed, abort_share, er
             prompt_len=prompt,
             arrival_s=t,
             sampling=SamplingParams(max_tokens=max(1, true_len + dmax)),
-            slo=SLO(jct_deadline_s=math.inf if deadline is None else t + deadline),
+            # A request with a deadline also has a TTFT target: EcoServe may overcommit for it.
+            slo=SLO(
+                jct_deadline_s=math.inf if deadline is None else t + deadline,
+                ttft_s=None if deadline is None else deadline / 4,
+            ),
             eos_token_id=EOS,
             predicted_rl=predicted,
             predicted_rl_upper=max(predicted, round(predicted * upper)),

@@ -1,5 +1,8 @@
 """Admissions: waiting requests join the step being built, in queue order, while they fit.
 
+`reserve` admits one: its reservation from free blocks, else on a loan (KVCPipe), else, if the
+policy overcommits, on demand with blocks taken from running reservations' unwritten tails.
+
 Step 4 of `SchedulerCore.schedule` (core/scheduler.py), kept here so that a policy may also run
 it first: a prefill-first policy (vLLM v0, `Policy.prefill_first`) admits before any decode is
 scheduled, and a step that admits a prompt runs prompts alone.
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .request import Request, Status
 from .step import Step
 
 if TYPE_CHECKING:
@@ -33,9 +37,78 @@ def admit(core: SchedulerCore, step: Step, budget: int | None = None) -> bool:
         if not policy.budget.admits(step, head):
             break  # the policy's budget refuses it (e.g. the SLO guard, a whole-prompt rule)
         step.context_tokens += head.prompt_len
-        if not core._reserve(step, head, n):
+        if not reserve(core, step, head, n):
             break  # head of line waits: later requests must not overtake it
     return bool(step.prefills)
 
 
-__all__ = ["admit"]
+def reserve(core: SchedulerCore, step: Step, r: Request, n: int) -> bool:
+    """Admit r into this worker if its admission reservation fits; False to stop admitting.
+
+    The reservation is capped at what one sequence may hold; a request whose next token
+    cannot fit on any worker fails, one that fits only another worker waits for it."""
+    policy, ledger = core.policy, step.ledger
+    need = max(r.num_computed + n, r.num_tokens + 1 if n == r.pending else 0)
+    cap = policy.capacity_tokens(ledger)
+    if need > cap:
+        if any(need <= policy.capacity_tokens(o.ledger) for o in core.workers.values()):
+            return False
+        policy.queue.pop(r)
+        core.unwait(r)
+        step.events.append(
+            core._fail(r, step.now, "failed: needs more KV cache than any worker has")
+        )
+        return True
+    blocks = ledger.blocks_for(min(max(policy.admission.admission_tokens(r, n), need), cap))
+    headroom = int(policy.admission.headroom_share * ledger.num_blocks)
+    if ledger.can_allocate(blocks + headroom):
+        ledger.allocate(r.request_id, blocks)
+    elif policy.lending.lend(step, r, blocks):
+        core.counters.loans += 1
+    elif policy.admission.overcommits(step, r) and take_tails(
+        step, (now_blocks := ledger.blocks_for(need)) + headroom
+    ):
+        ledger.allocate(r.request_id, now_blocks)
+        r.on_demand = True
+        core.counters.overcommits += 1
+    else:
+        return False
+    policy.queue.pop(r)
+    r.status, r.worker_id = Status.RUNNING, step.spec.worker_id
+    r.output_cap = min(r.sampling.max_tokens, step.spec.max_model_len - r.prompt_len)
+    if r.admitted_s is None:
+        r.admitted_s = step.now
+    step.running[r.request_id] = r
+    core.unwait(r)
+    core.counters.admitted += 1
+    step.run(r, n)
+    return True
+
+
+def take_tails(step: Step, blocks: int) -> bool:
+    """Free `blocks` for an overcommitting admission from the unwritten tails of running
+    reservations, longest tail first, each kept one block past what it has written (it grows
+    on demand from then on, and preempts a victim if the bet loses)."""
+    ledger = step.ledger
+    # Below zero when extensions have dipped into the reserve pool: that comes back first.
+    short = blocks - (ledger.num_free_total - ledger.reserve_blocks)
+    if short <= 0:
+        return True
+    tails = sorted(
+        (len(ledger.table(rid)) - ledger.blocks_for(ledger.written(rid) + 1), rid)
+        for rid in step.running
+        if not ledger.is_guest(rid) and not ledger.guests_of(rid)  # loans stay as they are
+    )
+    tails.reverse()
+    if sum(t for t, _ in tails if t > 0) < short:
+        return False
+    for tail, rid in tails:
+        if short <= 0 or tail <= 0:
+            break
+        keep = len(ledger.table(rid)) - min(tail, short)
+        short -= ledger.trim(rid, keep)
+        step.running[rid].on_demand = True
+    return ledger.can_allocate(blocks)
+
+
+__all__ = ["admit", "reserve", "take_tails"]

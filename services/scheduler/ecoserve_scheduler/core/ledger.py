@@ -169,6 +169,21 @@ class KVLedger:
         self._relimit(seq_id)
         return True
 
+    def trim(self, seq_id: str, n_blocks: int) -> int:
+        """Shorten an owner's table to `n_blocks` (never below what it has written), freeing the
+        unwritten tail; returns the blocks freed. An owner with guests keeps its table."""
+        if seq_id in self._loans or self._guests.get(seq_id):
+            return 0
+        table = self._tables[seq_id]
+        keep = max(n_blocks, self.blocks_for(self._written[seq_id]))
+        if keep >= len(table):
+            return 0
+        tail = table[keep:]
+        del table[keep:]
+        self._free.extend(reversed(tail))
+        self._relimit(seq_id)
+        return len(tail)
+
     def advance(self, seq_id: str, tokens: int) -> None:
         """Record that the sequence now holds `tokens` tokens (positions [0, tokens))."""
         if tokens > self.writable(seq_id):

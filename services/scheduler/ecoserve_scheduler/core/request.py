@@ -59,6 +59,9 @@ class Request:
     finish_reason: str | None = None
     preemptions: int = 0
     extensions: int = 0
+    # Running without a full reservation (overcommitted, or its tail taken by one): it grows by
+    # what it needs, as vLLM's requests do, until preempted. Core-owned like the progress.
+    on_demand: bool = False
 
     def __post_init__(self) -> None:
         if self.prompt_len <= 0:

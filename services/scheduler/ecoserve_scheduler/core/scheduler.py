@@ -46,6 +46,7 @@ class SchedulerCore:
         self.requests: dict[str, Request] = {}
         self.counters = Counters()
         self.num_waiting = 0
+        self.num_requeued = 0  # of the waiting, those preempted (a policy may let them first)
         self.iter_time_ema_s = 0.0  # measured from schedule->update, seeds slack estimates
         self._step_ids = 0
         self._step_failures: dict[str, int] = {}
@@ -84,13 +85,18 @@ class SchedulerCore:
         if r is None or r.status.done:
             return []
         if r.status is Status.WAITING:
-            self.num_waiting -= 1  # the queue drops it lazily
+            self.unwait(r)  # the queue drops it lazily
         else:
             self._release(r)
         r.status, r.finished_s, r.finish_reason = Status.ABORTED, now, "aborted"
         self.counters.aborted += 1
         self._forget(r)
         return [FinishEvent(request_id, "aborted")]
+
+    def unwait(self, r: Request) -> None:
+        """r leaves the waiting requests (admitted, failed or aborted)."""
+        self.num_waiting -= 1
+        self.num_requeued -= r.preemptions > 0
 
     def release(self, request_id: str) -> None:
         """Forget a finished request (the shell calls this once it has reported it)."""
@@ -111,6 +117,7 @@ class SchedulerCore:
         if w.in_flight is not None:
             raise RuntimeError(f"worker {worker_id} already has step {w.in_flight.step_id} out")
         policy, step = self.policy, Step(w, now, self.iter_time_ema_s, self.workers)
+        step.requeued = self.num_requeued
         policy.queue.begin_step()
         # 1. KVCPipe: a host about to write into its loan first has the guest moved away.
         ledger, lookahead = w.ledger, policy.lending.collision_lookahead
@@ -148,42 +155,6 @@ class SchedulerCore:
         )
         w.in_flight, w.in_flight_reqs, w.sent_s = plan, step.decode_reqs, now
         return ScheduleOutput(plan, step.events)
-
-    def _reserve(self, step: Step, r: Request, n: int) -> bool:
-        """Admit r into this worker if its admission reservation fits; False to stop admitting.
-
-        The reservation is capped at what one sequence may hold; a request whose next token
-        cannot fit on any worker fails, one that fits only another worker waits for it."""
-        policy, ledger = self.policy, step.ledger
-        need = max(r.num_computed + n, r.num_tokens + 1 if n == r.pending else 0)
-        cap = policy.capacity_tokens(ledger)
-        if need > cap:
-            if any(need <= policy.capacity_tokens(o.ledger) for o in self.workers.values()):
-                return False
-            policy.queue.pop(r)
-            self.num_waiting -= 1
-            step.events.append(
-                self._fail(r, step.now, "failed: needs more KV cache than any worker has")
-            )
-            return True
-        blocks = ledger.blocks_for(min(max(policy.admission.admission_tokens(r, n), need), cap))
-        headroom = int(policy.admission.headroom_share * ledger.num_blocks)
-        if ledger.can_allocate(blocks + headroom):
-            ledger.allocate(r.request_id, blocks)
-        elif policy.lending.lend(step, r, blocks):
-            self.counters.loans += 1
-        else:
-            return False
-        policy.queue.pop(r)
-        r.status, r.worker_id = Status.RUNNING, step.spec.worker_id
-        r.output_cap = min(r.sampling.max_tokens, step.spec.max_model_len - r.prompt_len)
-        if r.admitted_s is None:
-            r.admitted_s = step.now
-        step.running[r.request_id] = r
-        self.num_waiting -= 1
-        self.counters.admitted += 1
-        step.run(r, n)
-        return True
 
     def _make_room(self, step: Step, r: Request, tokens: int) -> bool:
         """Make r's writable region hold `tokens`; False if r had to be preempted or failed."""
@@ -366,10 +337,11 @@ class SchedulerCore:
     def _preempt(self, r: Request, now: float, reason: str) -> PreemptEvent:
         """Recompute preemption: drop r's KV; it waits again with its outputs kept."""
         self._release(r)
-        r.status, r.num_computed = Status.WAITING, 0
+        r.status, r.num_computed, r.on_demand = Status.WAITING, 0, False
         r.preemptions += 1
         self.counters.preemptions += 1
         self.num_waiting += 1
+        self.num_requeued += 1
         self.policy.queue.requeue(r, now, self.iter_time_ema_s)
         return PreemptEvent(r.request_id, reason)
 

@@ -44,6 +44,7 @@ class Counters:
     preemptions: int = 0
     extensions: int = 0
     loans: int = 0
+    overcommits: int = 0  # admissions on demand beyond the reservations (EcoServe)
     guest_moves: int = 0
     guest_preemptions: int = 0
     steps: int = 0

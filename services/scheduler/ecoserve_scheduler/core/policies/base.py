@@ -64,6 +64,10 @@ class Admission(Protocol):
     def growth_tokens(self, r: Request, need: int) -> int:
         """Tokens r's table should cover when it must hold `need`."""
 
+    def overcommits(self, step: Step, r: Request) -> bool:
+        """Whether r, whose reservation neither fits nor borrows, may still join on demand
+        (holding only what its first chunk needs, growing later like vLLM's)."""
+
 
 class StepBudget(Protocol):
     @property
@@ -142,6 +146,9 @@ class OnDemand:
 
     def growth_tokens(self, r: Request, need: int) -> int:
         return need
+
+    def overcommits(self, step: Step, r: Request) -> bool:
+        return False  # admission_tokens is already what r needs (or the policy's fixed rule)
 
 
 @dataclass(frozen=True)

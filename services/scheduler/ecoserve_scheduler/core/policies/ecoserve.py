@@ -1,6 +1,7 @@
 """EcoServe: a composition of five components, each a small module with its own config.
 
-* (a) reservation.py  exact reservation of the padded predicted length   (`Admission`)
+* (a) reservation.py  exact reservation of the padded predicted length, overcommitted for
+                      first tokens with a TTFT target when the cache is full (`Admission`)
 * (b) lending.py      KVC pipelining: lend unused reservation tails       (`Lending`)
 * (c) groups.py       time-synced groups of same-bucket requests          (the waiting queue)
 * (d) slack.py        SLO-slack ordering with a late queue; slack victims (`QueueOrder`, `Victims`)
