@@ -54,7 +54,7 @@ from sim_grid import (  # noqa: E402
 from sim_plots import plots as _plots  # noqa: E402
 from sim_pool import _Progress, _Runner  # noqa: E402
 from sim_report import (  # noqa: E402,F401
-    ABLATION_TRACE,
+    ABLATION_CELLS,
     ABLATIONS,
     BASELINE,
     CORE_POLICIES,
@@ -225,9 +225,16 @@ def run_bench(cfg: BenchConfig, out: str | Path) -> dict:
     }
     if cfg.sweep:
         summary["sweep"] = {"profile": primary, "traces": got["sweep"]}
-    abl_cell = [c for c in got["cells"] if c.primary and c.trace == ABLATION_TRACE]
-    if cfg.ablation and abl_cell and abl_cell[0].common is not None:
-        summary["ablation"] = ablation_summary(abl_cell[0], got["ablation"])
+    ablations = []
+    for a_trace, a_profile, slo in ABLATION_CELLS if cfg.ablation else ():
+        for c in got["cells"]:
+            here = c.profile == a_profile if a_profile else c.primary
+            abl = got["ablation"].get((c.trace, c.profile))
+            if here and c.trace == a_trace and c.common is not None and abl:
+                ablations.append(ablation_summary(c, abl, slo))
+    if ablations:
+        summary["ablation"] = ablations[0]  # the compute-bound one, as before
+        summary["ablations"] = ablations
     if cfg.plots:
         cdf = {c.trace: c.common for c in got["cells"] if c.primary and c.common is not None}
         summary["machine"]["plots"] = _plots(out, summary, got["jcts"], cdf, cfg.policies)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 from sim_report import (
-    ABLATION_TRACE,
+    ABLATION_CELLS,
     ABLATIONS,
     BASELINE,
     RATIO_PAIRS,
@@ -191,14 +191,18 @@ def run_grid(cfg, runner, progress) -> dict[str, Any]:
                         scs = {s: c.scs[s] for s in slos}
                         key = ("sweep", c.trace, c.profile, p, ",".join(slos), r)
                         runner.submit(key, run_task, scs, name, opts, r, False)
-        abl = c.primary and c.trace == ABLATION_TRACE and "jct" in c.scs
-        if cfg.ablation and abl and "ecoserve" in c.policies:
+        for a_trace, a_profile, slo in ABLATION_CELLS:
+            here = c.profile == a_profile if a_profile else c.primary
+            if not (cfg.ablation and here and c.trace == a_trace and slo in c.scs):
+                continue
+            if "ecoserve" not in c.policies:
+                continue
             oracle = VARIANTS["ecoserve-oracle"][1]
             for vname, opts in ABLATIONS.items():
                 if not opts or (opts == oracle and "ecoserve-oracle" in c.policies):
                     continue  # the ecoserve and ecoserve-oracle columns
-                args = ({"jct": c.scs["jct"]}, "ecoserve", opts, {"jct": c.base.get("jct")})
-                key = ("ablation", c.trace, c.profile, vname)
+                args = ({slo: c.scs[slo]}, "ecoserve", opts, {slo: c.base.get(slo)})
+                key = ("ablation", c.trace, c.profile, vname, slo)
                 runner.submit(key, search_task, *args, params, (c.common,), None)
 
     while runner:
@@ -231,7 +235,8 @@ def run_grid(cfg, runner, progress) -> dict[str, Any]:
                 m = {**payload["metrics"], **payload["evals"][s]}
                 sweep[trace][s].setdefault(p, {})[f"{r:.6g}"] = m
         elif kind == "ablation":
-            ablation[key[3]] = {**payload["searches"]["jct"], "runs": payload["runs"]}
+            got = {**payload["searches"][key[4]], "runs": payload["runs"]}
+            ablation.setdefault((trace, profile), {})[key[3]] = got
     return {
         "cells": cells,
         "skipped": skipped,
@@ -291,9 +296,9 @@ def cell_summary(c: Cell) -> dict:
     return out
 
 
-def ablation_summary(c: Cell, abl: dict) -> dict:
-    e = c.got.get(("ecoserve", "jct"))
-    o = c.got.get(("ecoserve-oracle", "jct"))
+def ablation_summary(c: Cell, abl: dict, slo: str = "jct") -> dict:
+    e = c.got.get(("ecoserve", slo))
+    o = c.got.get(("ecoserve-oracle", slo))
     common = round_rate(c.common)
     variants = {}
     for name, opts in ABLATIONS.items():
@@ -303,14 +308,14 @@ def ablation_summary(c: Cell, abl: dict) -> dict:
         if g is None:
             continue
         run = g["runs"].get(common)
-        m = {**run["metrics"], **run["evals"]["jct"]} if run else {}
+        m = {**run["metrics"], **run["evals"][slo]} if run else {}
         variants[name] = {"options": opts, "max_rate_at_slo90": g["rate"]}
         for k in ("mean_jct_s", "p99_ttft_s", "slo_attainment", "preemptions", "goodput_rps"):
             variants[name][k] = m.get(k)
     return {
         "trace": c.trace,
         "profile": c.profile,
-        "slo": "jct",
+        "slo": slo,
         "common_rate": c.common,
         "variants": variants,
     }

@@ -37,12 +37,20 @@ RATIO_PAIRS = (
 SWEEP_FACTORS = tuple(0.25 + i * 1.25 / 7 for i in range(8))  # 8 evenly spaced, 0.25x..1.5x
 SWEEP_TRACES = ("sharegpt", "azure_conv")
 ABLATION_TRACE = "sharegpt"
+# Where each component is ablated: (trace, profile or None for the primary one, SLO). The first
+# is compute-bound (short prompts, 80 GB), the second KV-bound (long multi-turn prompts, 13B on
+# 40 GB) under TTFT/TPOT targets, where reservation, pipelining and the overcommit matter.
+ABLATION_CELLS: tuple[tuple[str, str | None, str], ...] = (
+    (ABLATION_TRACE, None, "jct"),
+    ("sharegpt_multiturn", "llama-2-13b_a100-40gb", "ttft-tpot"),
+)
 ABLATIONS: dict[str, dict] = {
     "ecoserve (default)": {},
     "no pipelining": {"pipelining": False},
     "no synced_groups": {"synced_groups": False},
     "no ordering": {"ordering": False},
     "no slo_guard": {"slo_guard": False},
+    "no overcommit": {"overcommit_share": 0.0},
     "oracle_rl": {"oracle_rl": True},  # = the ecoserve-oracle column
     "oracle_rl, no slo_guard": {"oracle_rl": True, "slo_guard": False},
     "pad_weight=0": {"pad_weight": 0.0},
@@ -132,7 +140,8 @@ def render_markdown(summary: dict) -> str:
                 lines.append(f"| {profile} | {slo} | " + " | ".join(rates + ratios) + " |")
         lines.append("")
     lines += _common_rate_tables(summary)
-    lines += _ablation_table(summary.get("ablation"))
+    for abl in summary.get("ablations") or [summary.get("ablation")]:
+        lines += _ablation_table(abl)
     plots = summary["machine"].get("plots")
     if plots:
         lines += ["## Plots", ""] + [f"- [{p}]({p})" for p in plots] + [""]
@@ -207,7 +216,8 @@ def _ablation_table(abl: dict | None) -> list[str]:
     lines = [
         f"## Ablation: ecoserve on {abl['trace']}, {abl['profile']}, SLO `{abl['slo']}`",
         "",
-        f"Mean JCT etc. at the common rate {_fmt(abl['common_rate'])} req/s.",
+        f"Mean JCT etc. at the common rate {_fmt(abl['common_rate'])} req/s (attainment under "
+        f"`{abl['slo']}`).",
         "",
         "| variant | max rate @SLO90 (req/s) | mean JCT (s) | p99 TTFT (s) | SLO att. |"
         " preemptions |",
