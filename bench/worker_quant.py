@@ -1,7 +1,8 @@
 """Weight-only quantization on this CPU: would int8 or int4 weights make SmolLM2's projections
 faster than the worker's bf16 oneDNN-prepacked ones?
 
-    python bench/worker_quant.py [--out results/worker-quant]
+    python bench/worker_quant.py [--out results/worker-quant]           # kernels
+    python bench/worker_quant.py --whole-model [--parts speed batch quality]  # SmolLM2
 
 torch's own weight-only CPU kernels (no extra package): `aten._weight_int8pack_mm` (int8
 weights, per-output-channel scales, bf16 activations) and `aten._weight_int4pack_mm_for_cpu`
@@ -10,6 +11,11 @@ weight prepacked as the worker does, 1 thread, alternated, on SmolLM2's projecti
 (fused qkv, o_proj, fused gate/up, down, lm_head) at 1, 16 and 64 rows; the summary also gives
 the whole-step sum (30 layers + lm_head) and each kernel's largest error against fp32.
 Random weights: speed does not depend on the values.
+
+`--whole-model` (bench/worker_quant_model.py) measures the worker's `--quantization` on the real
+model instead: decode tok/s at batch 1 and 16, the hybrid threshold, greedy agreement with the
+unquantized model and perplexity; it goes into the summary's `whole_model` section (each part
+run replaces its own entry, the kernel fields stay).
 """
 
 from __future__ import annotations
@@ -75,8 +81,25 @@ def kernels(w: torch.Tensor, rows: int):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="results/worker-quant")
-    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--repeats", type=int, default=None, help="default 15 (kernels), 5 (model)")
+    ap.add_argument("--whole-model", action="store_true", help="the real model, not kernels")
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="with --whole-model")
+    ap.add_argument("--parts", nargs="+", default=["speed", "batch", "quality"])
+    ap.add_argument("--new", type=int, default=128, help="single-stream decode steps timed")
+    ap.add_argument("--prompts", type=int, default=20, help="quality: prompts")
+    ap.add_argument("--quality-new", type=int, default=64, help="quality: tokens per answer")
     a = ap.parse_args()
+    out = Path(a.out)
+    path = out / "summary.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    if a.whole_model:
+        summary = {**old, "whole_model": {**old.get("whole_model", {})}}
+        summary["whole_model"].update(whole_model(a, command))
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(summary, indent=2) + "\n")
+        return 0
+    a.repeats = a.repeats or 15
     torch.set_num_threads(1)
     torch.manual_seed(0)
     per_shape: dict = {}
@@ -99,22 +122,42 @@ def main() -> int:
         step_ms[f"rows_{rows}"] = {k: round(t * 1e3, 2) for k, t in totals.items()}
         print(f"rows {rows}: projections per step (ms) {step_ms[f'rows_{rows}']}", file=sys.stderr)
     summary = {
+        **old,
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count(),
             "torch": torch.__version__,
             "threads": 1,
         },
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "command": command,
         "projections_per_step_ms": step_ms,
         "per_shape_us": per_shape,
         "max_relative_error_vs_fp32": {k: round(v, 4) for k, v in errors.items()},
     }
-    out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    path.write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary["projections_per_step_ms"], indent=2))
     return 0
+
+
+def whole_model(a: argparse.Namespace, command: str) -> dict:
+    """The `whole_model` entries of this run: machine, model, command, one entry per part."""
+    from worker_quant_model import run
+
+    from ecoserve_common.models import served_name
+    from ecoserve_worker.cpuinfo import cpu_model
+    from ecoserve_worker.models import ensure_model
+
+    path = ensure_model(a.model)
+    parts = run(path, a.parts, a.repeats or 5, a.new, a.prompts, a.quality_new)
+    head = {
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__},
+        "threads": 1,
+        "dtype": "bfloat16",
+        "model": {"name": served_name(a.model), "path": str(path)},
+        f"command_{'_'.join(a.parts)}": command,
+    }
+    return {**head, **parts}
 
 
 if __name__ == "__main__":

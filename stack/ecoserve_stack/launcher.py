@@ -6,7 +6,8 @@ not converted yet is fetched and converted first by `python -m ecoserve_worker.m
 run as a subprocess so this process stays light. `--model tiny` builds the tiny random-weight
 test model once under --home instead. The scheduler gets the spec (its served name is what
 /v1/models lists), every worker the resolved directory, `--device` and, when given, `--dtype`
-(the worker's default: bfloat16 on a CPU with native bf16 and on cuda, else float32).
+(the worker's default: bfloat16 on a CPU with native bf16 and on cuda, else float32) and
+`--quantization` (int8/int4 weight-only copies for decode steps of a few rows; CPU only).
 
 The worker plane is CURVE-secured: the keys are made once under `--home`/keys (0700, secret
 files 0600; `ecoserve_common.curve.init_keys`) and kept; the scheduler and every worker get that
@@ -71,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="workers' dtype (default: the worker's choice, bfloat16 where the CPU has native bf16 "
         "or on cuda, float32 otherwise)",
+    )
+    p.add_argument(
+        "--quantization",
+        choices=("none", "int8", "int4"),
+        default="none",
+        help="workers' weight-only quantization of the projections, used for decode steps of "
+        "a few rows (single-stream speed); CPU only (default: none)",
     )
     p.add_argument("--workers", type=int, default=2)
     p.add_argument(
@@ -253,22 +261,8 @@ def start_stack(a: argparse.Namespace, stopping: threading.Event | None = None) 
         )
         threads = a.worker_threads or worker_threads(a.workers)
         for i in range(a.workers):
-            sup.start(
-                f"worker-{i}",
-                _python(
-                    "ecoserve_worker",
-                    *("--scheduler", worker_addr, "--worker-id", f"w{i}", "--model", model_dir),
-                    *("--num-blocks", str(a.num_blocks)),
-                    *("--threads", str(threads), "--device", a.device),
-                    *(("--dtype", a.dtype) if a.dtype else ()),
-                    *(
-                        ("--token-budget", str(a.token_budget), "--no-profile")
-                        if a.token_budget
-                        else ()
-                    ),
-                ),
-                env,
-            )
+            cmd = worker_command(a, f"w{i}", worker_addr, model_dir, threads)
+            sup.start(f"worker-{i}", cmd, env)
         _wait_ready(stack.grpc_address, a.workers, stack.procs, api_key, stopping)
     except BaseException:
         sup.stop_all(GRACE_S)
@@ -276,8 +270,29 @@ def start_stack(a: argparse.Namespace, stopping: threading.Event | None = None) 
     return stack
 
 
+def worker_command(
+    a: argparse.Namespace, worker_id: str, worker_addr: str, model_dir: str, threads: int
+) -> list[str]:
+    """One worker's command line: the options `up` passes through."""
+    quant = getattr(a, "quantization", "none")  # a Namespace built elsewhere may lack it
+    return _python(
+        "ecoserve_worker",
+        *("--scheduler", worker_addr, "--worker-id", worker_id, "--model", model_dir),
+        *("--num-blocks", str(a.num_blocks)),
+        *("--threads", str(threads), "--device", a.device),
+        *(("--dtype", a.dtype) if a.dtype else ()),
+        *(("--quantization", quant) if quant != "none" else ()),
+        *(("--token-budget", str(a.token_budget), "--no-profile") if a.token_budget else ()),
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if a.quantization != "none" and a.device != "cpu":  # every worker would refuse it
+        parser.error(f"--quantization {a.quantization}: CPU only (workers on {a.device})")
+    if a.quantization != "none" and a.dtype not in (None, "bfloat16"):
+        parser.error(f"--quantization {a.quantization}: needs bfloat16 (--dtype {a.dtype})")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     stopping = threading.Event()
 

@@ -36,7 +36,7 @@ import sys
 
 from ecoserve_common.models import DEFAULT_MODEL
 
-from .dtypes import DTYPES, default_dtype
+from .dtypes import DTYPES, QUANTIZATIONS, default_dtype
 
 log = logging.getLogger("ecoserve_worker")
 
@@ -82,6 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="weights, activations and KV pool (default: the fastest the device has: bfloat16 "
         "on a CPU with AVX512-BF16/AMX and on CUDA, float32 on other CPUs)",
+    )
+    p.add_argument(
+        "--quantization",
+        choices=QUANTIZATIONS,
+        default="none",
+        help="weight-only int8/int4 copies of the projections, used for decode steps of a few "
+        "rows (single-stream speed; bigger steps keep the dense weights); CPU only "
+        "(default: none)",
     )
     p.add_argument(
         "--threads",
@@ -212,25 +220,36 @@ def make_backend(args: argparse.Namespace):
 
     from ecoserve_common.models import served_name
 
+    from . import quant
     from .backends import ModelBackend
     from .model_runner import ModelRunner
     from .models import ensure_model
 
+    quant.check(args.quantization, args.device)  # before CUDA is looked at
     check_device(args.device)
+    dtype = args.dtype or default_dtype(args.device)
+    quant.check(args.quantization, args.device, getattr(torch, dtype))  # before the model
     spec = args.model or DEFAULT_MODEL
     path = ensure_model(spec)
-    dtype = args.dtype or default_dtype(args.device)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    runner = ModelRunner(path, args.device, getattr(torch, dtype), args.num_blocks, args.block_size)
+    runner = ModelRunner(
+        path,
+        args.device,
+        getattr(torch, dtype),
+        args.num_blocks,
+        args.block_size,
+        quantization=args.quantization,
+    )
     kv_bytes = sum(t.numel() * t.element_size() for t in runner.kv_cache)
     log.info(
-        "model %s (%s), device %s, dtype %s, %d torch threads; KV pool %d tokens = %d blocks "
-        "of %d (%.1f MiB)",
+        "model %s (%s), device %s, dtype %s, %s, %d torch threads; KV pool %d tokens = %d "
+        "blocks of %d (%.1f MiB)",
         served_name(spec),
         path,
         runner.device,
         dtype,
+        runner.quant.describe(),
         torch.get_num_threads(),
         runner.num_blocks * runner.block_size,
         runner.num_blocks,

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 from .cpuinfo import cpu_flags
 
-__all__ = ["DTYPES", "cpu_flags", "cpu_has_native_bf16", "default_dtype"]
+__all__ = ["DTYPES", "QUANTIZATIONS", "cpu_flags", "cpu_has_native_bf16", "default_dtype"]
 
 DTYPES = ("float32", "bfloat16", "float16")
+# Weight-only quantization of the projections (`--quantization`, quant.py); kept here, without
+# torch, so the command line can list them before torch loads.
+QUANTIZATIONS = ("none", "int8", "int4")
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 

@@ -28,7 +28,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from ecoserve_common.plan import StepInputs
 from ecoserve_common.sampling import SamplingParams
 
-from . import kernels
+from . import kernels, quant
 from .attention import PagedAttention
 from .sampling import greedy, make_generator, sample
 
@@ -88,10 +88,11 @@ class _Layer:
     in_norm: torch.Tensor
     post_norm: torch.Tensor
     eps: float
-    qkv: _Proj  # [(H + 2 * KVH) * D, hidden]: q, then k, then v rows
-    o_proj: _Proj
-    gate_up: _Proj  # [2 * I, hidden]: gate rows, then up rows
-    down: _Proj
+    # Each projection a `_Proj`, or a `quant.QuantProj` around one with --quantization.
+    qkv: _Proj | quant.QuantProj  # [(H + 2 * KVH) * D, hidden]: q, then k, then v rows
+    o_proj: _Proj | quant.QuantProj
+    gate_up: _Proj | quant.QuantProj  # [2 * I, hidden]: gate rows, then up rows
+    down: _Proj | quant.QuantProj
     act: Callable[[torch.Tensor], torch.Tensor]
     window: int | None  # sliding window, None for full attention
     scaling: float
@@ -136,7 +137,13 @@ class ModelRunner:
         num_blocks: int = 256,
         block_size: int = 16,
         prepack: bool | None = None,
+        quantization: str = "none",
+        quant_max_rows: int | None = None,
     ) -> None:
+        """`quantization` none|int8|int4: weight-only quantized copies of the projections, run
+        for steps of at most `quant_max_rows` rows (default: the mode's measured threshold,
+        `quant.MAX_ROWS`); ValueError where it cannot run."""
+        quant.check(quantization, torch.device(device), dtype)  # before the slow load
         path = Path(model_dir)
         if not (path / "config.json").is_file():
             raise ValueError(
@@ -172,7 +179,8 @@ class ModelRunner:
         self.windows = [layer.window for layer in self.layers]
         self.norm_eps = _eps(base.norm)
         head = self.model.lm_head
-        self.lm_head = _Proj(head.weight.detach(), head.bias, prepack)
+        self.lm_head: _Proj | quant.QuantProj = _Proj(head.weight.detach(), head.bias, prepack)
+        self.quant = quant.quantize_runner(self, quantization, quant_max_rows)
         self.attention = PagedAttention(
             self.windows,
             num_blocks,

@@ -3,11 +3,11 @@ is ready in seconds the next time (profiling SmolLM2's default grid takes ~1-2 m
 
 A profile is only reused by a worker that would measure the same thing: the key hashes the
 model's config and weights (the manifest's digests where the model has one, else file sizes
-and modification times), dtype, device, torch threads, block size, pool size, the shape grid,
-the torch version and the CPU model. Anything else changes the key, and the worker profiles
-again. Files live in `$ECOSERVE_PROFILE_CACHE`, else `~/.cache/ecoserve/profiles`, one JSON
-per key, written atomically (temp file + rename) so two workers starting together cannot leave
-half a file.
+and modification times), dtype, quantization (and its row threshold), device, torch threads,
+block size, pool size, the shape grid, the torch version and the CPU model. Anything else
+changes the key, and the worker profiles again. Files live in `$ECOSERVE_PROFILE_CACHE`, else
+`~/.cache/ecoserve/profiles`, one JSON per key, written atomically (temp file + rename) so two
+workers starting together cannot leave half a file.
 """
 
 from __future__ import annotations
@@ -59,6 +59,9 @@ def profile_key(runner, model_dir: Path, threads: int, shapes: Sequence[Sequence
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
     }
+    q = getattr(runner, "quant", None)
+    if q is not None and q.quantization != "none":  # absent for none: earlier keys stay valid
+        parts["quantization"] = [q.quantization, q.max_rows, q.lm_head]
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
