@@ -188,8 +188,7 @@ def quantize_runner(
     """Wrap the runner's projections (every layer's qkv, o_proj, gate_up, down; the lm_head
     when `lm_head`) in `QuantProj`, used for steps of at most `max_rows` rows (default: the
     mode's `MAX_ROWS`). Their weights stay as they were (the dense path, and HF's modules,
-    still use them)."""
-    check(quantization, runner.device, runner.dtype)
+    still use them). The caller checked `quantization` (ModelRunner does, before loading)."""
     if max_rows is None:
         max_rows = MAX_ROWS.get(quantization, 0)
     report = QuantReport(quantization, max_rows, 0, [], False, 0)

@@ -95,11 +95,13 @@ def take_tails(step: Step, blocks: int) -> bool:
     if short <= 0:
         return True
     tails = sorted(
-        (len(ledger.table(rid)) - ledger.blocks_for(ledger.written(rid) + 1), rid)
-        for rid in step.running
-        if not ledger.is_guest(rid) and not ledger.guests_of(rid)  # loans stay as they are
+        [
+            (len(ledger.table(rid)) - ledger.blocks_for(ledger.written(rid) + 1), rid)
+            for rid in step.running
+            if not ledger.is_guest(rid) and not ledger.guests_of(rid)  # loans stay as they are
+        ],
+        reverse=True,
     )
-    tails.reverse()
     if sum(t for t, _ in tails if t > 0) < short:
         return False
     for tail, rid in tails:
