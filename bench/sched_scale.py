@@ -27,7 +27,6 @@ from ecoserve_scheduler.core import (
     SchedulerCore,
     StepResult,
     WorkerSpec,
-    bucket_of,
     make_policy,
 )
 
@@ -64,7 +63,6 @@ def build(policy: str, running: int, queued: int, seed: int = 0):
             eos_token_id=0,
             predicted_rl=rl,
             predicted_rl_upper=rl,
-            rl_bucket=bucket_of(rl),
         )
         true_len[r.request_id] = 10**9  # never finishes during the measurement
         core.add(r, now)

@@ -47,10 +47,10 @@ ABLATION_CELLS: tuple[tuple[str, str | None, str], ...] = (
 ABLATIONS: dict[str, dict] = {
     "ecoserve (default)": {},
     "no pipelining": {"pipelining": False},
-    "no synced_groups": {"synced_groups": False},
     "no ordering": {"ordering": False},
     "no slo_guard": {"slo_guard": False},
     "no overcommit": {"overcommit_share": 0.0},
+    "victims block the queue": {"pass_victims": False},
     "oracle_rl": {"oracle_rl": True},  # = the ecoserve-oracle column
     "oracle_rl, no slo_guard": {"oracle_rl": True, "slo_guard": False},
     "pad_weight=0": {"pad_weight": 0.0},

@@ -23,7 +23,6 @@ from ecoserve_scheduler.core import (
     StepResult,
     TokenEvent,
     WorkerSpec,
-    bucket_of,
     make_policy,
 )
 
@@ -68,6 +67,7 @@ class Driver:
         max_tokens: int | None = None,
         deadline: float = math.inf,
         ttft: float | None = None,
+        tpot: float | None = None,
         ignore_eos: bool = False,
         stop: tuple[int, ...] = (),
         arrival: float | None = None,
@@ -82,11 +82,10 @@ class Driver:
                 ignore_eos=ignore_eos,
                 stop_token_ids=stop,
             ),
-            slo=SLO(jct_deadline_s=deadline, ttft_s=ttft),
+            slo=SLO(jct_deadline_s=deadline, ttft_s=ttft, tpot_s=tpot),
             eos_token_id=EOS,
             predicted_rl=predicted,
             predicted_rl_upper=predicted if upper is None else upper,
-            rl_bucket=bucket_of(predicted),
         )
         self.targets[rid] = target
         self.record(self.core.add(r, self.now))

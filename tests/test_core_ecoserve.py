@@ -1,9 +1,8 @@
 """EcoServe's components in the core: reservation and padding, extensions, KVCPipe loans and
-collisions, SLO ordering and the late queue, time-synced groups."""
+collisions, SLO ordering and the late queue."""
 
 from __future__ import annotations
 
-import pytest
 from test_core_driver import (
     Driver,
     ecoserve_host_and_guest,
@@ -11,10 +10,7 @@ from test_core_driver import (
     spec,
 )
 
-from ecoserve_scheduler.core import (
-    Status,
-    bucket_of,
-)
+from ecoserve_scheduler.core import Status
 
 # ---- EcoServe --------------------------------------------------------------------------------
 
@@ -173,9 +169,7 @@ def test_ecoserve_puts_an_urgent_request_ahead_of_a_relaxed_one() -> None:
 
 
 def test_ecoserve_without_ordering_is_fcfs() -> None:
-    d = Driver(
-        "ecoserve", [spec(num_blocks=200, token_budget=512)], ordering=False, synced_groups=False
-    )
+    d = Driver("ecoserve", [spec(num_blocks=200, token_budget=512)], ordering=False)
     d.add("relaxed", prompt=10, target=5, predicted=5)
     d.now += 0.01
     d.add("urgent", prompt=10, target=80, predicted=80, deadline=30.0)
@@ -184,61 +178,12 @@ def test_ecoserve_without_ordering_is_fcfs() -> None:
 
 
 def test_ecoserve_serves_late_requests_after_on_time_ones() -> None:
-    d = Driver("ecoserve", [spec(num_blocks=200, token_budget=512)], synced_groups=False)
+    d = Driver("ecoserve", [spec(num_blocks=200, token_budget=512)])
     d.now = 10.0
     d.add("late", prompt=10, target=5, predicted=5, deadline=5.0)  # already past its deadline
     d.add("ontime", prompt=10, target=50, predicted=50, deadline=100.0)
     plan = d.schedule()
     assert [s.request_id for s in plan.seqs] == ["ontime", "late"]
-    d.apply(d.result(plan))
-    d.run()
-    d.check_done()
-
-
-@pytest.mark.parametrize("ordering", [True, False])
-def test_time_synced_groups_admit_same_bucket_requests_together(ordering: bool) -> None:
-    # Without groups: A (most urgent / first), B, C. With groups A opens bucket(20), so C (same
-    # bucket) is admitted before B (another bucket).
-    def order(synced: bool) -> list[str]:
-        d = Driver(
-            "ecoserve",
-            [spec(num_blocks=200, token_budget=512)],
-            synced_groups=synced,
-            ordering=ordering,
-        )
-        d.add("A", prompt=10, target=20, deadline=100.0)
-        d.now += 0.01
-        d.add("B", prompt=10, target=40, deadline=200.0)
-        d.now += 0.01
-        d.add("C", prompt=10, target=20)
-        plan = d.schedule()
-        d.apply(d.result(plan))
-        d.run()
-        d.check_done()
-        return [s.request_id for s in plan.seqs]
-
-    assert bucket_of(20) != bucket_of(40)
-    assert order(synced=True) == ["A", "C", "B"]
-    assert order(synced=False) == ["A", "B", "C"]
-
-
-@pytest.mark.parametrize(
-    ("group_size", "expected"),
-    [
-        (1, "A1 B1 A2 A3"),
-        (2, "A1 A2 B1 A3"),
-        (16, "A1 A2 A3 B1"),
-    ],
-)
-def test_time_synced_group_is_capped_at_group_size(group_size: int, expected: str) -> None:
-    d = Driver(
-        "ecoserve", [spec(num_blocks=400, token_budget=512)], ordering=False, group_size=group_size
-    )
-    for rid, predicted in [("A1", 20), ("B1", 40), ("A2", 20), ("A3", 20)]:
-        d.add(rid, prompt=4, target=predicted)
-        d.now += 0.001
-    plan = d.schedule()
-    assert " ".join(s.request_id for s in plan.seqs) == expected
     d.apply(d.result(plan))
     d.run()
     d.check_done()

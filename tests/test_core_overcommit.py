@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 from test_core_driver import Driver, ledger_of, spec
-from test_policy_components import step_of
+from test_policy_components import req, step_of
 
 from ecoserve_scheduler.core import KVLedger
 from ecoserve_scheduler.core.ledger import LedgerError
@@ -34,18 +34,18 @@ def test_trim_leaves_loans_alone() -> None:
     ledger.check()
 
 
-def burst(ttft: float | None, **options) -> Driver:
+def burst(ttft: float | None, tpot: float | None = None, **options) -> Driver:
     """12 requests of prompt 48 + 80 outputs (8 blocks each reserved) on 64 blocks (no
     reserve pool, so that 8 reservations fill the cache exactly)."""
     options.setdefault("reserve_share", 0.0)
     d = Driver("ecoserve", [spec(num_blocks=64, block_size=16, token_budget=1024)], **options)
     for i in range(12):
-        d.add(f"r{i}", prompt=48, target=80, predicted=80, ttft=ttft)
+        d.add(f"r{i}", prompt=48, target=80, predicted=80, ttft=ttft, tpot=tpot)
     return d
 
 
 def test_a_burst_with_ttft_targets_all_start_at_once() -> None:
-    d = burst(ttft=1.0)
+    d = burst(ttft=1.0, overcommit_share=1.0)  # a peak of 12 x 9 blocks <= 2 x 64
     plan = d.schedule()
     assert plan is not None and len(d.core.workers["w0"].running) == 12
     assert d.core.counters.overcommits == 12 - 64 // 8
@@ -64,31 +64,47 @@ def test_without_a_ttft_target_the_reservations_bound_admission() -> None:
     d.check_done()
 
 
-def test_overcommit_share_bounds_the_claims() -> None:
-    # Claims may reach (1 + share) x 64 blocks: share 0.25 -> 80 blocks = 10 requests of 8.
-    d = burst(ttft=1.0, overcommit_share=0.25)
-    d.schedule()
-    assert len(d.core.workers["w0"].running) == 10
-    d = burst(ttft=1.0, overcommit_share=0.0)
-    d.schedule()
-    assert len(d.core.workers["w0"].running) == 8
+def test_overcommit_share_bounds_the_projected_peak() -> None:
+    # All start together, so the peak is every request whole: 9 blocks each (8 + a part-filled
+    # last block); (1 + share) x 64 blocks: 0.5 -> 96 -> 10 requests, 0.25 -> 80 -> 8.
+    for share, admitted in ((0.5, 10), (0.25, 8), (0.0, 8)):
+        d = burst(ttft=1.0, overcommit_share=share)
+        d.schedule()
+        assert len(d.core.workers["w0"].running) == admitted, share
 
 
-def test_a_lost_bet_preempts_and_stops_overcommitting_until_the_victim_is_back() -> None:
-    d = burst(ttft=1.0)
+def test_the_projected_peak_counts_who_ends_before_whom() -> None:
+    """Two running requests (prompt 32, 10 of 40 written; prompt 100, 90 of 100 written) and a
+    new one (prompt 64, 50 to go): the peak is 10 steps ahead, when the second is about to end
+    (52 + 200 + 74 = 326 tokens -> 21 blocks, + 3 part-filled), not the sum of their final
+    lengths (72 + 200 + 114 = 386 tokens)."""
+    rsv = PaddedReservation(ReservationConfig(pad_weight=0.0))
+    s = step_of(num_blocks=64)
+    for rid, prompt, predicted, written in (("a", 32, 40, 10), ("b", 100, 100, 90)):
+        r = req(rid, prompt=prompt, predicted=predicted)
+        r.output_token_ids.extend([1] * written)
+        r.num_computed = prompt + written
+        s.running[rid] = r
+    assert rsv.projected_peak(s, req("new", prompt=64, predicted=50)) == 21 + 3
+
+
+def test_a_lost_bet_preempts_and_new_bets_go_on_while_the_victim_waits() -> None:
+    d = burst(ttft=1.0, tpot=0.5)
     for _ in range(200):
         d.step()
         if d.core.counters.preemptions:
             break
     assert d.core.counters.preemptions > 0  # 12 x 128 tokens cannot all fit in 64 x 16
-    assert d.core.num_requeued > 0
-    d.add("late", prompt=48, target=4, predicted=4, ttft=1.0)
-    before = d.core.counters.overcommits
-    d.step()
-    assert d.core.counters.overcommits == before  # no new bet while a victim waits
+    victims = [r for r in d.core.requests.values() if r.preemptions and not r.status.done]
+    assert victims and all(r.num_output > 0 for r in victims)
+    d.add("late", prompt=16, target=4, predicted=4, ttft=1.0)
+    while d.core.requests["late"].first_token_s is None:
+        d.step()
+    # The new request's TTFT target puts it before the victims, whose TPOT targets leave them
+    # slack: it has its first token while a victim still waits to come back.
+    assert any(v.status.name == "WAITING" for v in victims)
     d.run()
     d.check_done()
-    assert d.core.num_requeued == 0
 
 
 def test_only_first_admissions_with_a_ttft_target_overcommit() -> None:
@@ -97,9 +113,6 @@ def test_only_first_admissions_with_a_ttft_target_overcommit() -> None:
     d = Driver("ecoserve")
     fresh, no_ttft = d.add("a", prompt=32, target=5, ttft=1.0), d.add("b", prompt=32, target=5)
     assert rsv.overcommits(s, fresh) and not rsv.overcommits(s, no_ttft)
-    s.requeued = 1  # a victim waits: no new bet
-    assert not rsv.overcommits(s, fresh)
-    s.requeued = 0
     fresh.output_token_ids.append(1)  # a preempted request comes back through a reservation
     assert not rsv.overcommits(s, fresh)
 

@@ -30,7 +30,6 @@ from ecoserve_scheduler.core import (
     StepResult,
     TokenEvent,
     WorkerSpec,
-    bucket_of,
     make_policy,
 )
 
@@ -195,11 +194,9 @@ worker_st = st.tuples(
 ecoserve_options = st.fixed_dictionaries(
     {
         "pipelining": st.booleans(),
-        "synced_groups": st.booleans(),
         "ordering": st.booleans(),
         "reserve_share": st.sampled_from([0.0, 0.03, 0.1]),
         "pad_weight": st.sampled_from([0.0, 0.5, 1.0]),
-        "group_size": st.integers(1, 16),
         "lend_margin_tokens": st.sampled_from([0, 4, 16]),
         "collision_lookahead": st.sampled_from([0, 2]),
         "slo_guard": st.booleans(),
@@ -236,7 +233,6 @@ def run_core_property(policy_name, eco, requests, workers, seed, abort_share, er
             eos_token_id=EOS,
             predicted_rl=predicted,
             predicted_rl_upper=max(predicted, round(predicted * upper)),
-            rl_bucket=bucket_of(predicted),
         )
         arrivals.append(r)
         run.targets[r.request_id] = true_len

@@ -58,7 +58,6 @@ def test_ecoserve_preempted_decode_is_scheduled_once() -> None:
         reserve_share=0.0,
         lend_margin_tokens=0,
         collision_lookahead=0,
-        synced_groups=False,
     )
     d.add("r0", prompt=3, target=9, predicted=9)
     d.add("r1", prompt=3, target=28, predicted=2)  # 31 tokens never fit 28

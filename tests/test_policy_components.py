@@ -21,7 +21,6 @@ def req(rid: str, prompt: int = 32, predicted: int = 10, **kw: object) -> Reques
         slo=SLO(jct_deadline_s=deadline),  # type: ignore[arg-type]
         predicted_rl=predicted,
         predicted_rl_upper=upper,  # type: ignore[arg-type]
-        rl_bucket=int(kw.pop("bucket", 0)),  # type: ignore[call-overload]
     )
 
 

@@ -1,4 +1,4 @@
-"""EcoServe component (e): the SLO guard on prefill budget and admissions."""
+"""EcoServe component (d): the SLO guard on prefill budget and admissions."""
 
 from __future__ import annotations
 

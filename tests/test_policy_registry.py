@@ -36,12 +36,42 @@ def test_ecoserve_is_all_components_and_ablations_leave_one_out() -> None:
 
 
 def test_old_keywords_map_onto_component_configs() -> None:
-    p = make_policy("ecoserve", pad_weight=1.0, group_size=4, guard_every=3, lend_margin_tokens=5)
+    p = make_policy(
+        "ecoserve", pad_weight=1.0, slack_quantum_s=2.0, guard_every=3, lend_margin_tokens=5
+    )
     assert p.admission.config.pad_weight == 1.0  # type: ignore[attr-defined]
-    assert p.queue.queue.config.group_size == 4  # type: ignore[attr-defined]
+    assert p.queue.slack.config.slack_quantum_s == 2.0  # type: ignore[attr-defined]
     assert p.budget.config.guard_every == 3  # type: ignore[attr-defined]
     assert p.lending.config.lend_margin_tokens == 5  # type: ignore[attr-defined]
     with pytest.raises(TypeError, match="nope"):
         make_policy("ecoserve", nope=1)
     with pytest.raises(ValueError, match="unknown policy"):
         make_policy("fcfs")
+
+
+def test_a_policy_spec_names_a_policy_and_its_options() -> None:
+    from ecoserve_scheduler.core import policy_from_spec
+    from ecoserve_scheduler.core.policies import parse_spec
+
+    assert parse_spec("ecoserve") == ("ecoserve", {})
+    got = parse_spec("ecoserve: overcommit_share=1.5, slo_guard=false,guard_every=3")
+    assert got == ("ecoserve", {"overcommit_share": 1.5, "slo_guard": False, "guard_every": 3})
+    p = policy_from_spec("ecoserve:overcommit_share=1.5,slo_guard=false")
+    assert p.admission.config.overcommit_share == 1.5  # type: ignore[attr-defined]
+    assert isinstance(p.budget, FullBudget)
+    for bad, why in (
+        ("ecoserve:nope=1", "nope"),
+        ("ecoserve:pad_weight", "not key=value"),
+        ("ecoserve:pad_weight=high", "not a number"),
+        ("vllm:pad_weight=1", "pad_weight"),
+        ("fcfs", "unknown policy"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            policy_from_spec(bad)
+
+
+def test_the_scheduler_refuses_a_bad_policy_spec_at_start() -> None:
+    from ecoserve_scheduler.live.settings import SchedulerSettings
+
+    with pytest.raises(SystemExit, match="--policy: .*nope"):
+        SchedulerSettings.load(["--policy", "ecoserve:nope=1"], environ={})

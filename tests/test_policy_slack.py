@@ -1,4 +1,4 @@
-"""EcoServe component (d): slack estimates, slack ordering with a late queue, slack victims."""
+"""EcoServe component (c): slack estimates, slack ordering with a late queue, slack victims."""
 
 from __future__ import annotations
 

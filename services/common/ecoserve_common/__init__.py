@@ -6,7 +6,7 @@ Every service imports this package and itself, never another service. Modules:
 - `wire`: the scheduler <-> worker ZeroMQ frame codec (plan / result columns <-> protobuf);
 - `plan`: what one iteration runs (BatchPlan, DecodeBatch columns) and what comes back;
 - `sampling`: the one definition of sampling parameters and their validation;
-- `buckets`: response-length buckets (predictor output, scheduler groups);
+- `buckets`: response-length buckets (the predictor's bucket output and metrics);
 - `cost`: the iteration-time model and its profile files (simulator and sim worker);
 - `ids`: request ids and the clock convention;
 - `grpc_server`: health checking + reflection every gRPC server carries.

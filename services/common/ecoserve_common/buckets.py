@@ -1,8 +1,7 @@
-"""Response-length buckets shared by the predictor's bucket output and the scheduler's groups.
+"""Response-length buckets: the edges of the predictor's bucket output and of its metrics.
 
-Requests whose predicted response length falls in the same bucket are "time-synced": admitted
-together they finish at about the same time and free their KV cache together. Edges are roughly
-log-spaced: a 32-token difference matters for a 64-token answer, not for a 1,500-token one.
+Edges are roughly log-spaced: a 32-token difference matters for a 64-token answer, not for a
+1,500-token one.
 """
 
 from __future__ import annotations

@@ -1,12 +1,11 @@
 """The pure scheduler core: no I/O, no clock, no torch/zmq/grpc/sqlalchemy (a test enforces it)."""
 
-from ecoserve_common.buckets import DEFAULT_EDGES, bucket_of
 from ecoserve_common.plan import BatchPlan, BatchShape, ScheduledSeq, StepResult
 
 from .events import FinishEvent, PreemptEvent, TokenEvent
 from .ledger import KVLedger, LedgerError
 from .placement import DEFAULT_PLACEMENT, PLACEMENTS, Placement, make_placement
-from .policies import POLICIES, make_policy
+from .policies import POLICIES, make_policy, policy_from_spec
 from .request import SLO, Request, SamplingParams, Status
 from .scheduler import SchedulerCore
 from .state import ScheduleOutput, WorkerSpec
@@ -16,7 +15,6 @@ __all__ = [
     "PLACEMENTS",
     "Placement",
     "make_placement",
-    "DEFAULT_EDGES",
     "POLICIES",
     "SLO",
     "BatchPlan",
@@ -34,6 +32,6 @@ __all__ = [
     "StepResult",
     "TokenEvent",
     "WorkerSpec",
-    "bucket_of",
     "make_policy",
+    "policy_from_spec",
 ]

@@ -27,6 +27,7 @@ def admit(core: SchedulerCore, step: Step, budget: int | None = None) -> bool:
     if budget is not None:
         step.budget = budget
     policy, now = core.policy, step.now
+    passed: list[Request] = []  # preempted requests that let the ones behind them try
     while not step.full and not step.preempted:
         head = policy.queue.peek(now)
         if head is None:
@@ -37,8 +38,17 @@ def admit(core: SchedulerCore, step: Step, budget: int | None = None) -> bool:
         if not policy.budget.admits(step, head):
             break  # the policy's budget refuses it (e.g. the SLO guard, a whole-prompt rule)
         step.context_tokens += head.prompt_len
-        if not reserve(core, step, head, n):
+        if reserve(core, step, head, n):
+            continue
+        if not (head.num_output and policy.admission.passes_victims):
             break  # head of line waits: later requests must not overtake it
+        # A victim waiting for a whole reservation must not hold back first tokens that could
+        # overcommit (live, one did for 2 s and a burst behind it went late: TTFT 15 s).
+        step.context_tokens -= head.prompt_len
+        policy.queue.pop(head)
+        passed.append(head)
+    for r in passed:
+        policy.queue.requeue(r, now, core.iter_time_ema_s)
     return bool(step.prefills)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from typing import Protocol
 
 from .request import Request, Status
@@ -92,66 +92,3 @@ class KeyedQueue:
 
     def __len__(self) -> int:
         return len(self._heap)
-
-
-class GroupedQueue:
-    """One KeyedQueue per group (e.g. predicted-RL bucket). `peek` returns the best head over
-    all groups, except while a group is `open`: then it keeps returning that group's members so
-    that same-bucket requests are admitted together (time-synced groups). Cost per peek is
-    O(number of groups), independent of how many requests wait."""
-
-    def __init__(self, key: Key, group: Callable[[Request], Hashable]) -> None:
-        self._key = key
-        self._group = group
-        self._groups: dict[Hashable, KeyedQueue] = {}
-        self._open: Hashable | None = None
-        self._open_left = 0
-
-    def push(self, r: Request, now: float) -> None:
-        g = self._group(r)
-        q = self._groups.get(g)
-        if q is None:
-            q = self._groups[g] = KeyedQueue(self._key)
-        q.push(r, now)
-
-    requeue = push
-
-    requeue = push
-
-    def open_group(self, r: Request, size: int) -> None:
-        """Keep admitting r's group for up to `size` more requests."""
-        self._open, self._open_left = self._group(r), size
-
-    def close_group(self) -> None:
-        self._open, self._open_left = None, 0
-
-    begin_step = close_group
-
-    def peek(self, now: float) -> Request | None:
-        if self._open is not None and self._open_left > 0:
-            head = self._groups[self._open].peek(now)
-            if head is not None:
-                return head
-        self.close_group()
-        best: Request | None = None
-        best_key: tuple[float, ...] | None = None
-        for q in self._groups.values():
-            head = q.peek(now)
-            if head is None:
-                continue
-            key = q.head_key()
-            if best_key is None or (key is not None and key < best_key):
-                best, best_key = head, key
-        return best
-
-    def pop(self, r: Request, admitted: bool = True) -> None:
-        self._groups[self._group(r)].pop(r)
-        if admitted and self._open is not None:
-            self._open_left -= 1
-
-    @property
-    def is_open(self) -> bool:
-        return self._open is not None and self._open_left > 0
-
-    def __len__(self) -> int:
-        return sum(len(q) for q in self._groups.values())

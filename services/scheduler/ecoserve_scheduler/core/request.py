@@ -45,7 +45,6 @@ class Request:
     # Response-length prediction (tokens). `predicted_rl_upper` is the padded value reserved for.
     predicted_rl: int = 0
     predicted_rl_upper: int = 0
-    rl_bucket: int = 0
 
     # Progress, owned by the core.
     status: Status = Status.WAITING

@@ -46,7 +46,6 @@ class SchedulerCore:
         self.requests: dict[str, Request] = {}
         self.counters = Counters()
         self.num_waiting = 0
-        self.num_requeued = 0  # of the waiting, those preempted (a policy may let them first)
         self.iter_time_ema_s = 0.0  # measured from schedule->update, seeds slack estimates
         self._step_ids = 0
         self._step_failures: dict[str, int] = {}
@@ -96,7 +95,6 @@ class SchedulerCore:
     def unwait(self, r: Request) -> None:
         """r leaves the waiting requests (admitted, failed or aborted)."""
         self.num_waiting -= 1
-        self.num_requeued -= r.preemptions > 0
 
     def release(self, request_id: str) -> None:
         """Forget a finished request (the shell calls this once it has reported it)."""
@@ -117,7 +115,6 @@ class SchedulerCore:
         if w.in_flight is not None:
             raise RuntimeError(f"worker {worker_id} already has step {w.in_flight.step_id} out")
         policy, step = self.policy, Step(w, now, self.iter_time_ema_s, self.workers)
-        step.requeued = self.num_requeued
         policy.queue.begin_step()
         # 1. KVCPipe: a host about to write into its loan first has the guest moved away.
         ledger, lookahead = w.ledger, policy.lending.collision_lookahead
@@ -341,7 +338,6 @@ class SchedulerCore:
         r.preemptions += 1
         self.counters.preemptions += 1
         self.num_waiting += 1
-        self.num_requeued += 1
         self.policy.queue.requeue(r, now, self.iter_time_ema_s)
         return PreemptEvent(r.request_id, reason)
 

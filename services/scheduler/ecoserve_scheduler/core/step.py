@@ -34,7 +34,6 @@ class Step:
         # to admission after passing the policy's `admits` hook (the SLO guard reads it).
         self.context_tokens = 0
         self.preempted = 0  # requests preempted (or failed) while building this step
-        self.requeued = 0  # preempted requests waiting to run again (all workers)
         self.placement_cache: list[tuple[float, int]] | None = None  # the placement's cache
         self._scheduled: set[str] = set()  # prefill chunks only; decodes are in decode_ids
         self._dropped = False  # a scheduled request was preempted: filter the columns

@@ -208,7 +208,6 @@ class Frontend:
             eos_token_id=getattr(self.tokenizer, "eos_token_id", None),
             predicted_rl=predicted,
             predicted_rl_upper=min(guess.upper, cap),
-            rl_bucket=guess.bucket,
         )
         added = False
         if self.store is not None:

@@ -32,7 +32,7 @@ from pathlib import Path
 from ecoserve_common.curve import HOW_TO_CREATE, KeysError, ServerKeys
 from ecoserve_common.models import ModelMissing, resolve, served_name
 
-from ..core import SchedulerCore, make_policy
+from ..core import SchedulerCore, policy_from_spec
 from ..store import RequestStore, create_schema, make_engine
 from ..store_writer import StoreWriter
 from .settings import SchedulerSettings
@@ -92,7 +92,7 @@ def run(settings: SchedulerSettings, ready: threading.Event | None = None) -> in
         ).start()
     else:
         engine = LiveEngine(
-            SchedulerCore(make_policy(settings.policy)),
+            SchedulerCore(policy_from_spec(settings.policy)),
             settings.worker_bind,
             settings.worker_auth_token,
             settings.worker_timeout_s,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ecoserve_common.models import DEFAULT_MODEL
 
+from ..core import policy_from_spec
 from .slo import DEFAULT_SLO_CLASS, DEFAULT_SLO_CLASSES, SloClasses
 
 ENV_PREFIX = "ECOSERVE_"
@@ -26,7 +27,9 @@ SECRET = {"secret": True}  # field metadata: environment or file only, never a f
 class SchedulerSettings:
     model: str = DEFAULT_MODEL  # registered name, .gguf or checkpoint dir (its tokenizer)
     models_dir: str = ""  # where names are converted; empty: ecoserve_common.models.models_dir()
-    policy: str = "ecoserve"  # ecoserve, vllm, sarathi, orca, sjf
+    # ecoserve, vllm, vllm-v0, sarathi, orca, sjf; options after a colon, as the policy's keyword
+    # arguments: "ecoserve:overcommit_share=1.0,slo_guard=false" (core/policies/__init__.py)
+    policy: str = "ecoserve"
     grpc_address: str = "127.0.0.1:50051"
     http_address: str = "127.0.0.1:8000"  # OpenAI-compatible API; empty: off
     worker_bind: str = "tcp://127.0.0.1:5555"  # ZeroMQ ROUTER the workers connect to
@@ -102,6 +105,10 @@ class SchedulerSettings:
             settings.slo_table()
         except ValueError as exc:
             raise SystemExit(f"--slo-classes / --default-slo-class: {exc}") from None
+        try:
+            policy_from_spec(settings.policy)  # the engine core builds it again, in its process
+        except ValueError as exc:
+            raise SystemExit(f"--policy: {exc}") from None
         return settings
 
     def replace(self, **changes) -> SchedulerSettings:

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..core import (
-    DEFAULT_EDGES,
     SLO,
     FinishEvent,
     Placement,
@@ -30,7 +29,6 @@ from ..core import (
     SchedulerCore,
     StepResult,
     WorkerSpec,
-    bucket_of,
     make_policy,
 )
 from .cost_model import CostModel
@@ -56,7 +54,6 @@ class SimConfig:
     slo_tpot_s: float | None = None
     # Per-request (ttft_s, tpot_s), request i taking entry i: SLO classes (sweep.SloSpec).
     slo_per_request: tuple[tuple[float | None, float | None], ...] | None = None
-    bucket_edges: tuple[int, ...] = DEFAULT_EDGES
     drain_s: float = 3600.0  # stop this long after the last arrival; unfinished = SLO missed
     seed: int = 0
     check_ledger: bool = False  # run the ledger's invariant check every step (tests)
@@ -108,7 +105,6 @@ def make_request(
         eos_token_id=EOS,
         predicted_rl=pred.point,
         predicted_rl_upper=pred.upper,
-        rl_bucket=bucket_of(pred.point, cfg.bucket_edges),
     )
 
 

@@ -24,7 +24,7 @@ POLICIES: dict[str, Callable[..., Policy]] = {
 
 def make_policy(name: str, **options: object) -> Policy:
     """A fresh policy; options are the policy's own keyword arguments (for "ecoserve": the
-    component switches pipelining/synced_groups/ordering/slo_guard/oracle_rl and the
+    component switches pipelining/ordering/slo_guard/oracle_rl and the
     components' config fields)."""
     try:
         factory = POLICIES[name]
@@ -33,4 +33,34 @@ def make_policy(name: str, **options: object) -> Policy:
     return factory(**options)
 
 
-__all__ = ["POLICIES", "Policy", "compose", "make_policy"]
+def parse_spec(spec: str) -> tuple[str, dict[str, bool | int | float]]:
+    """A policy spec as the services take it: a name, optionally with options after a colon,
+    `ecoserve:overcommit_share=1.0,slo_guard=false` (values are true/false or numbers)."""
+    name, _, rest = spec.partition(":")
+    options: dict[str, bool | int | float] = {}
+    for item in filter(None, (x.strip() for x in rest.split(","))):
+        key, eq, raw = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"policy option {item!r} is not key=value (in {spec!r})")
+        low = raw.strip().lower()
+        if low in ("true", "false"):
+            options[key.strip()] = low == "true"
+            continue
+        try:
+            options[key.strip()] = int(low) if low.lstrip("-").isdigit() else float(low)
+        except ValueError:
+            raise ValueError(f"policy option {key.strip()}={raw!r}: not a number or bool") from None
+    return name.strip(), options
+
+
+def policy_from_spec(spec: str) -> Policy:
+    """`make_policy` from a spec string (`parse_spec`); ValueError names what is wrong, an
+    unknown option included."""
+    name, options = parse_spec(spec)
+    try:
+        return make_policy(name, **options)
+    except TypeError as e:  # the factory's own message names the unexpected option
+        raise ValueError(f"policy {spec!r}: {e}") from None
+
+
+__all__ = ["POLICIES", "Policy", "compose", "make_policy", "parse_spec", "policy_from_spec"]

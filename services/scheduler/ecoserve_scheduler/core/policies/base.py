@@ -58,6 +58,11 @@ class Admission(Protocol):
     def use_reserve(self) -> bool:
         """Growth may take the reserve pool."""
 
+    @property
+    def passes_victims(self) -> bool:
+        """A preempted request at the queue head that does not fit yet lets the requests behind
+        it try (they may overcommit, it may not); else it blocks the queue (vLLM's FCFS)."""
+
     def admission_tokens(self, r: Request, n: int) -> int:
         """Tokens to reserve when r is admitted with a first chunk of n."""
 
@@ -140,6 +145,7 @@ class OnDemand:
     headroom_share: float = 0.0
     reserve_share: float = 0.0
     use_reserve: bool = False
+    passes_victims: bool = False
 
     def admission_tokens(self, r: Request, n: int) -> int:
         return r.num_computed + n

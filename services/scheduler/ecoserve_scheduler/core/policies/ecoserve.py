@@ -1,11 +1,10 @@
-"""EcoServe: a composition of five components, each a small module with its own config.
+"""EcoServe: a composition of four components, each a small module with its own config.
 
 * (a) reservation.py  exact reservation of the padded predicted length, overcommitted for
                       first tokens with a TTFT target when the cache is full (`Admission`)
 * (b) lending.py      KVC pipelining: lend unused reservation tails       (`Lending`)
-* (c) groups.py       time-synced groups of same-bucket requests          (the waiting queue)
-* (d) slack.py        SLO-slack ordering with a late queue; slack victims (`QueueOrder`, `Victims`)
-* (e) guard.py        the SLO guard on prefill budget and admissions      (`StepBudget`)
+* (c) slack.py        SLO-slack ordering with a late queue; slack victims (`QueueOrder`, `Victims`)
+* (d) guard.py        the SLO guard on prefill budget and admissions      (`StepBudget`)
 
 SyncDecoupled scheduling itself (all admitted generation tasks first, then prompt chunks in the
 rest of the token budget, whose admission needs their whole reservation to fit) is the core's
@@ -19,20 +18,18 @@ from dataclasses import fields
 
 from ..queues import FifoQueue, Key, KeyedQueue, WaitQueue
 from .base import FullBudget, Lending, NoLending, Policy, QueueOrder, StepBudget
-from .groups import GroupsConfig, SyncedGroups
 from .guard import GuardConfig, SloGuard
 from .lending import KVLending, LendingConfig
 from .reservation import PaddedReservation, ReservationConfig
 from .slack import ArrivalOrder, Slack, SlackConfig, SlackOrder, SlackVictim
 
-LENDING, GROUPS, GUARD = LendingConfig(), GroupsConfig(), GuardConfig()  # the defaults (frozen)
+LENDING, GUARD = LendingConfig(), GuardConfig()  # the defaults (frozen)
 
 
 def compose(
     reservation: ReservationConfig | None = None,
     slack: SlackConfig | None = None,
     lending: LendingConfig | None = LENDING,
-    groups: GroupsConfig | None = GROUPS,
     ordering: bool = True,
     guard: GuardConfig | None = GUARD,
     oracle_rl: bool = False,
@@ -44,8 +41,6 @@ def compose(
     slk = Slack(slack)
 
     def make_queue(key: Key) -> WaitQueue:
-        if groups is not None:
-            return SyncedGroups(key, groups)
         return KeyedQueue(key) if ordering else FifoQueue()
 
     queue: QueueOrder
@@ -58,20 +53,19 @@ def compose(
     return Policy(name, queue, rsv, budget, SlackVictim(slk), lend, wants_oracle_rl=oracle_rl)
 
 
-_CONFIGS = (ReservationConfig, SlackConfig, LendingConfig, GroupsConfig, GuardConfig)
+_CONFIGS = (ReservationConfig, SlackConfig, LendingConfig, GuardConfig)
 _KNOBS = {f.name: cls for cls in _CONFIGS for f in fields(cls)}
 
 
 def ecoserve_policy(
     pipelining: bool = True,
-    synced_groups: bool = True,
     ordering: bool = True,
     oracle_rl: bool = False,
     slo_guard: bool = True,
     **knobs: float,
 ) -> Policy:
     """The registry's "ecoserve": component switches and the components' config fields as flat
-    keyword arguments (pad_weight=..., group_size=..., ...), mapped onto `compose`."""
+    keyword arguments (pad_weight=..., guard_every=..., ...), mapped onto `compose`."""
     per: dict[type, dict[str, float]] = {cls: {} for cls in _CONFIGS}
     for k, v in knobs.items():
         if k not in _KNOBS:
@@ -81,7 +75,6 @@ def ecoserve_policy(
         reservation=ReservationConfig(**per[ReservationConfig]),  # type: ignore[arg-type]
         slack=SlackConfig(**per[SlackConfig]),
         lending=LendingConfig(**per[LendingConfig]) if pipelining else None,  # type: ignore[arg-type]
-        groups=GroupsConfig(**per[GroupsConfig]) if synced_groups else None,  # type: ignore[arg-type]
         ordering=ordering,
         guard=GuardConfig(**per[GuardConfig]) if slo_guard else None,  # type: ignore[arg-type]
         oracle_rl=oracle_rl,

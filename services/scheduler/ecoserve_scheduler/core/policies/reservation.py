@@ -10,13 +10,18 @@ reserve pool (`reserve_share` of the blocks), and only then preempts a victim.
 
 Overcommit (our addition): when the cache is full of reservations, a request that has not yet
 had a first token and carries a TTFT target joins on demand anyway (its first chunk's blocks,
-growing by chunks later), while all running requests' reservations together stay within
+growing by what it needs later), while all running requests' reservations together stay within
 (1 + `overcommit_share`) x the cache. Reservations are upper bounds (padded, and each is
 released as soon as its request finishes), so the cache is rarely as full as they claim;
 without it a burst larger than the cache waits whole answers for its first tokens (live, on
 SmolLM2: TTFT p99 7-14 s from 5.7 req/s, results/peer). If the bet loses, the victim hook
-preempts the request with the most slack. Only a first admission overcommits, and none while a
-preempted request waits (it comes back through a real reservation first), so nothing cycles.
+preempts the request with the most slack (slack.py: a TPOT target lets a decoding request
+pause as long as its mean TPOT holds); it waits in slack order and comes back through a
+reservation, so only first admissions overcommit and nothing cycles. New bets go on while a
+victim waits: holding them until it was back (as before) cost the simulator's KV-bound cells
+up to a quarter of their max rate (multi-turn 13B/A100-40GB, TTFT/TPOT: 0.343 -> 0.422 req/s
+without the hold, bench/sim.py --quick), and readmitting victims on demand too was worse
+(0.229).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ class ReservationConfig:
     extend_share: float = 0.25
     reserve_share: float = 0.03
     overcommit_share: float = 0.5
+    pass_victims: bool = True  # see core/admit.py
 
 
 class PaddedReservation:
@@ -45,6 +51,7 @@ class PaddedReservation:
     def __init__(self, config: ReservationConfig | None = None) -> None:
         self.config = config or ReservationConfig()
         self.reserve_share = self.config.reserve_share
+        self.passes_victims = self.config.pass_victims
 
     def padded_rl(self, r: Request) -> int:
         """Response length to reserve for: point + pad_weight * (upper - point), within
@@ -57,14 +64,31 @@ class PaddedReservation:
 
     def overcommits(self, step: Step, r: Request) -> bool:
         share = self.config.overcommit_share
-        if share <= 0 or r.num_output or r.slo.ttft_s is None or step.requeued:
-            return False  # a preempted request waiting: the bet is lost for now
+        if share <= 0 or r.num_output or r.slo.ttft_s is None:
+            return False  # a victim (it has outputs) comes back through a reservation
         ledger = step.ledger
-        claims = ledger.blocks_for(r.prompt_len + self.padded_rl(r))
-        for o in step.running.values():
-            own = ledger.blocks_for(o.prompt_len + self.padded_rl(o))
-            claims += max(own, len(ledger.table(o.request_id)))
-        return claims <= (1 + share) * (ledger.num_blocks - ledger.reserve_blocks)
+        return self.projected_peak(step, r) <= (1 + share) * (
+            ledger.num_blocks - ledger.reserve_blocks
+        )
+
+    def projected_peak(self, step: Step, r: Request) -> int:
+        """Blocks the running requests and r will hold at the worst moment ahead if each writes
+        a token a step until its padded length and then frees everything: the usage just
+        before each one ends, the largest of these (requests end at different times, so this
+        is below the sum of their reservations)."""
+        ledger = step.ledger
+        runs = [  # (tokens to go, tokens held once its prompt is in)
+            (self.padded_rl(o) - o.num_output, o.prompt_len + o.num_output)
+            for o in step.running.values()
+        ]
+        runs.append((self.padded_rl(r), r.prompt_len))
+        runs.sort()
+        held = sum(w for _, w in runs)
+        peak, n = 0, len(runs)
+        for k, (left, written) in enumerate(runs):  # at step `left`, runs[k:] still hold KV
+            peak = max(peak, held + (n - k) * left)
+            held -= written
+        return ledger.blocks_for(peak) + n  # + n: each table's last block is partly empty
 
     def growth_tokens(self, r: Request, need: int) -> int:
         """Under-prediction: extend by a chunk and re-bucket r to its new padded length."""

@@ -1,12 +1,14 @@
-"""EcoServe (d): SLO-slack-aware ordering, with a late queue; victims by slack.
+"""EcoServe (c): SLO-slack-aware ordering, with a late queue; victims by slack.
 
 A request's latest start time is its deadline minus its estimated remaining work (iterations x
-the measured iteration time, `default_iter_s` until one is measured). The waiting queue orders
-by slack class (latest start in `slack_quantum_s` classes), then predicted remaining length;
-running prefills by slack, then KV held (more held first: it frees sooner), then predicted
-length. A request whose latest start has passed cannot meet its SLO: it moves to a `late` queue
-served when no on-time request waits, so a backlog does not make every later request late too.
-Under memory pressure the running request with the most slack is preempted.
+the measured iteration time, `default_iter_s` until one is measured); its deadlines are the
+JCT one, the TTFT target before its first token, the end its TPOT target allows after it. The
+waiting queue orders by slack class (latest start in `slack_quantum_s` classes), then
+predicted remaining length; running prefills by slack, then KV held (more held first: it frees
+sooner), then predicted length. A request whose latest start has passed cannot meet its SLO:
+it moves to a `late` queue served when no on-time request waits, so a backlog does not make
+every later request late too. Under memory pressure the running request with the most slack
+is preempted.
 """
 
 from __future__ import annotations
@@ -47,6 +49,12 @@ class Slack:
             latest = r.slo.jct_deadline_s - iters * it
         if r.slo.ttft_s is not None and r.num_output == 0:
             latest = min(latest, r.arrival_s + r.slo.ttft_s - prefill_iters * it)
+        if r.slo.tpot_s is not None and r.first_token_s is not None:
+            # Mean TPOT is what is judged: a request past its first token may pause (a victim)
+            # as long as its predicted answer can still end by first token + tpot x (n - 1).
+            n = max(r.predicted_rl, r.num_output + 1)
+            end = r.first_token_s + r.slo.tpot_s * (n - 1)
+            latest = min(latest, end - (prefill_iters + n - r.num_output) * it)
         return latest
 
     def slack_class(self, latest: float) -> float:
@@ -71,7 +79,7 @@ class SlackVictim:
 
 class SlackOrder:
     """The `QueueOrder` hook: on-time requests by slack class in `make_queue(key)` (a plain
-    keyed queue, or synced groups), late ones by predicted length in a late queue after them."""
+    keyed queue), late ones by predicted length in a late queue after them."""
 
     def __init__(self, slack: Slack, make_queue: Callable[[Key], WaitQueue] = KeyedQueue) -> None:
         self.slack = slack
