@@ -17,9 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from peer_measure import children
 
-from ecoserve_stack.launcher import free_port, start_stack, stop_all
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peer_measure import children  # noqa: E402
+
+from ecoserve_stack.launcher import free_port, start_stack, stop_all  # noqa: E402
 
 VLLM_INSTALL = (
     "{py} -m venv {venv} && {venv}/bin/pip install -q -U pip && "
@@ -122,8 +125,10 @@ def output_to(path: Path):
 def worker_settings(log: str) -> dict:
     """What the EcoServe workers logged at start-up: dtype, torch threads, token budget."""
     out: dict = {}
-    if m := re.search(r"dtype (\S+), (\d+) torch threads", log):
-        out["dtype"], out["threads"] = m.group(1), int(m.group(2))
+    if m := re.search(r"dtype (\S+), (?:quantization (\S+), )?(\d+) torch threads", log):
+        out["dtype"], out["threads"] = m.group(1), int(m.group(3))
+        if m.group(2):
+            out["quantization"] = m.group(2)
     if m := re.search(r"token budget (\d+)", log):
         out["token_budget"] = int(m.group(1))
     return out

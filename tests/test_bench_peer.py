@@ -279,3 +279,15 @@ def test_fixed_rates_run_each_given_rate_and_keep_the_best_passing(measure):
     got = measure.drive({"x": measure.fixed_rates([4.0, 2.0, 8.0])}, lambda _, r: r <= 4.0)
     assert [t["rate"] for t in got["x"]["tried"]] == [4.0, 2.0, 8.0]
     assert got["x"]["max_rate_at_slo90"] == 4.0
+
+
+def test_worker_settings_read_from_the_workers_start_up_line():
+    servers = _load("peer_servers")
+    log = (
+        "INFO ecoserve_worker: model m (/x), device cpu, dtype bfloat16, quantization int4, "
+        "1 torch threads; KV pool 8192 tokens\nINFO ecoserve_worker: ... token budget 512\n"
+    )
+    got = servers.worker_settings(log)
+    assert got == {"dtype": "bfloat16", "threads": 1, "quantization": "int4", "token_budget": 512}
+    old = "dtype float32, 2 torch threads; KV pool"  # before --quantization existed
+    assert servers.worker_settings(old) == {"dtype": "float32", "threads": 2}
