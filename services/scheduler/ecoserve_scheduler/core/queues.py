@@ -87,8 +87,5 @@ class KeyedQueue:
     def begin_step(self) -> None:
         pass
 
-    def head_key(self) -> tuple[float, ...] | None:
-        return self._heap[0][0] if self._heap else None
-
     def __len__(self) -> int:
         return len(self._heap)
