@@ -362,6 +362,11 @@ def search_max_rate(attain: Callable[[float], float], **options) -> dict:
     return drive({"only": rate_search(**options)}, lambda _, rate: attain(rate))["only"]
 
 
+def rotated(names: list[str], k: int) -> list[str]:
+    """`names` starting at its k-th (modulo its length): who goes first in round k."""
+    return names[k % len(names) :] + names[: k % len(names)] if names else []
+
+
 def drive(
     searches: dict[str, Generator[float, float, dict]], attain: Callable[[str, float], float]
 ) -> dict[str, dict]:
@@ -374,9 +379,7 @@ def drive(
         pending[name] = next(gen)
     rnd = 0
     while pending:
-        names = list(pending)
-        names = names[rnd % len(names) :] + names[: rnd % len(names)]
-        got = {name: attain(name, pending[name]) for name in names}
+        got = {name: attain(name, pending[name]) for name in rotated(list(pending), rnd)}
         for name, att in got.items():
             try:
                 pending[name] = searches[name].send(att)

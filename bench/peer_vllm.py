@@ -48,6 +48,7 @@ from peer_measure import (  # noqa: E402
     poisson,
     rate_items,
     rate_search,
+    rotated,
     sequential,
     single_stream,
 )
@@ -77,10 +78,6 @@ QUICK = {"n": 8, "single": 2, "saturated_n": 16, "max_steps": 4, "rate_factor": 
 FULL = {"n": 60, "single": 5, "saturated_n": 64, "max_steps": 0, "rate_factor": 1.5}
 
 
-def rotated(names: list[str], k: int) -> list[str]:
-    return names[k % len(names) :] + names[: k % len(names)] if names else []
-
-
 def measure_all(servers: dict[str, Server], a, work: dict, failed: dict[str, str]) -> dict:
     """All systems are up at once and measured in alternation, so that a machine whose speed
     drifts (these are shared) moves every system's figures alike: warm-up, the single stream and
@@ -89,15 +86,17 @@ def measure_all(servers: dict[str, Server], a, work: dict, failed: dict[str, str
     others'). A system that fails is recorded in `failed` and left out from then on."""
     slo, served = a.slo, a.served
     out: dict[str, dict] = {n: {"ready_s": s.ready_s, "setup": s.setup} for n, s in servers.items()}
-    live = list(servers)
+
+    def fail(name: str, exc: Exception) -> None:  # keep the others going; say what broke
+        failed[name] = repr(exc)[:500]
+        print(f"{name} failed: {exc!r}", file=sys.stderr, flush=True)
 
     def each(k: int, fn: Callable[[Server], None]) -> None:
-        for name in rotated([n for n in live if n not in failed], k):
+        for name in rotated([n for n in servers if n not in failed], k):
             try:
                 fn(servers[name])
-            except Exception as exc:  # keep the others going; say what broke
-                failed[name] = repr(exc)[:500]
-                print(f"{name} failed: {exc!r}", file=sys.stderr, flush=True)
+            except Exception as exc:
+                fail(name, exc)
 
     def warm(s: Server) -> None:
         asyncio.run(closed_loop(s.base, served, work["warmup"], len(work["warmup"])))
@@ -106,8 +105,9 @@ def measure_all(servers: dict[str, Server], a, work: dict, failed: dict[str, str
     def single(s: Server) -> None:
         load = lambda: sequential(s.base, served, work["single"])  # noqa: E731
         metrics, results = phase(load, s.base, s.pids, slo)
-        out[s.name]["single_stream"] = {**single_stream(results), "metrics": metrics}
-        print(f"{s.name} single stream: {json.dumps(single_stream(results))}", flush=True)
+        stream = single_stream(results)
+        out[s.name]["single_stream"] = {**stream, "metrics": metrics}
+        print(f"{s.name} single stream: {json.dumps(stream)}", flush=True)
 
     def saturated(s: Server) -> None:
         load = lambda: closed_loop(s.base, served, work["saturated"], a.concurrency)  # noqa: E731
@@ -126,7 +126,7 @@ def measure_all(servers: dict[str, Server], a, work: dict, failed: dict[str, str
             m, results = phase(lambda: poisson(s.base, served, items, rate, a.seed), s.base,
                                s.pids, slo, s.engine)  # fmt: skip
         except Exception as exc:
-            failed[name] = repr(exc)[:500]
+            fail(name, exc)
             return 0.0
         if a.keep_requests:  # each request's client-side timing beside its lengths
             keep = [{**r, "max_tokens": it["max_tokens"], "prompt_tokens": it["prompt_tokens"]}
@@ -140,7 +140,7 @@ def measure_all(servers: dict[str, Server], a, work: dict, failed: dict[str, str
         print(f"{name} @ {rate:g} req/s: {json.dumps(brief)}", flush=True)
         return m["slo_attainment"]
 
-    names = [n for n in live if n not in failed]
+    names = [n for n in servers if n not in failed]
     if a.rates:
         searches = {n: fixed_rates(a.rates) for n in names}
     else:

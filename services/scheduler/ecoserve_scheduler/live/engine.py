@@ -153,12 +153,12 @@ class LiveEngine:
         poller.register(self._plane.sock, zmq.POLLIN)
         for sock in self._wake_sockets():
             poller.register(sock, zmq.POLLIN)
-        idle_ms, plane = self.idle_poll_s * 1000, self._plane.sock
+        idle_ms, plane_ready = self.idle_poll_s * 1000, (self._plane.sock, zmq.POLLIN)
         self._tick_at = self.clock()
         while not self._stop.is_set():
             self._drain_inbox()
             for i in range(FRAMES_PER_TICK):
-                if plane not in dict(poller.poll(0 if i else idle_ms)):
+                if plane_ready not in poller.poll(0 if i else idle_ms):  # a wake socket only
                     break
                 inbound = self._plane.read()
                 if inbound is not None:

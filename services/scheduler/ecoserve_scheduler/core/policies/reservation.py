@@ -10,9 +10,10 @@ reserve pool (`reserve_share` of the blocks), and only then preempts a victim.
 
 Overcommit (our addition): when the cache is full of reservations, a request that has not yet
 had a first token and carries a TTFT target joins on demand anyway (its first chunk's blocks,
-growing by what it needs later), while all running requests' reservations together stay within
-(1 + `overcommit_share`) x the cache. Reservations are upper bounds (padded, and each is
-released as soon as its request finishes), so the cache is rarely as full as they claim;
+growing by what it needs later), while the projected peak of KV use (`projected_peak`: each
+running request growing to its padded length, then freeing) stays within (1 +
+`overcommit_share`) x the cache. Reservations are upper bounds (padded, and each is released
+as soon as its request finishes), so the cache is rarely as full as they claim;
 without it a burst larger than the cache waits whole answers for its first tokens (live, on
 SmolLM2: TTFT p99 7-14 s from 5.7 req/s, results/peer). If the bet loses, the victim hook
 preempts the request with the most slack (slack.py: a TPOT target lets a decoding request
@@ -51,7 +52,10 @@ class PaddedReservation:
     def __init__(self, config: ReservationConfig | None = None) -> None:
         self.config = config or ReservationConfig()
         self.reserve_share = self.config.reserve_share
-        self.passes_victims = self.config.pass_victims
+
+    @property
+    def passes_victims(self) -> bool:
+        return self.config.pass_victims
 
     def padded_rl(self, r: Request) -> int:
         """Response length to reserve for: point + pad_weight * (upper - point), within
