@@ -14,9 +14,9 @@ import contextlib
 import gzip
 import json
 import math
-import os
 import random
 import statistics
+import sys
 import time
 from collections.abc import Callable, Generator
 from pathlib import Path
@@ -24,7 +24,11 @@ from types import SimpleNamespace
 
 import httpx
 
-from ecoserve_stack.demo import summarize, timing
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from proc_cpu import children, cpu_seconds, process_cpu  # noqa: E402, F401 (re-exported)
+
+from ecoserve_stack.demo import summarize, timing  # noqa: E402
 
 SHAREGPT = "sharegpt_v3_pairs.jsonl.gz"
 TARGET = 0.9  # share of requests that must meet both SLOs
@@ -71,6 +75,12 @@ def chat_workload(data_dir, model_dir: str, count: int, prompt_limit: int, max_o
     if len(items) < count:
         raise SystemExit(f"only {len(items)} prompts of <= {prompt_limit} tokens in {name}")
     return name, items
+
+
+def requests_at(rate: float, n: int, seconds: float) -> int:
+    """Requests offered at `rate`: `seconds` of arrivals, at least `n` (a short burst hides
+    overload: bench/README.md)."""
+    return max(n, round(rate * seconds))
 
 
 def rate_items(pool: list, n: int, rate: float, seed: int) -> list:
@@ -169,39 +179,6 @@ async def poisson(base: str, model: str, items, rate: float, seed: int) -> tuple
 
 
 # ---- server-side readings ------------------------------------------------------------------
-
-
-def cpu_seconds(pid: int, descendants: bool = True) -> float:
-    """User + system CPU of a process and (by default) its live descendants (vLLM's engine core
-    is a child)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total = (int(fields[11]) + int(fields[12])) / tick
-        for child in children(pid) if descendants else ():
-            total += cpu_seconds(child)
-    except (FileNotFoundError, ProcessLookupError):
-        pass  # gone between listing and reading
-    return total
-
-
-def children(pid: int) -> list[int]:
-    """The live child processes of `pid` (every thread's)."""
-    out = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        out += [int(c) for c in (task / "children").read_text().split()]
-    return out
-
-
-def process_cpu(pids: dict[str, int | tuple[int, bool]]) -> dict[str, float]:
-    """cpu_seconds of each named process: a bare pid counts its descendants, (pid, False) only
-    itself (where its children are named on their own)."""
-    out = {}
-    for name, proc in pids.items():
-        pid, descendants = (proc, True) if isinstance(proc, int) else proc
-        out[name] = cpu_seconds(pid, descendants)
-    return out
 
 
 def kv_usage(text: str) -> float | None:

@@ -13,8 +13,10 @@ with its own dtype and thread defaults, policy ecoserve, `--workers` workers) an
 (`--vllm-venv`, default ~/.cache/ecoserve/peer-vllm), built on first use (bench/README.md).
 
 Each system: one request at a time (`--single`, decode tok/s and TTFT medians), `--concurrency`
-streams in a closed loop for `--saturated-n` requests (output tok/s), then Poisson arrivals of
-`--n` requests per rate (peer_measure.search_max_rate, or the explicit `--rates`). Every rate
+streams in a closed loop for `--saturated-n` requests (output tok/s), then Poisson arrivals at
+each rate (peer_measure.search_max_rate, or the explicit `--rates`) for `--rate-seconds`, at
+least `--n` requests (peer_measure.requests_at: a short burst measures how a system absorbs
+it, not the rate it sustains). Every rate
 records TTFT/TPOT p50/p99, SLO attainment, throughput and CPU seconds per generated token for
 each server process. OUT/summary.json is rewritten after each system (bench/README.md has its
 shape); the servers' logs go to OUT/<system>.log.
@@ -48,6 +50,7 @@ from peer_measure import (  # noqa: E402
     poisson,
     rate_items,
     rate_search,
+    requests_at,
     rotated,
     sequential,
     single_stream,
@@ -75,7 +78,9 @@ HEADLINE = (
     "cpu_s_per_token",
 )
 QUICK = {"n": 8, "single": 2, "saturated_n": 16, "max_steps": 4, "rate_factor": 2.0}
+QUICK["rate_seconds"] = 0
 FULL = {"n": 60, "single": 5, "saturated_n": 64, "max_steps": 0, "rate_factor": 1.5}
+FULL["rate_seconds"] = 60
 
 
 def measure_all(servers: dict[str, Server], a, work: dict, failed: dict[str, str]) -> dict:
@@ -121,7 +126,8 @@ def measure_all(servers: dict[str, Server], a, work: dict, failed: dict[str, str
     def attain(name: str, rate: float) -> float:
         if name in failed:
             return 0.0
-        s, items = servers[name], rate_items(work["rate_pool"], a.n, rate, a.seed)
+        n = requests_at(rate, a.n, a.rate_seconds)
+        s, items = servers[name], rate_items(work["rate_pool"], n, rate, a.seed)
         try:
             m, results = phase(lambda: poisson(s.base, served, items, rate, a.seed), s.base,
                                s.pids, slo, s.engine)  # fmt: skip
@@ -207,6 +213,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=4, help="requests before measuring")
     p.add_argument("--pool", type=int, default=1000, help="prompts the rates draw from")
     p.add_argument("--prompt-limit", type=int, default=512, help="chat-templated prompt tokens")
+    p.add_argument("--rate-seconds", type=float, help="arrivals per rate last this long, with "
+                   "at least --n requests (default 60; --quick: 0, --n alone)")  # fmt: skip
     p.add_argument("--rate-start", type=float, default=0.5)
     p.add_argument("--rate-factor", type=float, help="default 1.5 (--quick: 2)")
     p.add_argument("--rate-cap", type=float, default=16.0)
@@ -251,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
 
     data = a.data_dir or DEFAULT_DATA_DIR
     fixed = a.warmup + a.single + a.saturated_n  # each phase its own prompts
-    count = fixed + max(a.pool, a.n)
+    top = max(a.rates) if a.rates else a.rate_cap
+    count = fixed + max(a.pool, requests_at(top, a.n, a.rate_seconds))  # no repeats in a rate
     source, items = chat_workload(data, a.model_dir, count, a.prompt_limit, a.max_output, a.seed)
     single = [{**it, "max_tokens": a.max_output} for it in items[a.warmup : a.warmup + a.single]]
     work = {"warmup": items[: a.warmup], "single": single, "rate_pool": items[fixed:]}
@@ -280,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
             "max_output_tokens": a.max_output,
             "max_tokens": "recorded answer length (cl100k tokens) capped at max_output_tokens; "
             "single stream: max_output_tokens",
-            "requests_per_rate": a.n,
+            "requests_per_rate": f"max({a.n}, rate x {a.rate_seconds:g} s)",
             "rate_prompt_pool": len(work["rate_pool"]),
             "prompts": "warm-up, single stream, saturated and the rate pool are disjoint; each "
             "rate draws its requests from the pool by rate and seed (peer_measure.rate_items)",

@@ -182,6 +182,12 @@ def test_each_rate_draws_the_same_prompts_for_every_system(measure):
     assert len(set(one) & set(measure.rate_items(pool, 40, 1.69, seed=0))) < 10
 
 
+def test_a_rate_offers_its_seconds_of_arrivals_and_at_least_n(measure):
+    assert measure.requests_at(4.0, 60, 60) == 240  # a minute at 4 req/s
+    assert measure.requests_at(0.5, 60, 60) == 60  # never fewer than n
+    assert measure.requests_at(7.0, 8, 0) == 8  # seconds 0: n alone (--quick)
+
+
 def test_single_stream_takes_medians(measure):
     rs = [
         {"ok": True, "tokens": 11, "ttft_s": t, "tpot_s": p, "jct_s": 9}

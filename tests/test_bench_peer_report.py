@@ -170,7 +170,7 @@ def test_measure_all_alternates_systems_in_every_phase(peer, tmp_path, monkeypat
     monkeypatch.setattr(peer, "single_stream", lambda r: {"decode_tok_s_p50": 1, "ttft_p50_s": 1})
     servers = {n: peer.Server(n, n, {}, 1.0, {}, lambda: None) for n in "abc"}
     a = peer.parser().parse_args(["--out", str(tmp_path), "--rates", "1", "2"])
-    a.slo, a.served, a.n = {"ttft_s": 2.0, "tpot_s": 0.2}, "m", 2
+    a.slo, a.served, a.n, a.rate_seconds = {"ttft_s": 2.0, "tpot_s": 0.2}, "m", 2, 0
     work = {k: [ITEM] * 3 for k in ("warmup", "single", "saturated", "rate_pool")}
     failed: dict[str, str] = {}
     out = peer.measure_all(servers, a, work, failed)
