@@ -21,7 +21,7 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PYTHON) -m pytest
 
-SRC := services sdk stack bench tests
+SRC := services sdk stack bench tests deploy
 
 lint: $(STAMP)
 	$(PYTHON) -m ruff check $(SRC)

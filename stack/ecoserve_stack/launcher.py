@@ -18,8 +18,9 @@ It prints where to connect when every worker has registered, then waits. A proce
 is started again with backoff (supervise.Supervisor): a restarted worker registers again, a
 restarted scheduler fails the rows its predecessor left unfinished. Ctrl-C (or SIGTERM), during
 start-up too, stops the workers, then the scheduler, then the predictor, each with SIGTERM and a
-grace period. With ECOSERVE_API_KEY (or --api-key-file) every client call needs that key; the
-launcher's own readiness check sends it.
+grace period (with --drain-timeout-s a worker's SIGTERM first drains it through the scheduler).
+With ECOSERVE_API_KEY (or --api-key-file) every client call needs that key; the launcher's own
+readiness check sends it.
 """
 
 from __future__ import annotations
@@ -100,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="a file holding the bearer key clients must send on gRPC and /v1 HTTP (or set "
         "ECOSERVE_API_KEY); never on a command line, where `ps` shows it",
+    )
+    p.add_argument(
+        "--drain-timeout-s",
+        type=float,
+        default=0.0,
+        help="workers leave gracefully on SIGTERM: the scheduler drains them (what runs there "
+        "finishes there) for at most this long (default 0: SIGTERM stops them at once)",
     )
     p.add_argument(
         "--worker-threads",
@@ -274,7 +282,8 @@ def worker_command(
     a: argparse.Namespace, worker_id: str, worker_addr: str, model_dir: str, threads: int
 ) -> list[str]:
     """One worker's command line: the options `up` passes through."""
-    quant = getattr(a, "quantization", "none")  # a Namespace built elsewhere may lack it
+    quant = getattr(a, "quantization", "none")  # a Namespace built elsewhere may lack them
+    drain = getattr(a, "drain_timeout_s", 0.0)
     return _python(
         "ecoserve_worker",
         *("--scheduler", worker_addr, "--worker-id", worker_id, "--model", model_dir),
@@ -283,6 +292,7 @@ def worker_command(
         *(("--dtype", a.dtype) if a.dtype else ()),
         *(("--quantization", quant) if quant != "none" else ()),
         *(("--token-budget", str(a.token_budget), "--no-profile") if a.token_budget else ()),
+        *(("--drain-timeout-s", str(drain)) if drain else ()),
     )
 
 

@@ -111,7 +111,7 @@ def is_duplicate(e: BaseException) -> bool:
 def make_engine(url: str = "sqlite:///ecoserve.db", **kw: Any) -> Engine:
     """An engine for `url`; for SQLite: WAL, a busy timeout and a 0600 file (see above)."""
     if not url.startswith("sqlite"):
-        return create_engine(url, future=True, pool_pre_ping=True, **kw)
+        return create_engine(with_driver(url), future=True, pool_pre_ping=True, **kw)
     # The scheduler may touch the store from more than one thread; each session still
     # uses one connection at a time.
     kw["connect_args"] = {"check_same_thread": False, **kw.get("connect_args", {})}
@@ -119,6 +119,16 @@ def make_engine(url: str = "sqlite:///ecoserve.db", **kw: Any) -> Engine:
     engine = create_engine(url, future=True, pool_pre_ping=True, **kw)
     event.listen(engine, "connect", _sqlite_pragmas)
     return engine
+
+
+def with_driver(url: str) -> str:
+    """A bare `postgresql://` (or libpq's `postgres://`) URL names psycopg 3, the driver the
+    scheduler image installs: it is the form an operator's Secret holds (CloudNativePG's
+    `<cluster>-app` key `uri`), and SQLAlchemy would otherwise pick psycopg2, which is absent."""
+    for bare in ("postgresql://", "postgres://"):
+        if url.startswith(bare):
+            return "postgresql+psycopg://" + url[len(bare) :]
+    return url
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

@@ -144,6 +144,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.5,
         help="heartbeat period, during steps too (the scheduler may ask for a shorter one)",
     )
+    p.add_argument(
+        "--drain-timeout-s",
+        type=float,
+        default=0.0,
+        help="SIGTERM leaves gracefully: the scheduler drains this worker (admits nothing new "
+        "here, lets what runs here finish) and it exits when that is done or after this long; "
+        "0 (default): SIGTERM exits at once. SIGINT and a second SIGTERM always do",
+    )
+    p.add_argument(
+        "--health-address",
+        default="",
+        metavar="HOST:PORT",
+        help="serve GET /livez and /readyz here for probes (health.py); default: off, the "
+        "worker listens on no port",
+    )
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     return p
 
@@ -343,8 +358,19 @@ def main(argv: list[str] | None = None) -> int:
     server = WorkerServer(
         args.scheduler, args.worker_id, backend, token, heartbeat_s=args.heartbeat_s, keys=keys
     )
+    if args.health_address:
+        from .health import serve_health
+
+        try:
+            serve_health(args.health_address, server.status)
+        except (OSError, ValueError) as exc:
+            log.error("cannot serve probes at %s: %s", args.health_address, exc)
+            return 2
 
     def on_signal(signum, _frame) -> None:
+        if signum == signal.SIGTERM and args.drain_timeout_s > 0 and not server.leaving:
+            server.leave(args.drain_timeout_s)  # a rolling update: finish what runs here first
+            return
         log.info("signal %s: stopping", signal.Signals(signum).name)
         server.stop()
 

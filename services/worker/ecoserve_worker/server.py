@@ -15,7 +15,12 @@ Protocol (one protobuf Envelope per frame, see proto/worker.proto):
   scheduler's `Registered.heartbeat_s`), the worker sends its own Heartbeat (its clock in
   `sent_s`), during a long step too: a pulse thread takes the socket while `execute` runs.
 - Drain: the step in flight is already done (one step at a time); later plans get an Error with
-  code "draining". Shutdown: exit. `stop()` (SIGTERM in the CLI) exits too.
+  code "draining". Shutdown: exit. `stop()` (SIGINT in the CLI) exits too.
+- Leaving (`leave()`, SIGTERM in the CLI with --drain-timeout-s): the worker sends the scheduler
+  a Drain of its own (again every REGISTER_RETRY_S, should one be lost) and keeps executing the
+  plans it gets, which now only finish what runs here; it exits 0 on the scheduler's Shutdown,
+  on "unregistered" (nothing of its runs there), or when the deadline passes (the scheduler
+  then drops it as silent and recomputes what was left elsewhere).
 - Error "unregistered" (a restarted scheduler does not know this worker): send Register again
   and keep serving; the Registered that answers it is checked like the first one. While one
   Register is unanswered (less than REGISTER_RETRY_S old), further "unregistered" replies send
@@ -88,6 +93,12 @@ class WorkerServer:
         self._register_sent: float | None = None  # when the unanswered Register went out
         self.registers_sent = 0
         self.draining = False
+        self.registered = False  # accepted by the scheduler, not yet told "unregistered"
+        self.last_loop_s = time.monotonic()  # the loop's last round: what liveness reads
+        self._leave = threading.Event()  # set by leave(): drain here, then exit
+        self._leave_timeout_s = 0.0
+        self._leaving_since: float | None = None
+        self._drain_sent: float | None = None
         self.steps_done = 0
         self._exit_code = EXIT_OK  # what run() returns when _serve ends on a frame
 
@@ -96,6 +107,26 @@ class WorkerServer:
     def stop(self) -> None:
         """Ask run() to return (safe from a signal handler or another thread)."""
         self._stop.set()
+
+    def leave(self, timeout_s: float) -> None:
+        """Leave gracefully: have the scheduler drain this worker, exit when it is done or
+        after `timeout_s` (safe from a signal handler or another thread)."""
+        self._leave_timeout_s = timeout_s
+        self._leave.set()
+
+    @property
+    def leaving(self) -> bool:
+        return self._leave.is_set()
+
+    def status(self) -> dict[str, Any]:
+        """What the probes read (health.py): the state, how long since the loop went round."""
+        state = "leaving" if self.leaving else "ready" if self.registered else "registering"
+        return {
+            "state": state,
+            "worker_id": self.worker_id,
+            "steps": self.steps_done,
+            "since_loop_s": round(time.monotonic() - self.last_loop_s, 3),
+        }
 
     def run(self) -> int:
         """Register, then serve until Shutdown or stop(). Returns an exit code (0 ok, 1 refused)."""
@@ -137,6 +168,10 @@ class WorkerServer:
         (EXIT_REFUSED when refused, EXIT_OK on Shutdown or stop() before an answer)."""
         self._send_register()
         while not self._stop.is_set():
+            self.last_loop_s = time.monotonic()
+            if self.leaving:  # nothing runs here yet: nothing to drain
+                log.info("leaving before registration")
+                return EXIT_OK
             msg = self._recv(self.poll_s)
             if msg is None:
                 if time.monotonic() - (self._register_sent or 0.0) >= REGISTER_RETRY_S:
@@ -166,12 +201,16 @@ class WorkerServer:
         if self._register_sent is not None:  # a duplicate acknowledgement logs nothing
             log.info("worker %s registered with %s", self.worker_id, self.scheduler_addr)
         self._register_sent = None
+        self.registered = True
         if 0 < reply.heartbeat_s < self.heartbeat_s:
             self.heartbeat_s = reply.heartbeat_s  # the scheduler's timeout decides
         return None
 
     def _serve(self) -> int:
         while not self._stop.is_set():
+            self.last_loop_s = time.monotonic()
+            if self.leaving and self._leave_due():
+                return EXIT_OK
             idle_for = time.monotonic() - self._last_sent
             wait = min(self.poll_s, max(0.0, self.heartbeat_s - idle_for))
             msg = self._recv(wait)
@@ -180,6 +219,26 @@ class WorkerServer:
             if time.monotonic() - self._last_sent >= self.heartbeat_s:
                 self._send(pb.Heartbeat(sent_s=time.time(), steps_done=self.steps_done))
         return EXIT_OK
+
+    def _leave_due(self) -> bool:
+        """Leaving: (re)send Drain; True once the deadline has passed."""
+        now = time.monotonic()
+        if self._leaving_since is None:
+            self._leaving_since = now
+            log.info(
+                "leaving: asking the scheduler to drain this worker (at most %gs)",
+                self._leave_timeout_s,
+            )
+        if self._drain_sent is None or now - self._drain_sent >= REGISTER_RETRY_S:
+            self._drain_sent = now
+            self._send(pb.Drain())
+        if now - self._leaving_since < self._leave_timeout_s:
+            return False
+        log.warning(
+            "drain not over after %gs: exiting; the scheduler recomputes what is left elsewhere",
+            self._leave_timeout_s,
+        )
+        return True
 
     # ---- frames --------------------------------------------------------------------------
 
@@ -198,7 +257,11 @@ class WorkerServer:
         elif body == "registered":  # answers a re-registration
             if self._on_registered(env.registered) is not None:
                 return False
+        elif body == "error" and env.error.code == "unregistered" and self.leaving:
+            log.info("the scheduler no longer knows this leaving worker: nothing left to drain")
+            return False
         elif body == "error" and env.error.code == "unregistered":
+            self.registered = False
             pending = self._register_sent
             if pending is None or time.monotonic() - pending >= REGISTER_RETRY_S:
                 log.warning("scheduler does not know this worker (restarted?): registering again")

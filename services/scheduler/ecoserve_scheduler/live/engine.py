@@ -17,6 +17,8 @@ The core decides; this loop only moves frames and reads the clock:
   every timeout/4 (`Registered.heartbeat_s`), during steps too. Time the loop itself did not
   run (a stalled process) does not count as their silence;
 - an Error that answers a plan (draining, invalid) fails that step, as a failed step result;
+- a worker's own Drain (it is leaving: SIGTERM in a rolling update) makes it admit nothing new;
+  once what runs there has finished it is removed and sent Shutdown (drain.py);
 - frames from an unregistered peer get Error "unregistered" (the worker then registers again);
   strangers' Registers and the replies they get are rationed by the plane; the rest dropped.
 
@@ -46,6 +48,7 @@ from ecoserve_common.wire import WireError, decode, encode, plan_to_proto, resul
 from ..core import SchedulerCore, StepResult, WorkerSpec
 from ..core.events import FinishEvent
 from ..core.request import Request
+from .drain import Drains
 from .handle import RequestHandle, close_handle
 from .worker_plane import Inbound, WorkerConn, WorkerPlane, refusal
 
@@ -86,6 +89,7 @@ class LiveEngine:
         self._thread = threading.Thread(target=self._run, name="live-engine", daemon=True)
         self._failure: str | None = None
         self.workers_dropped = 0
+        self.drains = Drains(core)  # workers leaving on their own: admit nothing, then Shutdown
         self.core_s = 0.0  # time inside core.schedule / core.update (scheduler overhead)
         self.forward_s = 0.0  # workers' reported step time
         self.steps = 0
@@ -167,6 +171,7 @@ class LiveEngine:
             self._forgive_stall(now)
             self._drop_silent(now)
             self._dispatch(now)
+            self._shut_drained()
             if now - self._stats_at > STATS_EVERY_S:
                 self._stats_at = now
                 self._publish_stats()
@@ -198,6 +203,7 @@ class LiveEngine:
         self.stats_snapshot = {
             **self.core.stats(),
             "workers": list(self._workers),
+            "draining": self.drains.running(),  # worker id -> requests still running there
             "engine": {
                 "steps": self.steps,
                 "core_s": self.core_s,
@@ -205,6 +211,7 @@ class LiveEngine:
                 "decode_tokens": self.decode_tokens,
                 "prefill_tokens": self.prefill_tokens,
                 "workers_dropped": self.workers_dropped,
+                "workers_drained": self.drains.drained,
                 "frames_dropped": self._plane.dropped,
                 "worker_plane_secure": self._plane.secure,
             },
@@ -266,8 +273,19 @@ class LiveEngine:
 
     def _remove(self, wid: str, now: float) -> None:
         self._plane.remove(wid)
+        self.drains.forget(wid)
         self.workers_dropped += 1
         self._deliver(self.core.remove_worker(wid, now))
+
+    def _shut_drained(self) -> None:
+        """Draining workers with nothing left to run leave: out of the core (nothing to
+        recompute), then Shutdown, which the worker exits 0 on."""
+        for wid in self.drains.done():
+            self._plane.send(self._workers[wid], encode("scheduler", pb.Shutdown()))
+            self._plane.remove(wid)
+            self.drains.left(wid)
+            self._deliver(self.core.remove_worker(wid, self.clock()))
+            log.info("worker %s drained: shut down", wid)
 
     # ---- frames ------------------------------------------------------------------------------
 
@@ -314,6 +332,10 @@ class LiveEngine:
             self._fail_step(wid, env.error.step_id, f"{env.error.code}: {env.error.message}", now)
         elif body == "error":
             log.warning("worker %s reported %s: %s", wid, env.error.code, env.error.message)
+        elif body == "drain":  # the worker is leaving (a repeated Drain changes nothing)
+            if self.drains.start(wid, now):
+                n = len(self.core.workers[wid].running)
+                log.info("worker %s draining: admits nothing new, %d request(s) to finish", wid, n)
         elif body != "heartbeat":
             self._reply(inb, pb.Error(code="unknown", message=f"a scheduler takes no {body}"), now)
 

@@ -1,6 +1,6 @@
 """OpenAI-compatible HTTP API over the Frontend: /v1/completions, /v1/chat/completions
-(streaming as server-sent events, or not), /v1/models and /v1/models/{model}, /health,
-Prometheus /metrics, /stats.
+(streaming as server-sent events, or not), /v1/models and /v1/models/{model}, /health
+(readiness), /livez (liveness), Prometheus /metrics, /stats.
 
 Layout: `bodies` (every request body: OpenAI's fields and vLLM's extensions), `fields` (the
 declared fields we do not do, refused by name; `n`, `priority`), `messages` (chat content parts

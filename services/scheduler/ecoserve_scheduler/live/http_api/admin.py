@@ -1,8 +1,9 @@
 """What operators and probes read: /health (503 while no worker is registered or the engine
-core is down, with the reason), /v1/models and /v1/models/{model} (the served model, or
-OpenAI's 404 `model_not_found`), Prometheus /metrics and /stats (the scheduler's
-stats as JSON, as the gRPC Stats call gives). /health, /metrics and /stats stay open when an
-API key guards the rest.
+core is down, with the reason: readiness), /livez (503 only while the engine is down:
+liveness, since a scheduler without workers is not broken and a restart would not bring one),
+/v1/models and /v1/models/{model} (the served model, or OpenAI's 404 `model_not_found`),
+Prometheus /metrics and /stats (the scheduler's stats as JSON, as the gRPC Stats call gives).
+/health, /livez, /metrics and /stats stay open when an API key guards the rest.
 
 Every route here is `async` and quick (it reads snapshots the engine keeps): none waits for a
 thread, so no amount of request traffic starves a probe or a scrape."""
@@ -40,6 +41,13 @@ async def health(ctx: Ctx) -> JSONResponse:
         {"status": status, "workers": workers},
         status_code=200 if status == "ok" else 503,
     )
+
+
+@router.get("/livez")
+async def live(ctx: Ctx) -> JSONResponse:
+    """The engine runs (its loop, or its core process), whatever the workers do."""
+    failure = ctx.frontend.engine.failure
+    return JSONResponse({"status": failure or "ok"}, status_code=503 if failure else 200)
 
 
 @router.get("/metrics")

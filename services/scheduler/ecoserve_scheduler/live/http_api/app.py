@@ -26,7 +26,7 @@ def create_app(
     api_key: str = "",
     limits: HttpLimits | None = None,
 ) -> FastAPI:
-    """With `api_key`, every route but /health, /metrics and /stats (probes and scrapers)
+    """With `api_key`, every route but /health, /livez, /metrics and /stats (probes, scrapers)
     needs `Authorization: Bearer <key>`. `limits` bound bodies and the start-up threads; serve
     the app with `uvicorn_config(app, ..., limits)` so connections are bounded too."""
     limits = limits or HttpLimits()

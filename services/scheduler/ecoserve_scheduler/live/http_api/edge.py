@@ -2,9 +2,9 @@
 and the handlers that give every error OpenAI's JSON shape.
 
 In order, before any body byte is parsed:
-1. the API key, when one is set: every path but the probes (`OPEN_PATHS`: /health, /metrics,
-   /stats) needs `Authorization: Bearer <key>` (401), so an unauthenticated client cannot make
-   the server read, buffer or parse anything;
+1. the API key, when one is set: every path but the probes (`OPEN_PATHS`: /health, /livez,
+   /metrics, /stats) needs `Authorization: Bearer <key>` (401), so an unauthenticated client
+   cannot make the server read, buffer or parse anything;
 2. the body's size: a Content-Length over `max_body_bytes` is a 413 at once, unread; a body
    without one (chunked) is counted as it arrives and refused once it passes the limit;
 3. the body's time: a body not complete within `body_timeout_s` is a 408 (a client that
@@ -34,7 +34,7 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-OPEN_PATHS = frozenset({"/health", "/metrics", "/stats"})  # probes and scrapers: no key
+OPEN_PATHS = frozenset({"/health", "/livez", "/metrics", "/stats"})  # probes, scrapers: no key
 
 
 def error_body(

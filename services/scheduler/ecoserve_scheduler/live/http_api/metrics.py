@@ -40,7 +40,11 @@ class Metrics:
         )
         self.jct = Histogram("ecoserve_jct_seconds", "Request completion time", registry=r)
         self.pending = Gauge("ecoserve_pending_requests", "Requests in the system", registry=r)
+        # Queue depth: what an autoscaler of the workers reads (deploy/kubernetes, the HPA).
         self.waiting = Gauge("ecoserve_waiting_requests", "Requests queued in the core", registry=r)
+        self.workers = Gauge(
+            "ecoserve_workers", "Registered workers (draining: leaving)", ["state"], registry=r
+        )
         self.kv_blocks = Gauge("ecoserve_kv_blocks", "KV blocks", ["worker", "state"], registry=r)
         self.kv_tokens = Gauge(
             "ecoserve_kv_tokens_written", "KV tokens written", ["worker"], registry=r
@@ -76,6 +80,9 @@ class Metrics:
         self.pending.set(frontend.engine.pending)
         self.waiting.set(snap.get("waiting", 0))
         self.preemptions.set(snap.get("preemptions", 0))
+        workers, draining = snap.get("workers", []), snap.get("draining", {})
+        self.workers.labels("serving").set(len([w for w in workers if w not in draining]))
+        self.workers.labels("draining").set(len(draining))
         for wid, kv in snap.get("kv", {}).items():
             self.kv_blocks.labels(wid, "used").set(kv["blocks_used"])
             self.kv_blocks.labels(wid, "total").set(kv["num_blocks"])
