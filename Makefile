@@ -86,11 +86,13 @@ bench-sim-quick: $(STAMP)
 bench-worker: $(STAMP)
 	$(PYTHON) bench/worker_speed.py --out results/worker
 
-# Accuracy on the ShareGPT validation split + latency through the gRPC service (CPU).
+# Accuracy on the ShareGPT honest test split through `ecoserve-predictor evaluate` (overall, first
+# and later turns, prompts unseen in training; bootstrap 95% intervals) + gRPC service latency (CPU).
 bench-predictor: $(STAMP)
 	$(PYTHON) bench/predictor.py --out results/predictor
 
-# Rebuild the packaged predictor artifact from ShareGPT (needs ../shared/data; ~6 min on 2 cores).
+# Rebuild the packaged predictor artifact from ShareGPT (needs ../shared/data; ~6 min on 2 cores),
+# on the honest split: no normalised prompt on two of train / validation / test.
 train-predictor: $(STAMP)
 	$(PYTHON) -m ecoserve_predictor train --data-dir $(DATA_DIR) --kind encoder --epochs 6 \
 		--out services/predictor/ecoserve_predictor/artifact

@@ -1,29 +1,38 @@
-"""Predictor benchmark: accuracy on the validation split and latency through the gRPC service.
+"""Predictor benchmark: accuracy on the honest test split and latency through the gRPC service.
 
     python bench/predictor.py --out results/predictor [--artifact DIR] [--data-dir DIR]
-        [--candidate NAME=DIR ...]
+        [--candidate NAME=DIR ...] [--keep-latency]
 
-* Accuracy (needs ../shared/data; skipped with a reason when absent): the artifact run by ONNX
-  Runtime on the ShareGPT validation split (10% of conversations by hash, never trained on):
-  spearman, mae, within_1_bucket, coverage_upper; the same for two baselines (global median;
-  regression of log length on log prompt tokens).
+* Accuracy (needs ../shared/data; skipped with a reason when absent): the ShareGPT test split
+  of `data.honest_split` (10% of conversations by hash, never trained on, less every pair whose
+  normalised prompt the training or validation side holds) written to a JSONL file and run
+  through `ecoserve-predictor evaluate` (ONNX Runtime, as served): spearman, mae,
+  within_1_bucket, coverage_upper with bootstrap 95% intervals, overall (`model`) and for the
+  first_turn / later_turns / unseen_prompt / seen_prompt slices (`evaluate`). The same on the
+  old conversation-only validation split (`conversation_split_validation`), which mixes in
+  prompts seen in training, for comparison with the figure it gave. Two baselines on the test
+  split (global median; regression of log length on log prompt tokens).
 * Latency: `ecoserve-predictor serve` started as a process on 127.0.0.1 (CPU provider); one
   client sends batch-1 calls (p50/p99 ms) and batch-32 calls (p50 ms per batch), one at a time;
   then 4 client threads send batch-32 calls for `--load-s` seconds: prompts/s.
-* Each `--candidate NAME=DIR` artifact: its validation metrics, ONNX Runtime latency in
+  `--keep-latency` copies it from the existing summary instead (a busy machine times wrong).
+* Each `--candidate NAME=DIR` artifact: its test-split metrics, ONNX Runtime latency in
   process at batch 1 and 32, and its size on disk, for the model choice.
 
-Writes OUT/summary.json.
+Writes OUT/summary.json. Fields of the existing summary this run did not measure (`latency`
+with --keep-latency, `candidates` without --candidate) are kept, listed in `carried_over`.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import platform
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -37,6 +46,8 @@ import numpy as np  # noqa: E402
 
 from ecoserve_predictor.data import (  # noqa: E402
     DEFAULT_DATA_DIR,
+    Pair,
+    honest_split,
     load_sharegpt,
     split,
     synthetic_pairs,
@@ -53,6 +64,33 @@ def accuracy(predictor: OnnxPredictor, val) -> dict[str, float]:
         point.extend(r.point)
         upper.extend(r.upper)
     return evaluate(point, upper, [p.response_tokens for p in val], predictor.edges)
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [
+            str(REPO / "services/predictor"),
+            str(REPO / "services/scheduler"),
+            env.get("PYTHONPATH", ""),
+        ]
+    )
+    return env
+
+
+def run_evaluate(artifact: Path, pairs: list[Pair], workdir: Path, name: str) -> dict[str, Any]:
+    """`ecoserve-predictor evaluate` (the command, as a user runs it) on these pairs, written
+    in the shared ShareGPT format."""
+    data, out = workdir / f"{name}.jsonl.gz", workdir / f"{name}.json"
+    with gzip.open(data, "wt", encoding="utf-8") as f:
+        for p in pairs:
+            row = {"id": p.record, "turn": p.turn, "prompt": p.prompt}
+            row |= {"response_tokens": p.response_tokens, "prompt_tokens": p.prompt_tokens}
+            f.write(json.dumps(row) + "\n")
+    cmd = [sys.executable, "-m", "ecoserve_predictor", "--log-level", "WARNING", "evaluate"]
+    cmd += ["--data", str(data), "--artifact", str(artifact), "--out", str(out)]
+    subprocess.run([*cmd, "--device", "cpu"], env=_env(), check=True)
+    return json.loads(out.read_text()) | {"data": f"{name} split (a temporary file)"}
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -81,14 +119,7 @@ def grpc_latency(artifact: Path, prompts: list[str], load_s: float) -> dict[str,
     from ecoserve_common.pb import predictor_pb2_grpc as pb_grpc
 
     port = free_port()
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [
-            str(REPO / "services/predictor"),
-            str(REPO / "services/scheduler"),
-            env.get("PYTHONPATH", ""),
-        ]
-    )
+    env = _env()
     cmd = [sys.executable, "-m", "ecoserve_predictor", "--log-level", "WARNING", "serve"]
     cmd += ["--artifact", str(artifact), "--address", f"127.0.0.1:{port}", "--device", "cpu"]
     proc = subprocess.Popen(cmd, env=env)
@@ -147,6 +178,35 @@ def _size_mb(path: Path) -> float:
     return round(sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 1e6, 2)
 
 
+def measure_accuracy(summary: dict[str, Any], artifact: Path, data_dir: str) -> list[Pair]:
+    """Fills summary's accuracy fields from `evaluate`; returns the test pairs ([] without
+    the data: accuracy is then skipped, and the summary's `workload` says why)."""
+    try:
+        pairs = load_sharegpt(data_dir)
+    except FileNotFoundError as exc:
+        summary["workload"] = f"synthetic prompts (accuracy skipped: {exc})"
+        return []
+    train, val, test = honest_split(pairs)
+    summary["workload"] = "sharegpt honest test split (data.honest_split)"
+    summary["split"] = {"train": len(train), "validation": len(val), "test": len(test)}
+    with tempfile.TemporaryDirectory() as d:
+        result = run_evaluate(artifact, test, Path(d), "test")
+        summary["conversation_split_validation"] = run_evaluate(
+            artifact, split(pairs)[1], Path(d), "conversation_split_validation"
+        )
+    summary["evaluate"] = result
+    keys = ("spearman", "mae", "within_1_bucket", "coverage_upper", "n")
+    summary["model"] = {k: result[k] for k in keys}
+    summary["baselines"] = baselines(
+        np.array([p.prompt_tokens for p in train]),
+        np.array([p.response_tokens for p in train]),
+        np.array([p.prompt_tokens for p in test]),
+        np.array([p.response_tokens for p in test]),
+        tuple(summary["artifact"]["bucket_edges"]),
+    )
+    return test
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="results/predictor")
@@ -154,32 +214,27 @@ def main(argv=None) -> int:
     ap.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
     ap.add_argument("--load-s", type=float, default=10.0)
     ap.add_argument("--candidate", action="append", default=[], metavar="NAME=DIR")
+    ap.add_argument(
+        "--keep-latency", action="store_true", help="copy latency from OUT/summary.json"
+    )
     a = ap.parse_args(argv)
-    artifact = Path(a.artifact)
+    artifact, out = Path(a.artifact), Path(a.out)
+    previous_path = out / "summary.json"
+    previous = json.loads(previous_path.read_text()) if previous_path.is_file() else {}
     predictor = OnnxPredictor(artifact, device="cpu")
     summary: dict[str, Any] = {"artifact": predictor.meta, "artifact_mb": _size_mb(artifact)}
-    try:
-        train, val = split(load_sharegpt(a.data_dir))
-        workload = "sharegpt validation split"
-    except FileNotFoundError as exc:
-        train, val = [], []
-        workload = f"synthetic prompts (accuracy skipped: {exc})"
-        prompts = [p.prompt for p in synthetic_pairs(500)]
-    summary["workload"] = workload
-    print(f"workload: {workload}")
-    if val:
-        prompts = [p.prompt for p in val]
-        summary["model"] = accuracy(predictor, val)
-        summary["baselines"] = baselines(
-            np.array([p.prompt_tokens for p in train]),
-            np.array([p.response_tokens for p in train]),
-            np.array([p.prompt_tokens for p in val]),
-            np.array([p.response_tokens for p in val]),
-            predictor.edges,
-        )
+    test = measure_accuracy(summary, artifact, a.data_dir)
+    print(f"workload: {summary['workload']}")
+    if test:
+        for name in ("first_turn", "later_turns", "unseen_prompt"):
+            print(
+                name, json.dumps({k: summary["evaluate"][name].get(k) for k in ("n", "spearman")})
+            )
         print("model", json.dumps(summary["model"]))
-    summary["latency"] = grpc_latency(artifact, prompts, a.load_s)
-    print("latency", json.dumps(summary["latency"]))
+    prompts = [p.prompt for p in test] or [p.prompt for p in synthetic_pairs(500)]
+    if not a.keep_latency:
+        summary["latency"] = grpc_latency(artifact, prompts, a.load_s)
+        print("latency", json.dumps(summary["latency"]))
     cands = {}
     for spec in a.candidate:
         name, path = spec.split("=", 1)
@@ -190,7 +245,7 @@ def main(argv=None) -> int:
             "train_s": cand.meta["train_s"],
             "epochs": cand.meta["epochs"],
             "size_mb": _size_mb(Path(path)),
-            "val": accuracy(cand, val) if val else None,
+            "test": accuracy(cand, test) if test else None,
             "onnx_in_process": in_process_latency(cand, prompts),
         }
         print(name, json.dumps(cands[name]))
@@ -201,9 +256,12 @@ def main(argv=None) -> int:
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
     }
-    out = Path(a.out)
+    kept = [k for k in ("latency", "candidates") if k not in summary and k in previous]
+    summary |= {k: previous[k] for k in kept}
+    if kept:
+        summary["carried_over"] = kept  # from an earlier run, not measured by this one
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    previous_path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return 0
 
 

@@ -59,6 +59,22 @@ def test_trained_model_reads_the_text(artifact):
     assert 0.5 <= m["coverage_upper"] <= 1.0
 
 
+def test_training_hashes_its_fit_prompts_and_calibrates_on_new_ones(artifact, pairs):
+    """The artifact keeps hashes of the normalised prompts it was fit on (evaluate's
+    unseen_prompt slice), and no calibration prompt is among them (dedup)."""
+    from ecoserve_predictor.data import dedup
+    from ecoserve_predictor.prompt_hashes import load_hashes, seen_in_training
+    from ecoserve_predictor.train import CALIB_PERCENT
+
+    path, meta = artifact
+    fit, calib = dedup(split(split(pairs)[0], CALIB_PERCENT, salt="calibration"))
+    assert (meta["train_pairs"], meta["calibration_pairs"]) == (len(fit), len(calib))
+    hashes = load_hashes(path)
+    assert len(hashes) == meta["prompt_hashes"]["count"]
+    assert seen_in_training([p.prompt for p in fit], hashes).all()
+    assert not seen_in_training([p.prompt for p in calib], hashes).any()
+
+
 def test_onnx_matches_torch_for_any_batch_and_length(pairs):
     from ecoserve_predictor.features import train_tokenizer
     from ecoserve_predictor.train import export_onnx

@@ -1,8 +1,9 @@
-"""ecoserve-predictor: train, retrain on served requests, or serve over gRPC.
+"""ecoserve-predictor: train, retrain on served requests, evaluate, or serve over gRPC.
 
 ecoserve-predictor train --out DIR [--data-dir ../shared/data] [--kind encoder|bag]
 ecoserve-predictor retrain --pairs served.jsonl --out DIR [--min-rows 1000]
     (served.jsonl: `ecoserve-scheduler export-pairs --db URL --out served.jsonl`)
+ecoserve-predictor evaluate --data FILE.jsonl[.gz] [--artifact DIR] --out FILE.json
 ecoserve-predictor serve [--artifact DIR] [--address 127.0.0.1:50061] [--device auto|cpu|cuda]
 
 `serve` binds the loopback interface unless told otherwise: the predictor has no
@@ -47,6 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--min-rows", type=int, default=1000, help="refuse with fewer rows")
 
+    e = sub.add_parser("evaluate", help="accuracy on a JSONL file of ShareGPT-format pairs")
+    e.add_argument(
+        "--data", required=True, help="JSONL[.gz]: id, turn, prompt, response_tokens per line"
+    )
+    e.add_argument("--artifact", default=None, help="artifact dir (default: the packaged one)")
+    e.add_argument("--out", required=True, help="JSON file to write")
+    e.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    e.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads")
+    e.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
+    e.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+
     s = sub.add_parser("serve", help="serve an artifact over gRPC")
     s.add_argument("--artifact", default=None, help="artifact dir (default: the packaged one)")
     s.add_argument(
@@ -64,16 +76,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(a) -> int:
-    from .data import DEFAULT_DATA_DIR, load_sharegpt, split, synthetic_pairs
+    from .data import DEFAULT_DATA_DIR, honest_split, load_sharegpt, synthetic_pairs
     from .train import train_artifact
 
     if a.synthetic:
         pairs, source = synthetic_pairs(a.synthetic, a.seed), f"synthetic{a.synthetic}"
     else:
         pairs, source = load_sharegpt(a.data_dir or DEFAULT_DATA_DIR), "sharegpt"
-    train, val = split(pairs)
+    # The test side is never read here: bench/predictor.py evaluates on it.
+    train, val, test = honest_split(pairs)
     train_artifact(
-        a.out, train, val, a.kind, a.vocab_size, a.epochs, a.seed, source=source, log=log.info
+        a.out,
+        train,
+        val,
+        a.kind,
+        a.vocab_size,
+        a.epochs,
+        a.seed,
+        source=source,
+        log=log.info,
+        test_pairs=len(test),
     )
     return 0
 
@@ -82,7 +104,7 @@ def cmd_retrain(a) -> int:
     import json
     from pathlib import Path
 
-    from .data import Pair, split
+    from .data import Pair, dedup, split
     from .train import train_artifact
 
     # The scheduler owns the store; it exports what it served (`export-pairs`), so the predictor
@@ -94,10 +116,36 @@ def cmd_retrain(a) -> int:
         return 2
     # Served requests carry no conversation id: each is its own group in the split.
     pairs = [Pair(f"r{i}", prompt, n) for i, (prompt, n) in enumerate(rows) if prompt.strip()]
-    train, val = split(pairs)
+    train, val = dedup(split(pairs))  # a prompt served again is not held out
     train_artifact(
         a.out, train, val, a.kind, a.vocab_size, a.epochs, a.seed, source="store", log=log.info
     )
+    return 0
+
+
+def cmd_evaluate(a) -> int:
+    import json
+    from pathlib import Path
+
+    from .evaluate import evaluate_file
+    from .runtime import PACKAGED_ARTIFACT
+
+    result = evaluate_file(
+        a.data, a.artifact or PACKAGED_ARTIFACT, a.device, a.threads, a.resamples, a.seed
+    )
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    for name in ("overall", "first_turn", "later_turns", "unseen_prompt"):
+        m = result if name == "overall" else result[name]
+        log.info(
+            "%s: n %s spearman %s mae %s coverage_upper %s",
+            name,
+            m["n"],
+            m.get("spearman"),
+            m.get("mae"),
+            m.get("coverage_upper"),
+        )
     return 0
 
 
@@ -128,9 +176,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    from .evaluate import InputError
+
+    commands = {
+        "train": cmd_train,
+        "retrain": cmd_retrain,
+        "evaluate": cmd_evaluate,
+        "serve": cmd_serve,
+    }
     try:
-        return {"train": cmd_train, "retrain": cmd_retrain, "serve": cmd_serve}[a.command](a)
-    except FileNotFoundError as exc:
+        return commands[a.command](a)
+    except (FileNotFoundError, InputError) as exc:
         log.error("%s", exc)
         return 2
 

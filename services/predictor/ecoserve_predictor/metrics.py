@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from scipy.stats import spearmanr
+from scipy.stats import rankdata, spearmanr
 
 from ecoserve_common.buckets import DEFAULT_EDGES
 
@@ -52,4 +52,47 @@ def baselines(
     out["prompt_length_regression"] = evaluate(
         np.expm1(fit), np.expm1(fit + resid_q90), val_lengths, edges
     )
+    return out
+
+
+# Elements per block of resamples: bounds memory on large files (a [B, n] index array at a time).
+_BLOCK = 2_000_000
+
+
+def _spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman of each row pair of two [B, n] arrays (average ranks for ties; 0 for a row
+    that is constant, as `evaluate` gives a constant predictor)."""
+    ra, rb = rankdata(a, axis=1), rankdata(b, axis=1)
+    ra -= ra.mean(axis=1, keepdims=True)
+    rb -= rb.mean(axis=1, keepdims=True)
+    den = np.sqrt((ra * ra).sum(axis=1) * (rb * rb).sum(axis=1))
+    return np.where(den > 0, (ra * rb).sum(axis=1) / np.where(den > 0, den, 1.0), 0.0)
+
+
+def bootstrap_ci(
+    point: Sequence[float],
+    upper: Sequence[float],
+    true: Sequence[int],
+    resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, list[float]]:
+    """Percentile bootstrap intervals ([low, high]) of spearman, mae and coverage_upper: rows
+    resampled with replacement `resamples` times (seeded, so a rerun gives the same bounds)."""
+    p, u, t = (np.asarray(a, dtype=np.float64) for a in (point, upper, true))
+    n = len(t)
+    rng = np.random.default_rng(seed)
+    err, covered = np.abs(p - t), (t <= u).astype(np.float64)
+    parts: dict[str, list[np.ndarray]] = {"spearman": [], "mae": [], "coverage_upper": []}
+    per_block = max(1, _BLOCK // max(n, 1))
+    for start in range(0, resamples, per_block):
+        idx = rng.integers(0, n, size=(min(per_block, resamples - start), n))
+        parts["spearman"].append(_spearman_rows(p[idx], t[idx]))
+        parts["mae"].append(err[idx].mean(axis=1))
+        parts["coverage_upper"].append(covered[idx].mean(axis=1))
+    tail = 50.0 * (1.0 - level)
+    out = {}
+    for name, blocks in parts.items():
+        lo, hi = np.percentile(np.concatenate(blocks), [tail, 100.0 - tail])
+        out[name] = [float(lo), float(hi)]
     return out

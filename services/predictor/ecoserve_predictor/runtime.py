@@ -7,6 +7,7 @@ and the caller did not ask for CPU; otherwise the CPU provider.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,7 +62,14 @@ class OnnxPredictor:
         )
         self.providers = self.session.get_providers()
 
-    def predict(self, prompts: list[str]) -> Predictions:
+    def predict(
+        self, prompts: list[str], histories: Sequence[Sequence[object]] | None = None
+    ) -> Predictions:
+        """`histories`, one per prompt when given: the conversation's earlier turns
+        (`evaluate.Turn`). The seam for history features (issue 20 item 1): today's model
+        reads the prompt alone, so they are accepted and not read."""
+        if histories is not None and len(histories) != len(prompts):
+            raise ValueError(f"{len(histories)} histories for {len(prompts)} prompts")
         ids, mask, feats = self.encoder.encode(prompts)
         (logs,) = self.session.run(None, {"ids": ids, "mask": mask, "feats": feats})
         point = np.expm1(logs[:, 0]).clip(min=1.0)

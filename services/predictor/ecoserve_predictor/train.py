@@ -3,7 +3,8 @@
 An artifact directory holds everything serving needs and nothing torch-specific:
 `model.onnx` (inputs ids [B, L] int64, mask [B, L] float32, feats [B, 3] float32; output
 log_lengths [B, 2], the log response length at quantiles 0.5 and 0.9), `tokenizer.json`, and
-`meta.json` (cut lengths, bucket edges, validation metrics, how it was trained).
+`meta.json` (cut lengths, bucket edges, validation metrics, how it was trained) and
+`train_prompts.sha256` (hashes of the normalised prompts it was fit on: prompt_hashes.py).
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ import torch
 
 from ecoserve_common.buckets import DEFAULT_EDGES
 
-from .data import Pair, split
+from .data import Pair, dedup, split
 from .features import Encoder, pad, train_tokenizer
 from .metrics import evaluate
 from .models import MODELS, pinball_loss
+from .prompt_hashes import write_hashes
 
 CALIB_PERCENT = 10  # of the training conversations, held out to calibrate the upper bound
 
@@ -142,12 +144,16 @@ def train_artifact(
     edges: Sequence[int] = DEFAULT_EDGES,
     source: str = "",
     log: Callable[[str], Any] = print,
+    test_pairs: int = 0,
 ) -> dict[str, Any]:
-    """Tokenizer + model trained on `train`, evaluated on `val`, written to `out_dir`."""
+    """Tokenizer + model trained on `train`, evaluated on `val`, written to `out_dir`.
+    `test_pairs`: how many pairs the caller held out as a test split (recorded, not used)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    fit_pairs, calib = split(train, CALIB_PERCENT, salt="calibration")
+    # Calibration prompts must be new to the fit too, or the p90 shift is set on prompts the
+    # model has memorised and comes out too small for prompts it has not.
+    fit_pairs, calib = dedup(split(train, CALIB_PERCENT, salt="calibration"))
     encoder = Encoder(train_tokenizer((p.prompt for p in fit_pairs), vocab_size))
     model = fit(kind, encoder, fit_pairs, epochs=epochs, seed=seed, log=log)
     shift = upper_shift(model, encoder, calib)
@@ -160,6 +166,7 @@ def train_artifact(
         edges,
     )
     encoder.tokenizer.save(str(out / "tokenizer.json"))
+    hashes = write_hashes(out, (p.prompt for p in fit_pairs))
     export_onnx(model, out / "model.onnx", encoder.tokenizer.get_vocab_size(), encoder.max_len)
     meta = {
         "kind": kind,
@@ -173,6 +180,9 @@ def train_artifact(
         "calibration_pairs": len(calib),
         "upper_log_shift": shift,
         "val_pairs": len(val),
+        "test_pairs": test_pairs,
+        "split": "conversation hash, then deduplicated by normalised prompt (data.dedup)",
+        "prompt_hashes": hashes,
         "epochs": epochs,
         "seed": seed,
         "train_s": round(train_s, 1),
@@ -196,9 +206,13 @@ def write_model_card(out: str | Path, meta: dict[str, Any]) -> Path:
 - **Data**: `{meta["source"]}`. For `sharegpt`: `../shared/data/sharegpt_v3_pairs.jsonl.gz`
   (ShareGPT V3 human -> gpt pairs; label `response_tokens`, cl100k tokens). Research and
   benchmarking use only: the data's terms are unclear (see the data README).
-- **Split**: by conversation id (a CRC32 hash), so no conversation straddles two sides:
-  {meta["train_pairs"]} training pairs, {meta["calibration_pairs"]} calibration pairs (their
-  own conversations; they set the p90 shift), {meta["val_pairs"]} validation pairs (10%).
+- **Split**: {meta.get("split", "by conversation id (a CRC32 hash)")}: a conversation's pairs
+  sit on one side, except those whose normalised prompt an earlier side (training first)
+  already holds, which move there. {meta["train_pairs"]} training pairs,
+  {meta["calibration_pairs"]} calibration pairs (they set the p90 shift),
+  {meta["val_pairs"]} validation pairs, {meta.get("test_pairs", 0)} test pairs (held out).
+  `{meta.get("prompt_hashes", {}).get("file", "-")}` holds hashes of the normalised training
+  prompts (`ecoserve-predictor evaluate` reports the prompts never seen in training apart).
 - **Model**: byte-level BPE ({meta["vocab_size"]} tokens) trained on the training prompts;
   first {meta["head"]} + last {meta["tail"]} tokens of a prompt plus log token, character and
   line counts; {meta["params"]:,} parameters; pinball loss on log length at quantiles
