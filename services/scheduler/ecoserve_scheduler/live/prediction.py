@@ -24,7 +24,6 @@ log = logging.getLogger(__name__)
 class Prediction:
     point: int
     upper: int
-    bucket: int
     fallback: bool = False
 
 
@@ -38,7 +37,7 @@ class PredictorClient:
     ) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self.default = Prediction(default_point, default_upper, 0, fallback=True)
+        self.default = Prediction(default_point, default_upper, fallback=True)
         self._stub = None
         if address:
             self._channel = grpc.insecure_channel(address)
@@ -55,7 +54,7 @@ class PredictorClient:
         try:
             r = self._stub.Predict(pb.PredictRequest(prompts=[prompt]), timeout=self.timeout_s)
             (p,) = r.predictions
-            out = Prediction(max(1, round(p.point_tokens)), max(1, round(p.upper_tokens)), p.bucket)
+            out = Prediction(max(1, round(p.point_tokens)), max(1, round(p.upper_tokens)))
         except grpc.RpcError as e:
             with self._lock:
                 self.failures += 1
