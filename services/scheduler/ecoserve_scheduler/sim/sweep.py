@@ -196,32 +196,16 @@ def max_rate_at_slo(
     hi: float = 64.0,
     rel_tol: float = 0.05,
 ) -> tuple[float, dict[float, RunMetrics]]:
-    """Highest rate with attainment >= target, by doubling then bisection (attainment falls with
-    rate, up to noise). Returns the rate (0 if even `lo` misses) and every run made."""
+    """Highest rate with attainment >= target (`search_max_rate` from `lo`: doubling, then
+    bisection). Returns the rate (0 if even `lo` misses) and every run made."""
     seen: dict[float, RunMetrics] = {}
 
-    def ok(rate: float) -> bool:
+    def attainment(rate: float) -> float:
         seen[rate] = run(sc, policy, rate, options)
-        return seen[rate].slo_attainment >= target
+        return seen[rate].slo_attainment
 
-    if not ok(lo):
-        return 0.0, seen
-    good, bad = lo, None
-    while bad is None:
-        nxt = good * 2
-        if nxt > hi:
-            return good, seen
-        if ok(nxt):
-            good = nxt
-        else:
-            bad = nxt
-    while (bad - good) / good > rel_tol:
-        mid = (good + bad) / 2
-        if ok(mid):
-            good = mid
-        else:
-            bad = mid
-    return good, seen
+    rate, _ = search_max_rate(attainment, target, lo, hi, rel_tol, floor_div=1.0)
+    return rate, seen
 
 
 def round_rate(rate: float) -> float:
