@@ -8,7 +8,9 @@
   normalised prompt the training or validation side holds) written to a JSONL file and run
   through `ecoserve-predictor evaluate` (ONNX Runtime, as served): spearman, mae,
   within_1_bucket, coverage_upper with bootstrap 95% intervals, overall (`model`) and for the
-  first_turn / later_turns / unseen_prompt / seen_prompt slices (`evaluate`). The same on the
+  first_turn / later_turns / unseen_prompt / seen_prompt slices (`evaluate`); each row's
+  history is the earlier turns of its record in the file, which an artifact with a fit
+  `history_blend` reads (history.py; `evaluate.history.blend` says so). The same on the
   old conversation-only validation split (`conversation_split_validation`), which mixes in
   prompts seen in training, for comparison with the figure it gave. Two baselines on the test
   split (global median; regression of log length on log prompt tokens).

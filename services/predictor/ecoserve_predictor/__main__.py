@@ -4,6 +4,7 @@ ecoserve-predictor train --out DIR [--data-dir ../shared/data] [--kind encoder|b
 ecoserve-predictor retrain --pairs served.jsonl --out DIR [--min-rows 1000]
     (served.jsonl: `ecoserve-scheduler export-pairs --db URL --out served.jsonl`)
 ecoserve-predictor evaluate --data FILE.jsonl[.gz] [--artifact DIR] --out FILE.json
+ecoserve-predictor fit-history [--data-dir ../shared/data] [--artifact DIR]
 ecoserve-predictor serve [--artifact DIR] [--address 127.0.0.1:50061] [--device auto|cpu|cuda]
 
 `serve` binds the loopback interface unless told otherwise: the predictor has no
@@ -59,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
     e.add_argument("--seed", type=int, default=0, help="bootstrap seed")
 
+    h = sub.add_parser(
+        "fit-history", help="fit the history blend (history.py) into an artifact's meta.json"
+    )
+    h.add_argument("--data-dir", default=None, help="folder with sharegpt_v3_pairs.jsonl.gz")
+    h.add_argument("--artifact", default=None, help="artifact dir (default: the packaged one)")
+    h.add_argument("--device", default="cpu", help="auto, cpu or cuda")
+    h.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads")
+
     s = sub.add_parser("serve", help="serve an artifact over gRPC")
     s.add_argument("--artifact", default=None, help="artifact dir (default: the packaged one)")
     s.add_argument(
@@ -97,6 +106,12 @@ def cmd_train(a) -> int:
         log=log.info,
         test_pairs=len(test),
     )
+    from .history import fit_artifact
+
+    try:  # the history blend (history.py), on the same training side
+        fit_artifact(a.out, train)
+    except ValueError as exc:
+        log.warning("no history blend: %s", exc)
     return 0
 
 
@@ -149,6 +164,21 @@ def cmd_evaluate(a) -> int:
     return 0
 
 
+def cmd_fit_history(a) -> int:
+    import json
+
+    from .data import DEFAULT_DATA_DIR, honest_split, load_sharegpt
+    from .history import fit_artifact
+    from .runtime import PACKAGED_ARTIFACT
+
+    # Only the training side is passed on: validation and test never reach the fit.
+    train, _val, _test = honest_split(load_sharegpt(a.data_dir or DEFAULT_DATA_DIR))
+    artifact = a.artifact or PACKAGED_ARTIFACT
+    entry = fit_artifact(artifact, train, a.device, a.threads)
+    log.info("history_blend of %s: %s", artifact, json.dumps(entry))
+    return 0
+
+
 def cmd_serve(a) -> int:
     from .runtime import PACKAGED_ARTIFACT, OnnxPredictor
     from .server import build_server
@@ -182,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         "train": cmd_train,
         "retrain": cmd_retrain,
         "evaluate": cmd_evaluate,
+        "fit-history": cmd_fit_history,
         "serve": cmd_serve,
     }
     try:

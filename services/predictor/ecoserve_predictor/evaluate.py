@@ -3,7 +3,8 @@
 The file is JSONL (gzip when it ends in .gz) in the shared ShareGPT format: one pair a line
 with `id` (record id), `turn` (index of the message in the record; 0: it opens it), `prompt` and
 `response_tokens` (the label); `response` and other fields may be present. Each pair's history
-is the earlier turns of the same `id` in the file. The model runs through ONNX Runtime as in
+is the earlier turns of the same `id` in the file (read when the artifact has a fit
+`history_blend`: history.py). The model runs through ONNX Runtime as in
 serving (runtime.OnnxPredictor), in batches of similar prompt length.
 
 It reports spearman, mae, within_1_bucket, coverage_upper and n overall and for slices:
@@ -23,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from .history import Turn
 from .metrics import bootstrap_ci, evaluate
 from .prompt_hashes import NORMALISATION, load_hashes, seen_in_training
 from .runtime import OnnxPredictor
@@ -43,15 +45,6 @@ class Row:
     prompt: str
     response_tokens: int
     response: str | None = None
-
-
-@dataclass(frozen=True)
-class Turn:
-    """One earlier exchange of the same record: what a history-aware model would read."""
-
-    prompt: str
-    response: str | None
-    response_tokens: int
 
 
 def _parse(r: object, where: str) -> Row:
@@ -168,7 +161,11 @@ def evaluate_rows(
         for name in ("unseen_prompt", "seen_prompt"):
             out[name] = {"n": None, "note": why}
     lost = sum(r.turn > 0 and not h for r, h in zip(rows, hist, strict=True))
-    out["history"] = {"rows_with_history": sum(map(bool, hist)), "later_turns_without": lost}
+    out["history"] = {
+        "rows_with_history": sum(map(bool, hist)),
+        "later_turns_without": lost,
+        "blend": predictor.history_blend is not None,  # history.py: read only when fit
+    }
     out["bootstrap"] = {"resamples": resamples, "seed": seed, "level": 0.95, "min_rows": MIN_ROWS}
     return out
 

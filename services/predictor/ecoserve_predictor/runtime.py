@@ -15,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .features import Encoder, bucket_of
+from .history import META_KEY, HistoryBlend
 
 PACKAGED_ARTIFACT = Path(__file__).resolve().parent / "artifact"
 
@@ -50,6 +51,9 @@ class OnnxPredictor:
         self.edges = tuple(self.meta["bucket_edges"])
         self.upper_shift = float(self.meta.get("upper_log_shift", 0.0))  # calibrated at training
         self.model_id = f"{self.meta['kind']}-{self.meta.get('source', '')}".rstrip("-")
+        # Issue 20 item 1: fit by `ecoserve-predictor fit-history`; absent in older artifacts.
+        blend = self.meta.get(META_KEY)
+        self.history_blend = HistoryBlend.from_meta(blend) if blend else None
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
@@ -62,16 +66,25 @@ class OnnxPredictor:
         )
         self.providers = self.session.get_providers()
 
-    def predict(
-        self, prompts: list[str], histories: Sequence[Sequence[object]] | None = None
-    ) -> Predictions:
-        """`histories`, one per prompt when given: the conversation's earlier turns
-        (`evaluate.Turn`). The seam for history features (issue 20 item 1): today's model
-        reads the prompt alone, so they are accepted and not read."""
-        if histories is not None and len(histories) != len(prompts):
-            raise ValueError(f"{len(histories)} histories for {len(prompts)} prompts")
+    def model_predict(self, prompts: list[str]) -> Predictions:
+        """The prompt model alone: what `predict` gives a row without history."""
         ids, mask, feats = self.encoder.encode(prompts)
         (logs,) = self.session.run(None, {"ids": ids, "mask": mask, "feats": feats})
         point = np.expm1(logs[:, 0]).clip(min=1.0)
         upper = np.maximum(np.expm1(logs[:, 1] + self.upper_shift), point)
+        return Predictions(point, upper, bucket_of(point, self.edges))
+
+    def predict(
+        self, prompts: list[str], histories: Sequence[Sequence[object] | None] | None = None
+    ) -> Predictions:
+        """`histories`, one per prompt when given: the conversation's earlier turns, oldest
+        first (`history.Turn`, or anything with `response_tokens`; see history.py). With the
+        artifact's `history_blend`, a row with a known earlier answer gets the blend of the
+        model and that history; the others, and every row without the blend, the model's."""
+        if histories is not None and len(histories) != len(prompts):
+            raise ValueError(f"{len(histories)} histories for {len(prompts)} prompts")
+        out = self.model_predict(prompts)
+        if histories is None or self.history_blend is None:
+            return out
+        point, upper = self.history_blend.apply(out.point, out.upper, histories)
         return Predictions(point, upper, bucket_of(point, self.edges))
