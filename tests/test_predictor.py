@@ -121,11 +121,11 @@ class Gate:
         self.entered, self.release = threading.Event(), threading.Event()
         self.batch_sizes: list[int] = []
 
-    def predict(self, prompts):
+    def predict(self, prompts, histories=None):
         self.batch_sizes.append(len(prompts))
         self.entered.set()
         assert self.release.wait(10)
-        return self.inner.predict(prompts)
+        return self.inner.predict(prompts, histories)
 
 
 @pytest.fixture

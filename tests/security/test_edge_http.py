@@ -132,7 +132,7 @@ class SlowPredictor(PredictorClient):
         super().__init__(None)
         self.delay_s = delay_s
 
-    def predict(self, prompt: str):
+    def predict(self, prompt: str, history=()):
         time.sleep(self.delay_s)
         return self.default
 

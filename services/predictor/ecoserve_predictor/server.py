@@ -30,12 +30,14 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Predictor"].full_name
 MAX_PROMPTS = 256  # per call
 MAX_PROMPT_CHARS = 200_000  # ShareGPT's longest prompt is ~160k tokens of mostly short words
+MAX_HISTORY_TURNS = 1024  # earlier answers per prompt (the blend reads the last and the mean)
 
 
 @dataclass
 class _Call:
     prompts: list[str]
     deadline: float | None  # monotonic
+    histories: list[list[int]] | None = None  # one per prompt: earlier answers' token counts
     done: threading.Event = field(default_factory=threading.Event)
     result: Predictions | None = None
     offset: int = 0
@@ -97,8 +99,11 @@ class Batcher:
         if not live:
             return
         prompts = [p for c in live for p in c.prompts]
+        histories = None  # a batch reads history only if some call sent it
+        if any(c.histories for c in live):
+            histories = [h for c in live for h in (c.histories or [[] for _ in c.prompts])]
         try:
-            result = self.predictor.predict(prompts)
+            result = self.predictor.predict(prompts, histories)
         except Exception as exc:  # a model failure fails these calls, not the service
             log.exception("predict batch failed")
             for c in live:
@@ -120,12 +125,13 @@ class PredictorService(pb_grpc.PredictorServicer):
 
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext):
         prompts = list(request.prompts)
-        problem = _validate(prompts)
+        histories = [list(h.answer_tokens) for h in request.histories] or None
+        problem = _validate(prompts) or _validate_histories(histories, len(prompts))
         if problem:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
-        call = _Call(prompts, deadline)
+        call = _Call(prompts, deadline, histories)
         self.batcher.submit(call)
         if not call.done.wait(timeout=remaining):
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the batch ran")
@@ -156,6 +162,17 @@ def _validate(prompts: list[str]) -> str | None:
             return f"prompt {i} is empty"
         if len(p) > MAX_PROMPT_CHARS:
             return f"prompt {i} has {len(p)} characters; at most {MAX_PROMPT_CHARS}"
+    return None
+
+
+def _validate_histories(histories: list[list[int]] | None, n: int) -> str | None:
+    if histories is None:
+        return None
+    if len(histories) != n:
+        return f"{len(histories)} histories for {n} prompts: send none or one per prompt"
+    for i, h in enumerate(histories):
+        if len(h) > MAX_HISTORY_TURNS:
+            return f"history {i} has {len(h)} answers; at most {MAX_HISTORY_TURNS}"
     return None
 
 

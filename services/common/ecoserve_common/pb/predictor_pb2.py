@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fpredictor.proto\x12\x15\x65\x63oserve.predictor.v1\"!\n\x0ePredictRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\"H\n\nPrediction\x12\x14\n\x0cpoint_tokens\x18\x01 \x01(\x02\x12\x14\n\x0cupper_tokens\x18\x02 \x01(\x02\x12\x0e\n\x06\x62ucket\x18\x03 \x01(\r\"q\n\x0fPredictResponse\x12\x36\n\x0bpredictions\x18\x01 \x03(\x0b\x32!.ecoserve.predictor.v1.Prediction\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x14\n\x0c\x62ucket_edges\x18\x03 \x03(\r2e\n\tPredictor\x12X\n\x07Predict\x12%.ecoserve.predictor.v1.PredictRequest\x1a&.ecoserve.predictor.v1.PredictResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fpredictor.proto\x12\x15\x65\x63oserve.predictor.v1\"T\n\x0ePredictRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12\x31\n\thistories\x18\x02 \x03(\x0b\x32\x1e.ecoserve.predictor.v1.History\" \n\x07History\x12\x15\n\ranswer_tokens\x18\x01 \x03(\r\"H\n\nPrediction\x12\x14\n\x0cpoint_tokens\x18\x01 \x01(\x02\x12\x14\n\x0cupper_tokens\x18\x02 \x01(\x02\x12\x0e\n\x06\x62ucket\x18\x03 \x01(\r\"q\n\x0fPredictResponse\x12\x36\n\x0bpredictions\x18\x01 \x03(\x0b\x32!.ecoserve.predictor.v1.Prediction\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x14\n\x0c\x62ucket_edges\x18\x03 \x03(\r2e\n\tPredictor\x12X\n\x07Predict\x12%.ecoserve.predictor.v1.PredictRequest\x1a&.ecoserve.predictor.v1.PredictResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,11 +32,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'predictor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PREDICTREQUEST']._serialized_start=42
-  _globals['_PREDICTREQUEST']._serialized_end=75
-  _globals['_PREDICTION']._serialized_start=77
-  _globals['_PREDICTION']._serialized_end=149
-  _globals['_PREDICTRESPONSE']._serialized_start=151
-  _globals['_PREDICTRESPONSE']._serialized_end=264
-  _globals['_PREDICTOR']._serialized_start=266
-  _globals['_PREDICTOR']._serialized_end=367
+  _globals['_PREDICTREQUEST']._serialized_end=126
+  _globals['_HISTORY']._serialized_start=128
+  _globals['_HISTORY']._serialized_end=160
+  _globals['_PREDICTION']._serialized_start=162
+  _globals['_PREDICTION']._serialized_end=234
+  _globals['_PREDICTRESPONSE']._serialized_start=236
+  _globals['_PREDICTRESPONSE']._serialized_end=349
+  _globals['_PREDICTOR']._serialized_start=351
+  _globals['_PREDICTOR']._serialized_end=452
 # @@protoc_insertion_point(module_scope)

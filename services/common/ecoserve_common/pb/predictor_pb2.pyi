@@ -7,10 +7,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PredictRequest(_message.Message):
-    __slots__ = ("prompts",)
+    __slots__ = ("prompts", "histories")
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    HISTORIES_FIELD_NUMBER: _ClassVar[int]
     prompts: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, prompts: _Optional[_Iterable[str]] = ...) -> None: ...
+    histories: _containers.RepeatedCompositeFieldContainer[History]
+    def __init__(self, prompts: _Optional[_Iterable[str]] = ..., histories: _Optional[_Iterable[_Union[History, _Mapping]]] = ...) -> None: ...
+
+class History(_message.Message):
+    __slots__ = ("answer_tokens",)
+    ANSWER_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    answer_tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, answer_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Prediction(_message.Message):
     __slots__ = ("point_tokens", "upper_tokens", "bucket")

@@ -90,6 +90,9 @@ class GenerateParams:
     # When the edge received the request, on the Frontend's clock (None: when `start` runs):
     # the SLO's deadline and the TTFT it counts run from here.
     received_s: float | None = None
+    # A chat request's earlier assistant answers, in tokens, oldest first: the predictor
+    # blends the previous answer's length into its guess (issue 20). Empty for a completion.
+    history: tuple[int, ...] = ()
 
 
 class Admission:
@@ -195,7 +198,7 @@ class Frontend:
     ) -> RequestHandle:
         rid = p.request_id or new_request_id()
         text = p.prompt or self.tokenizer.decode(ids)
-        guess = self.predictor.predict(text)
+        guess = self.predictor.predict(text, p.history)
         cap = sampling.max_tokens
         predicted = min(guess.point, cap)
         req = Request(

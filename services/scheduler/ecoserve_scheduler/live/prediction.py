@@ -1,6 +1,6 @@
 """The scheduler's client of the predictor service, with a fallback that never blocks serving.
 
-`predict(prompt)` asks the predictor with a deadline. When the predictor is down, slow or
+`predict(prompt, history)` asks the predictor with a deadline. When the predictor is down, slow or
 refuses, the request gets the configured default (point and upper) and `failures` counts it;
 admission then reserves that default, as vLLM-style schedulers do without any prediction.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -47,12 +48,17 @@ class PredictorClient:
         self.failures = 0
         self.latency_s_total = 0.0
 
-    def predict(self, prompt: str) -> Prediction:
+    def predict(self, prompt: str, history: Sequence[int] = ()) -> Prediction:
+        """`history`: the earlier assistant answers' lengths in tokens, oldest first (a chat
+        request's conversation; empty for a completion)."""
         if self._stub is None or not prompt.strip():
             return self.default
         t0 = time.perf_counter()
+        req = pb.PredictRequest(prompts=[prompt])
+        if history:
+            req.histories.append(pb.History(answer_tokens=list(history)))
         try:
-            r = self._stub.Predict(pb.PredictRequest(prompts=[prompt]), timeout=self.timeout_s)
+            r = self._stub.Predict(req, timeout=self.timeout_s)
             (p,) = r.predictions
             out = Prediction(max(1, round(p.point_tokens)), max(1, round(p.upper_tokens)))
         except grpc.RpcError as e:

@@ -25,7 +25,7 @@ from .generation import (
     unknown_model,
 )
 from .logprobs import LogprobText
-from .messages import check_size, render, template_messages
+from .messages import answer_lengths, check_size, render, template_messages
 from .schemas import ChatReply
 
 router = APIRouter()
@@ -57,6 +57,7 @@ async def chat(body: ChatRequest, request: Request, ctx: Ctx):
         prompt = render(ctx.tokenizer, messages)
         return GenerateParams(
             prompt=prompt,
+            history=answer_lengths(ctx.tokenizer, messages),
             sampling=sampling,
             request_id=rid,
             stop=stop,

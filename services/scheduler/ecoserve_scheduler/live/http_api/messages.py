@@ -85,3 +85,9 @@ def render(tokenizer, messages: list[dict[str, str]]) -> str:
     except Exception as e:  # the template's own raise_exception, or a template error
         message = (str(e).splitlines() or [""])[0][:300]
         raise BadRequest(f"the chat template refused the messages: {message}", "messages") from e
+
+
+def answer_lengths(tokenizer, messages: list[dict[str, str]]) -> tuple[int, ...]:
+    """The conversation's earlier assistant answers, in the served model's tokens, oldest first
+    (what the predictor's history blend reads; runs in the app's pool with `render`)."""
+    return tuple(len(tokenizer.encode(m["content"])) for m in messages if m["role"] == "assistant")
