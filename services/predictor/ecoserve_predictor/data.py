@@ -103,10 +103,19 @@ def honest_split(pairs: list[Pair]) -> tuple[list[Pair], list[Pair], list[Pair]]
     """(train, validation, test): by conversation, then deduplicated by normalised prompt with
     training first. Test holds the conversations `split` held out (TEST_PERCENT), so the
     packaged artifact, trained under `split`, never saw one of them."""
-    rest, test = split(pairs, TEST_PERCENT)
-    train, val = split(rest, HONEST_VAL_PERCENT, salt="validation")
-    train, val, test = dedup([train, val, test])
+    sides: list[list[Pair]] = [[], [], []]
+    for p in pairs:
+        sides[conversation_side(p.group)].append(p)
+    train, val, test = dedup(sides)
     return train, val, test
+
+
+def conversation_side(group: str) -> int:
+    """Where `honest_split` puts a conversation before the dedup: 0 train, 1 validation (of
+    the rest, HONEST_VAL_PERCENT), 2 test (TEST_PERCENT)."""
+    if is_validation(group, TEST_PERCENT):
+        return 2
+    return 1 if is_validation(group, HONEST_VAL_PERCENT, salt="validation") else 0
 
 
 # Synthetic prompts whose response length depends on what they ask (so a model that reads the

@@ -17,17 +17,17 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .history import Turn
+from .history import Turn, earlier_turns
 from .metrics import bootstrap_ci, evaluate
 from .prompt_hashes import NORMALISATION, load_hashes, seen_in_training
-from .runtime import OnnxPredictor
+from .runtime import OnnxPredictor, Predictions
 
 REQUIRED = ("id", "turn", "prompt", "response_tokens")
 MIN_ROWS = 30  # below this a rank correlation (and its interval) is noise
@@ -93,32 +93,36 @@ def read_rows(path: str | Path) -> list[Row]:
 
 def histories(rows: list[Row]) -> list[tuple[Turn, ...]]:
     """Per row, the rows of the same id with a lower turn, in turn order."""
-    by_id: dict[str, list[int]] = defaultdict(list)
-    for i, r in enumerate(rows):
-        by_id[r.id].append(i)
-    out: list[tuple[Turn, ...]] = [()] * len(rows)
-    for idx in by_id.values():
-        idx.sort(key=lambda i: rows[i].turn)
-        for i in idx:
-            out[i] = tuple(
-                Turn(rows[j].prompt, rows[j].response, rows[j].response_tokens)
-                for j in idx
-                if rows[j].turn < rows[i].turn
-            )
-    return out
+    earlier = earlier_turns([r.id for r in rows], [r.turn for r in rows])
+    return [
+        tuple(Turn(rows[j].prompt, rows[j].response, rows[j].response_tokens) for j in e)
+        for e in earlier
+    ]
+
+
+def by_length(
+    prompts: list[str], run: Callable[[list[int]], Predictions], batch: int = BATCH
+) -> tuple[np.ndarray, np.ndarray]:
+    """(point, upper) per prompt in order, `run` given the indices of one batch at a time:
+    batches of similar length pad little."""
+    point, upper = np.empty(len(prompts)), np.empty(len(prompts))
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    for s in range(0, len(order), batch):
+        idx = order[s : s + batch]
+        r = run(idx)
+        point[idx], upper[idx] = r.point, r.upper
+    return point, upper
 
 
 def predict(
     predictor: OnnxPredictor, rows: list[Row], hist: list[tuple[Turn, ...]], batch: int = BATCH
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(point, upper) per row, in the file's order; batches of similar length pad little."""
-    point, upper = np.empty(len(rows)), np.empty(len(rows))
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i].prompt))
-    for s in range(0, len(order), batch):
-        idx = order[s : s + batch]
-        r = predictor.predict([rows[i].prompt for i in idx], [hist[i] for i in idx])
-        point[idx], upper[idx] = r.point, r.upper
-    return point, upper
+    """(point, upper) per row, in the file's order."""
+    prompts = [r.prompt for r in rows]
+    return by_length(
+        prompts, lambda idx: predictor.predict([prompts[i] for i in idx], [hist[i] for i in idx]),
+        batch,
+    )  # fmt: skip
 
 
 def _report(point, upper, true, edges, resamples: int, seed: int) -> dict[str, Any]:

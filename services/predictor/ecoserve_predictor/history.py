@@ -62,6 +62,20 @@ def answer_lengths(history: Sequence[object] | None) -> list[float]:
     return out
 
 
+def earlier_turns(keys: Sequence[str], turns: Sequence[int]) -> list[list[int]]:
+    """Per row, the indices of the rows with the same key (conversation) and a lower turn, in
+    turn order: the history a row carries (evaluate's files, the blend's fit side)."""
+    by_key: dict[str, list[int]] = {}
+    for i, k in enumerate(keys):
+        by_key.setdefault(k, []).append(i)
+    out: list[list[int]] = [[] for _ in keys]
+    for idx in by_key.values():
+        idx.sort(key=lambda i: turns[i])
+        for i in idx:
+            out[i] = [j for j in idx if turns[j] < turns[i]]
+    return out
+
+
 def features(
     log_point: np.ndarray, histories: Sequence[Sequence[object] | None]
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -73,8 +87,13 @@ def features(
         lengths = answer_lengths(h)
         if lengths:
             has[i] = True
-            x[i] = (1.0, log_point[i], np.log1p(lengths[-1]), np.log1p(np.mean(lengths)), 0.0)
-            x[i, 4] = np.log1p(len(lengths))
+            x[i] = (
+                1.0,
+                log_point[i],
+                np.log1p(lengths[-1]),
+                np.log1p(np.mean(lengths)),
+                np.log1p(len(lengths)),
+            )
     return x, has
 
 
@@ -140,28 +159,16 @@ def fit_side(pairs: Sequence[Any], hashes: np.ndarray | None) -> tuple[list[int]
     `honest_split`: rows of training conversations (not moved in from validation or test by
     the dedup) with a history, whose prompt the model was not fit on (when `hashes` is given).
     A row's history is the earlier turns of its record on this same side."""
-    from .data import HONEST_VAL_PERCENT, TEST_PERCENT, is_validation
+    from .data import conversation_side
     from .prompt_hashes import seen_in_training
 
-    by_record: dict[str, list[int]] = {}
-    for i, p in enumerate(pairs):
-        by_record.setdefault(p.record, []).append(i)
-    hist: dict[int, tuple] = {}
-    for idx in by_record.values():
-        idx.sort(key=lambda i: pairs[i].turn)
-        for i in idx:
-            earlier = [j for j in idx if pairs[j].turn < pairs[i].turn]
-            if earlier:
-                hist[i] = tuple(
-                    Turn(pairs[j].prompt, None, pairs[j].response_tokens) for j in earlier
-                )
-
-    def training_conversation(group: str) -> bool:
-        return not is_validation(group, TEST_PERCENT) and not is_validation(
-            group, HONEST_VAL_PERCENT, salt="validation"
-        )
-
-    rows = [i for i in sorted(hist) if training_conversation(pairs[i].group)]
+    earlier = earlier_turns([p.record for p in pairs], [p.turn for p in pairs])
+    hist = {
+        i: tuple(Turn(pairs[j].prompt, None, pairs[j].response_tokens) for j in e)
+        for i, e in enumerate(earlier)
+        if e
+    }
+    rows = [i for i in sorted(hist) if conversation_side(pairs[i].group) == 0]
     if hashes is not None and rows:
         seen = seen_in_training([pairs[i].prompt for i in rows], hashes)
         rows = [i for i, s in zip(rows, seen, strict=True) if not s]
@@ -173,18 +180,15 @@ def fit_artifact(
 ) -> dict[str, Any]:
     """Fit the blend for an artifact on `train` (the training side of honest_split) and write
     it into the artifact's meta.json under META_KEY; returns the entry."""
-    from .evaluate import artifact_hashes
+    from .evaluate import artifact_hashes, by_length
     from .runtime import OnnxPredictor
 
     path = Path(artifact)
     predictor = OnnxPredictor(path, device, threads)
     hashes = artifact_hashes(predictor, path)
     rows, hist = fit_side(train, hashes)
-    point = np.empty(len(rows))
-    order = sorted(range(len(rows)), key=lambda k: len(train[rows[k]].prompt))
-    for s in range(0, len(order), 256):
-        idx = order[s : s + 256]
-        point[idx] = predictor.model_predict([train[rows[k]].prompt for k in idx]).point
+    prompts = [train[i].prompt for i in rows]
+    point, _ = by_length(prompts, lambda idx: predictor.model_predict([prompts[k] for k in idx]))
     true = np.array([train[i].response_tokens for i in rows], dtype=np.float64)
     info = {
         "side": "honest_split train, training conversations only",
