@@ -6,7 +6,7 @@ finishes there, then the scheduler removes it (nothing to recompute) and sends S
 Kubernetes does in a rolling update of the workers (deploy/kubernetes/), tested here on plain
 processes and threads:
 
-- the placement wrapper: a draining worker admits nothing, and the others no longer hold a
+- the core's drain: a draining worker admits nothing, and the others no longer hold a
   request back for it (pure, on the core);
 - the worker's side: Drain sent, plans still executed, exit 0 on Shutdown / "unregistered" /
   the deadline; the probe endpoint's answers in each state;
@@ -66,7 +66,7 @@ def request(rid: str, max_tokens: int = 8, prompt_len: int = 16) -> Request:
     return Request(rid, prompt_len, 0.0, sp, prompt_token_ids=tuple(range(1, prompt_len + 1)))
 
 
-# ---- the placement wrapper, on the core ---------------------------------------------------------
+# ---- the drain, on the core ---------------------------------------------------------------------
 
 
 def test_a_draining_worker_admits_nothing_and_the_others_stop_waiting_for_it():
@@ -256,7 +256,7 @@ def test_the_engine_drains_a_leaving_worker_and_loses_nothing():
         wait_for(lambda: engine.stats_snapshot.get("running", {}).get("w0"), what="w0 busy")
         servers["w0"].leave(WAIT_S)
         # the Drain has reached the loop (or w0 has even gone): what is submitted now is not its
-        wait_for(lambda: "w0" in engine.drains.placement.draining or "w0" in rc, what="drain")
+        wait_for(lambda: "w0" in engine.drains.draining or "w0" in rc, what="drain")
         second = [engine.submit(request(f"b{i}", max_tokens=20)) for i in range(8)]
         for h in first + second:
             assert h.wait(WAIT_S), h.request_id

@@ -28,7 +28,7 @@ def admit(core: SchedulerCore, step: Step, budget: int | None = None) -> bool:
         step.budget = budget
     policy, now = core.policy, step.now
     passed: list[Request] = []  # preempted requests that let the ones behind them try
-    while not step.full and not step.preempted:
+    while not step.full and not step.preempted and not step.w.draining:
         head = policy.queue.peek(now)
         if head is None:
             break

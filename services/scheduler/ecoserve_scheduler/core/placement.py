@@ -69,7 +69,8 @@ def worker_load(w: WorkerState, prefill_weight: float) -> float:
 
 
 def has_room(w: WorkerState) -> bool:
-    return w.ledger.num_free > 0 and len(w.running) < w.spec.max_num_seqs
+    """Whether w could take a new request (a draining worker never does)."""
+    return not w.draining and w.ledger.num_free > 0 and len(w.running) < w.spec.max_num_seqs
 
 
 class LeastLoaded(Placement):

@@ -61,6 +61,12 @@ class SchedulerCore:
             spec, KVLedger(spec.num_blocks, spec.block_size, reserve)
         )
 
+    def drain_worker(self, worker_id: str) -> None:
+        """The worker is leaving: from now on it admits nothing and the others' placement no
+        longer waits for it; what runs there keeps being scheduled there until it finishes,
+        then the shell removes it (nothing to recompute)."""
+        self.workers[worker_id].draining = True
+
     def remove_worker(self, worker_id: str, now: float) -> list[Event]:
         """Drop a worker (dead or drained): its requests are recomputed elsewhere."""
         w = self.workers.pop(worker_id)

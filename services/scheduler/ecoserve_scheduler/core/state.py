@@ -33,6 +33,7 @@ class WorkerState:
     in_flight_reqs: list[Request] = field(default_factory=list)  # aligned with its decodes
     sent_s: float = 0.0
     iter_model: IterTimeModel = field(default_factory=IterTimeModel)
+    draining: bool = False  # leaving: admits nothing, finishes what runs here (`drain_worker`)
 
 
 @dataclass

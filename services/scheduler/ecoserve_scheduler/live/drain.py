@@ -4,53 +4,23 @@ A worker that is about to go (its pod is replaced in a rolling update, scaled in
 drained) sends `Drain` on the worker plane (`ecoserve-worker --drain-timeout-s`, on SIGTERM).
 From then on:
 
-- it admits nothing new: `DrainAware`, the core's placement wrapped, refuses every waiting
-  request on it and leaves it out of the workers the placement compares, so the others do not
-  hold a request back waiting for a worker that will never take it;
+- it admits nothing new (`SchedulerCore.drain_worker`: the core's admission skips it and the
+  placement no longer counts it as room, so the others do not hold a request back waiting for
+  a worker that will never take it);
 - what already runs there keeps being scheduled on it, step by step, until it finishes (a
   request preempted there meanwhile waits in the queue and runs elsewhere, as any victim);
 - once nothing runs there and no step is out, `LiveEngine` removes it from the core (nothing
   to recompute) and sends it `Shutdown`, and the worker exits 0.
 
-Why here and not in the core: the core already has the hook (its placement decides which worker
-may admit) and the removal (`remove_worker`); which workers are leaving is the service's
-knowledge, learnt from a frame. A worker that never finishes draining (its own deadline passes,
-or it dies) goes silent and is dropped as any silent worker, its requests recomputed elsewhere:
+Which workers are leaving is the service's knowledge, learnt from a frame; the core only
+stops admitting to them. A worker that never finishes draining (its own deadline passes, or
+it dies) goes silent and is dropped as any silent worker, its requests recomputed elsewhere:
 slower, never lost.
 """
 
 from __future__ import annotations
 
-from ..core import Placement, SchedulerCore
-from ..core.request import Request
-from ..core.step import Step
-
-
-class DrainAware(Placement):
-    """`inner`'s decisions, except that a draining worker admits nothing and is invisible to
-    the others' comparison."""
-
-    def __init__(self, inner: Placement) -> None:
-        self.inner = inner
-        self.name = inner.name
-        self.draining: dict[str, float] = {}  # worker id -> when its Drain arrived
-
-    def admits(self, step: Step, r: Request) -> bool:
-        if step.spec.worker_id in self.draining:
-            return False
-        if not self.draining:
-            return self.inner.admits(step, r)
-        # The inner placement compares this worker with `step.workers`: for this one call it
-        # sees only the workers that stay. Restored at once; nothing else reads it meanwhile.
-        every = step.workers
-        step.workers = {wid: w for wid, w in every.items() if wid not in self.draining}
-        try:
-            return self.inner.admits(step, r)
-        finally:
-            step.workers = every
-
-    def on_done(self, request_id: str) -> None:
-        self.inner.on_done(request_id)
+from ..core import SchedulerCore
 
 
 class Drains:
@@ -58,20 +28,20 @@ class Drains:
 
     def __init__(self, core: SchedulerCore) -> None:
         self.core = core
-        self.placement = DrainAware(core.placement)
-        core.placement = self.placement
+        self.draining: dict[str, float] = {}  # worker id -> when its Drain arrived
         self.drained = 0  # workers that left by draining (none of their requests recomputed)
 
     def start(self, worker_id: str, now: float) -> bool:
         """`worker_id` asked to leave; False if it already had (a repeated Drain)."""
-        if worker_id in self.placement.draining:
+        if worker_id in self.draining:
             return False
-        self.placement.draining[worker_id] = now
+        self.draining[worker_id] = now
+        self.core.drain_worker(worker_id)
         return True
 
     def forget(self, worker_id: str) -> None:
         """The worker is gone some other way (dropped, restarted): nothing left to drain."""
-        self.placement.draining.pop(worker_id, None)
+        self.draining.pop(worker_id, None)
 
     def left(self, worker_id: str) -> None:
         """The worker finished draining and is being shut down."""
@@ -81,7 +51,7 @@ class Drains:
     def done(self) -> list[str]:
         """Draining workers with nothing running and no step out: ready to shut down."""
         out = []
-        for wid in self.placement.draining:
+        for wid in self.draining:
             w = self.core.workers.get(wid)
             if w is not None and w.in_flight is None and not w.running:
                 out.append(wid)
@@ -91,6 +61,6 @@ class Drains:
         """Requests still running on each draining worker (what /stats shows)."""
         return {
             wid: len(self.core.workers[wid].running)
-            for wid in self.placement.draining
+            for wid in self.draining
             if wid in self.core.workers
         }
